@@ -1,0 +1,192 @@
+"""The conditional 3D denoiser, after Tera-MIND: a UNet with in-plane down/up-sampling, time by
+FiLM, and a gene encoder (genes as tokens through gene-gene self-attention) whose feature pyramid
+is concatenated into every decoder level. Pure torch: no storage, no orchestration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DenoiserConfig:
+    """Sizes of the denoiser. ``patch`` is (z, y, x) voxels; ``cond_window`` is (z, y, x) bins."""
+
+    patch: tuple[int, int, int] = (4, 32, 32)
+    cond_window: tuple[int, int, int] = (4, 2, 2)
+    genes: int = 32
+    channels: int = 2
+    base_channels: int = 16
+    channel_mults: tuple[int, ...] = (1, 2, 4)
+    gene_dim: int = 64
+    gene_heads: int = 4
+    gene_layers: int = 2
+    cond_channels: int = 8
+    time_dim: int = 64
+
+    def __post_init__(self) -> None:
+        factor = 2 ** (len(self.channel_mults) - 1)
+        if self.patch[1] % factor or self.patch[2] % factor:
+            raise ValueError(
+                f"patch {self.patch} in-plane size must be divisible by {factor} "
+                f"({len(self.channel_mults)} UNet levels)"
+            )
+        if self.gene_dim % self.gene_heads:
+            raise ValueError("gene_dim must be divisible by gene_heads")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DenoiserConfig:
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**fields)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(8, channels), channels)
+
+
+class ResBlock(nn.Module):
+    """Conv residual block with FiLM (scale, shift) from the time embedding."""
+
+    def __init__(self, cin: int, cout: int, time_dim: int) -> None:
+        super().__init__()
+        self.norm1 = _norm(cin)
+        self.conv1 = nn.Conv3d(cin, cout, 3, padding=1)
+        self.film = nn.Linear(time_dim, 2 * cout)
+        self.norm2 = _norm(cout)
+        self.conv2 = nn.Conv3d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.film(temb)[:, :, None, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(F.silu(h))
+        return h + self.skip(x)
+
+
+class GeneAttentionLayer(nn.Module):
+    """Pre-norm transformer layer over gene tokens that can return its gene x gene attention."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, g, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, g, 3, self.heads, d // self.heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, heads, g, d_head)
+        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads), dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(b, g, d)
+        x = x + self.proj(out)
+        x = x + self.mlp(self.norm2(x))
+        return x, attn.mean(dim=1)
+
+
+class GeneEncoder(nn.Module):
+    """Genes as tokens (each token = that gene's bins in the window), gene-gene self-attention,
+    then back to a spatial map of genes that feeds a pyramid of conditioning features."""
+
+    def __init__(self, cfg: DenoiserConfig) -> None:
+        super().__init__()
+        window = math.prod(cfg.cond_window)
+        self.window = cfg.cond_window
+        self.embed = nn.Linear(window, cfg.gene_dim)
+        self.gene_embedding = nn.Parameter(torch.randn(cfg.genes, cfg.gene_dim) * 0.02)
+        self.layers = nn.ModuleList(
+            GeneAttentionLayer(cfg.gene_dim, cfg.gene_heads) for _ in range(cfg.gene_layers)
+        )
+        self.unembed = nn.Linear(cfg.gene_dim, window)
+        self.mix = nn.Conv3d(cfg.genes, cfg.cond_channels, 1)
+
+    def forward(
+        self, cond: torch.Tensor, return_attention: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        b, g = cond.shape[:2]
+        tokens = self.embed(torch.log1p(cond.clamp_min(0)).reshape(b, g, -1))
+        tokens = tokens + self.gene_embedding
+        maps = []
+        for layer in self.layers:
+            tokens, attn = layer(tokens)
+            if return_attention:
+                maps.append(attn)
+        spatial = self.unembed(tokens).reshape(b, g, *self.window)
+        return F.silu(self.mix(spatial)), maps
+
+
+class ConditionalUNet3D(nn.Module):
+    """Predicts the noise ``eps`` of ``x`` (B, C, Z, Y, X) at timesteps ``t`` given gene bins
+    ``cond`` (B, G, *cond_window)."""
+
+    def __init__(self, cfg: DenoiserConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        chans = [cfg.base_channels * m for m in cfg.channel_mults]
+        self.time = nn.Sequential(
+            nn.Linear(cfg.time_dim, cfg.time_dim), nn.SiLU(), nn.Linear(cfg.time_dim, cfg.time_dim)
+        )
+        self.genes = GeneEncoder(cfg)
+        self.conv_in = nn.Conv3d(cfg.channels, chans[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        self.downsamplers = nn.ModuleList()
+        cin = chans[0]
+        for i, c in enumerate(chans):
+            self.down_blocks.append(ResBlock(cin, c, cfg.time_dim))
+            cin = c
+            if i < len(chans) - 1:
+                self.downsamplers.append(nn.Conv3d(c, c, (1, 4, 4), stride=(1, 2, 2), padding=(0, 1, 1)))
+        self.mid = ResBlock(cin, cin, cfg.time_dim)
+        self.cond_levels = nn.ModuleList(
+            nn.Conv3d(cfg.cond_channels, cfg.cond_channels, 3, padding=1) for _ in chans
+        )
+        self.up_blocks = nn.ModuleList()
+        for c in reversed(chans):
+            self.up_blocks.append(ResBlock(cin + c + cfg.cond_channels, c, cfg.time_dim))
+            cin = c
+        self.norm_out = _norm(cin)
+        self.conv_out = nn.Conv3d(cin, cfg.channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        temb = self.time(timestep_embedding(t, self.cfg.time_dim))
+        gene_map, _ = self.genes(cond)
+        h = self.conv_in(x)
+        skips = []
+        for i, block in enumerate(self.down_blocks):
+            h = block(h, temb)
+            skips.append(h)
+            if i < len(self.downsamplers):
+                h = self.downsamplers[i](h)
+        h = self.mid(h, temb)
+        for level, block in zip(reversed(range(len(skips))), self.up_blocks, strict=True):
+            skip = skips[level]
+            if h.shape[2:] != skip.shape[2:]:
+                h = F.interpolate(h, size=skip.shape[2:], mode="nearest")
+            cond_feat = F.interpolate(gene_map, size=skip.shape[2:], mode="nearest")
+            cond_feat = self.cond_levels[level](cond_feat)
+            h = block(torch.cat([h, skip, cond_feat], dim=1), temb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    @torch.no_grad()
+    def gene_attention(self, cond: torch.Tensor) -> torch.Tensor:
+        """Gene x gene self-attention of the last encoder layer, averaged over heads: (B, G, G)."""
+        _, maps = self.genes(cond, return_attention=True)
+        return maps[-1]

@@ -1,0 +1,153 @@
+"""One validated job configuration (pydantic), loadable from YAML, with command-line overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tera_pipeline.geometry import ChunkGrid, GeometryError, PatchLattice
+
+Triple = tuple[int, int, int]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VolumeSpec(_Section):
+    shape: Triple = (16, 256, 256)
+    """Voxels (z, y, x) per stain."""
+    spacing_um: tuple[float, float, float] = (4.0, 1.0, 1.0)
+    origin_um: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    stains: tuple[str, ...] = ("DAPI", "PolyT")
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, v: Triple) -> Triple:
+        if any(s <= 0 for s in v):
+            raise ValueError(f"volume shape must be positive, got {v}")
+        return v
+
+
+class LatticeSpec(_Section):
+    patch: Triple = (4, 32, 32)
+    stride: Triple = (2, 16, 16)
+    window: Literal["cosine", "gaussian", "constant"] = "cosine"
+
+
+class StorageSpec(_Section):
+    block: Triple = (16, 128, 128)
+    """Block core (z, y, x): the unit of scheduling and of writing; whole shards and strides."""
+    shard: Triple | None = None
+    """Shard shape; defaults to the block, so each block writes exactly one shard."""
+    chunk: Triple = (4, 64, 64)
+    """Inner (read) chunk of a shard."""
+    compression_level: int = Field(3, ge=0, le=22)
+    scratch_dtype: Literal["float16", "float32"] = "float16"
+
+    @property
+    def shard_shape(self) -> Triple:
+        return self.shard or self.block
+
+
+class ConditioningSpec(_Section):
+    source: Literal["synthetic"] = "synthetic"
+    bin: Triple = (1, 16, 16)
+    """Voxels per gene bin (z, y, x); Tera-MIND sums transcripts per 16 x 16 px per slice."""
+
+
+class DiffusionSpec(_Section):
+    steps: int = Field(15, ge=1, le=1000)
+    eta: float = Field(0.0, ge=0.0)
+    seed: int = 0
+
+
+class ClusterSpec(_Section):
+    kind: Literal["auto", "local", "cuda", "address"] = "auto"
+    """auto: one worker per GPU when GPUs are found, else a local CPU cluster."""
+    workers: int | None = Field(None, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    address: str | None = None
+    dashboard_address: str = ":8787"
+
+    @model_validator(mode="after")
+    def _address_given(self) -> ClusterSpec:
+        if self.kind == "address" and not self.address:
+            raise ValueError("cluster.kind 'address' needs cluster.address (tcp://host:port)")
+        return self
+
+
+class JobConfig(_Section):
+    """Everything that defines a generation job."""
+
+    out: Path = Path("tera_out.zarr")
+    volume: VolumeSpec = VolumeSpec()
+    lattice: LatticeSpec = LatticeSpec()
+    storage: StorageSpec = StorageSpec()
+    conditioning: ConditioningSpec = ConditioningSpec()
+    diffusion: DiffusionSpec = DiffusionSpec()
+    cluster: ClusterSpec = ClusterSpec()
+    checkpoint: Path | None = None
+    """Denoiser checkpoint; None uses the committed default."""
+    synthetic_seed: int = 0
+    """Seed of the synthetic brain that provides the cells (conditioning source 'synthetic')."""
+    batch_size: int = Field(32, ge=1)
+    """Patches per denoiser call."""
+    blocks_in_flight: int = Field(0, ge=0)
+    """Blocks submitted at once per step; 0 means 4 per worker."""
+
+    @model_validator(mode="after")
+    def _layout(self) -> JobConfig:
+        try:
+            grid = self.grid()
+            grid.check_shards(self.storage.shard_shape)
+        except GeometryError as err:
+            raise ValueError(str(err)) from None
+        for axis, (s, c) in enumerate(zip(self.storage.shard_shape, self.storage.chunk)):
+            if s % c:
+                raise ValueError(
+                    f"shard {self.storage.shard_shape} is not a whole number of chunks "
+                    f"{self.storage.chunk} (axis {axis})"
+                )
+        bins = self.conditioning.bin
+        for axis, (p, s, b) in enumerate(zip(self.lattice.patch, self.lattice.stride, bins)):
+            if p % b or s % b:
+                raise ValueError(
+                    f"patch {self.lattice.patch} and stride {self.lattice.stride} must be whole "
+                    f"gene bins {bins} (axis {axis}) so every patch sees whole bins"
+                )
+        for axis, (blk, b) in enumerate(zip(self.storage.block, bins)):
+            if blk % b:
+                raise ValueError(f"block {self.storage.block} is not whole bins {bins} (axis {axis})")
+        return self
+
+    def lattice_obj(self) -> PatchLattice:
+        return PatchLattice(self.lattice.patch, self.lattice.stride)
+
+    def grid(self) -> ChunkGrid:
+        return ChunkGrid(self.volume.shape, self.storage.block, self.lattice_obj())
+
+    @classmethod
+    def from_yaml(cls, path: Path, **overrides: object) -> JobConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return cls.model_validate(merge(data, overrides))
+
+    def with_overrides(self, **overrides: object) -> JobConfig:
+        return type(self).model_validate(merge(self.model_dump(mode="json"), overrides))
+
+
+def merge(data: dict, overrides: dict) -> dict:
+    """Merge dotted-key overrides ("storage.block": (8, 64, 64)) into nested config data."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out

@@ -1,0 +1,105 @@
+"""Diffusion maths: the linear-beta schedule, DDIM steps, and noise keyed by global position.
+
+Everything here is a pure function of its arguments so that any block, on any worker, in any
+order, computes the same numbers for the same voxels (the scheduler half of the diffusers split).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from tera_pipeline.geometry import Box, Shape
+
+NOISE_TILE: Shape = (8, 64, 64)
+"""Fixed tile of the counter-based noise field; independent of block and patch sizes."""
+
+
+@dataclass(frozen=True)
+class DDIMSchedule:
+    """Linear beta schedule (T steps) sampled by DDIM with ``steps`` steps and ``eta``."""
+
+    train_steps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    steps: int = 15
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= self.train_steps:
+            raise ValueError(f"DDIM steps must be in [1, {self.train_steps}], got {self.steps}")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+
+    @cached_property
+    def alphas_cumprod(self) -> np.ndarray:
+        betas = np.linspace(self.beta_start, self.beta_end, self.train_steps, dtype=np.float64)
+        return np.cumprod(1.0 - betas)
+
+    @cached_property
+    def timesteps(self) -> np.ndarray:
+        """Model timesteps from noisiest to cleanest ("leading" spacing, as diffusers)."""
+        ratio = self.train_steps // self.steps
+        return (np.arange(self.steps) * ratio)[::-1].astype(np.int64)
+
+    def alpha(self, t: int) -> float:
+        return float(self.alphas_cumprod[t]) if t >= 0 else 1.0
+
+    def sigma(self, step: int) -> float:
+        """DDIM noise scale for sampling step ``step`` (0 = first, noisiest)."""
+        t, t_prev = self.timestep(step), self.previous_timestep(step)
+        a, a_prev = self.alpha(t), self.alpha(t_prev)
+        return float(self.eta * np.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev)))
+
+    def timestep(self, step: int) -> int:
+        return int(self.timesteps[step])
+
+    def previous_timestep(self, step: int) -> int:
+        return int(self.timesteps[step + 1]) if step + 1 < self.steps else -1
+
+    def ddim_update(
+        self, x: np.ndarray, eps: np.ndarray, step: int, noise: np.ndarray | None = None
+    ) -> np.ndarray:
+        """One DDIM update of ``x`` given the predicted noise ``eps`` (voxel-wise, float32)."""
+        t, t_prev = self.timestep(step), self.previous_timestep(step)
+        a, a_prev = self.alpha(t), self.alpha(t_prev)
+        x0 = np.clip((x - np.sqrt(1 - a) * eps) / np.sqrt(a), -1.0, 1.0)
+        sigma = self.sigma(step)
+        direction = np.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+        out = np.sqrt(a_prev) * x0 + direction
+        if sigma > 0:
+            if noise is None:
+                raise ValueError("eta > 0 needs fresh noise for the update")
+            out = out + sigma * noise
+        return out.astype(np.float32)
+
+    def add_noise(self, x0: np.ndarray, noise: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """Forward process q(x_t | x_0) for a batch (``t`` broadcast over leading axis)."""
+        a = self.alphas_cumprod[t].astype(np.float32).reshape((-1,) + (1,) * (x0.ndim - 1))
+        return np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
+
+
+def position_noise(seed: int, stream: int, box: Box, channels: int) -> np.ndarray:
+    """Standard normal noise for ``box`` (spatial z, y, x) as a pure function of position.
+
+    The field is drawn tile by tile (``NOISE_TILE``) from Philox keyed by (seed, stream, tile
+    index), so any box anywhere — even beyond the volume — regenerates the same values.
+    ``stream`` separates the initial noise (0) from per-step DDIM noise (step + 1).
+    Returns float32 of shape ``(channels, *box.shape)``.
+    """
+    out = np.empty((channels, *box.shape), dtype=np.float32)
+    first = [b // t for b, t in zip(box.begin, NOISE_TILE, strict=True)]
+    last = [(e - 1) // t for e, t in zip(box.end, NOISE_TILE, strict=True)]
+    for tz in range(first[0], last[0] + 1):
+        for ty in range(first[1], last[1] + 1):
+            for tx in range(first[2], last[2] + 1):
+                tile = Box((tz * NOISE_TILE[0], ty * NOISE_TILE[1], tx * NOISE_TILE[2]), NOISE_TILE)
+                # Negative tile indices (reads beyond the low edge) are shifted into the key.
+                key = [seed, stream, tz + 2**31, ty + 2**31, tx + 2**31]
+                rng = np.random.Generator(np.random.Philox(np.random.SeedSequence(key)))
+                values = rng.standard_normal((channels, *NOISE_TILE), dtype=np.float32)
+                part = tile.intersect(box)
+                out[(slice(None), *part.slices(box))] = values[(slice(None), *part.slices(tile))]
+    return out

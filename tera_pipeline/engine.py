@@ -1,0 +1,360 @@
+"""The generation engine: synchronised patch diffusion with an exact halo, block by block.
+
+For each DDIM step (a barrier between steps), every block reads the state over the span of all
+lattice patches touching its core, runs the denoiser on those patches, blends the predictions with
+a positive window normalised by the summed weights, applies the DDIM update to its core and writes
+the core (one whole shard) to the other scratch array; the last step writes the uint8 image.
+The initial noise is a pure function of (seed, position) and is never stored. Because patches sit
+on a global lattice, every voxel sees exactly the patches of whole-volume sampling: the result
+does not depend on block size, worker count or order.
+
+Block tasks are plain functions of (config, checkpoint, step, block index) that any executor can
+call; ``run_blocks`` feeds them to a Dask client with a bounded number in flight.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from models.checkpoint import DEFAULT_DENOISER, file_digest, read_metadata
+from tera_pipeline import store
+from tera_pipeline.blending import Accumulator, patch_window
+from tera_pipeline.conditioning import bin_box, cell_count_raster, open_source, rasterize
+from tera_pipeline.config import JobConfig
+from tera_pipeline.diffusion import DDIMSchedule, position_noise
+from tera_pipeline.geometry import Box
+from tera_pipeline.inference import get_predictor
+
+IMAGE = "image"
+CONDITIONING = "conditioning"
+CELL_COUNT = "cell_count"
+STATES = (f"{store.SCRATCH}/state0", f"{store.SCRATCH}/state1")
+
+Progress = Callable[[str, int, int], None]
+"""Called as progress(phase, blocks done, blocks total)."""
+
+
+class GenerationError(RuntimeError):
+    """A job that cannot start or continue (bad checkpoint for the layout, ...)."""
+
+
+@dataclass
+class BlockStats:
+    """Timings of one block task, for efficiency accounting."""
+
+    patches: int = 0
+    model_s: float = 0.0
+    read_s: float = 0.0
+    write_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass
+class StepReport:
+    phase: str
+    blocks: int
+    wall_s: float
+    stats: BlockStats = field(default_factory=BlockStats)
+
+    def add(self, s: BlockStats) -> None:
+        for name in ("patches", "model_s", "read_s", "write_s", "total_s"):
+            setattr(self.stats, name, getattr(self.stats, name) + getattr(s, name))
+
+
+def schedule_of(config: JobConfig) -> DDIMSchedule:
+    return DDIMSchedule(steps=config.diffusion.steps, eta=config.diffusion.eta)
+
+
+def resolve_checkpoint(config: JobConfig) -> Path:
+    return Path(config.checkpoint) if config.checkpoint else DEFAULT_DENOISER
+
+
+def check_checkpoint(config: JobConfig, genes: Sequence[str]) -> dict:
+    """Read the checkpoint's metadata and check it fits the job; raise before any block runs."""
+    path = resolve_checkpoint(config)
+    meta = read_metadata(path)
+    model_cfg = meta.get("config", {})
+    patch = tuple(model_cfg.get("patch", ()))
+    if patch != tuple(config.lattice.patch):
+        raise GenerationError(
+            f"checkpoint {path} was trained on patches {patch}, the job uses {config.lattice.patch}"
+        )
+    window = tuple(p // b for p, b in zip(config.lattice.patch, config.conditioning.bin))
+    if tuple(model_cfg.get("cond_window", ())) != window:
+        raise GenerationError(
+            f"checkpoint {path} expects gene windows {tuple(model_cfg.get('cond_window', ()))} "
+            f"bins, the job's patch and bin give {window}"
+        )
+    if list(meta.get("genes", [])) != list(genes):
+        missing = sorted(set(meta.get("genes", [])) ^ set(genes))
+        raise GenerationError(
+            f"checkpoint {path} gene panel does not match the conditioning's "
+            f"({len(meta.get('genes', []))} vs {len(genes)} genes; differing: {missing[:8]})"
+        )
+    return meta
+
+
+# -- the store --------------------------------------------------------------------------------
+def array_specs(config: JobConfig, genes: Sequence[str]) -> list[store.ArraySpec]:
+    """Every array of a generation job, on one grid: shards of one block each."""
+    vol, st, b = config.volume.shape, config.storage, config.conditioning.bin
+    c = len(config.volume.stains)
+    bins = bin_box(Box((0, 0, 0), vol), b).shape
+    bin_shard = tuple(s // n for s, n in zip(st.shard_shape, b))
+    bin_chunk = tuple(max(1, s // n) for s, n in zip(st.chunk, b))
+    lvl = st.compression_level
+    specs = [
+        store.ArraySpec(IMAGE, (c, *vol), "uint8", ("c", "z", "y", "x"), (c, *st.shard_shape),
+                        (c, *st.chunk), attributes={"long_name": "generated stains"},
+                        compression_level=lvl),
+        store.ArraySpec(CONDITIONING, (len(genes), *bins), "float32", ("gene", "zbin", "ybin", "xbin"),
+                        (len(genes), *bin_shard), (len(genes), *bin_chunk),
+                        attributes={"long_name": "transcript counts per bin", "bin_voxels": list(b)},
+                        compression_level=lvl),
+        store.ArraySpec(CELL_COUNT, bins, "float32", ("zbin", "ybin", "xbin"), bin_shard, bin_chunk,
+                        attributes={"long_name": "cell centroids per bin"}, compression_level=lvl),
+    ]  # fmt: skip
+    for name in STATES:
+        specs.append(
+            store.ArraySpec(name, (c, *vol), st.scratch_dtype, ("c", "z", "y", "x"),
+                            (c, *st.shard_shape), (c, *st.chunk), compression_level=1)
+        )  # fmt: skip
+    return specs
+
+
+def coordinates(config: JobConfig, genes: Sequence[str]) -> dict:
+    """1-D coordinates in µm (voxel and bin centres), stain and gene names."""
+    vol, sp, org, b = (config.volume.shape, config.volume.spacing_um, config.volume.origin_um,
+                       config.conditioning.bin)  # fmt: skip
+    um = {"units": "micrometer"}
+    coords = {"c": (np.asarray(config.volume.stains), {}), "gene": (np.asarray(genes), {})}
+    for axis, name in enumerate("zyx"):
+        n = vol[axis]
+        coords[name] = (org[axis] + (np.arange(n) + 0.5) * sp[axis], um)
+        nb = -(-n // b[axis])
+        coords[f"{name}bin"] = (org[axis] + (np.arange(nb) + 0.5) * b[axis] * sp[axis], um)
+    return coords
+
+
+def prepare_store(config: JobConfig, overwrite: bool = False) -> Path:
+    """Check the checkpoint, then create the job's store; returns the checkpoint path."""
+    source = open_source(config)
+    meta = check_checkpoint(config, source.genes)
+    root = Path(config.out)
+    if root.exists() and any(root.iterdir()):
+        if not overwrite:
+            raise store.StoreError(
+                f"{root} already exists; choose another --out or pass --overwrite to replace it"
+            )
+        store.remove(root.parent, root.name)
+    checkpoint = resolve_checkpoint(config)
+    attrs = {
+        "tera_pipeline": {
+            "config": config.model_dump(mode="json"),
+            "seed": config.diffusion.seed,
+            "spacing_um": list(config.volume.spacing_um),
+            "checkpoint": {"path": str(checkpoint), "sha256": file_digest(checkpoint),
+                           "trained_with": meta.get("command")},
+            "version": _version(),
+            "status": "running",
+        }
+    }  # fmt: skip
+    store.create_group(root, coordinates(config, source.genes), attrs)
+    for spec in array_specs(config, source.genes):
+        store.create_array(root, spec)
+    return checkpoint
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tera-pipeline")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# -- block tasks ----------------------------------------------------------------------------------
+def rasterize_block(config: JobConfig, index: tuple[int, ...]) -> BlockStats:
+    """Conditioning of one block: the gene bins and cell counts of its core, from the source."""
+    t0 = time.perf_counter()
+    core = config.grid().block(index).core
+    b, sp = config.conditioning.bin, config.volume.spacing_um
+    cells = open_source(config).cells(core)
+    bins = bin_box(core, b)
+    root = Path(config.out)
+    store.write_box(store.open_array(root, CONDITIONING), bins, rasterize(cells, bins, sp, b))
+    store.write_box(store.open_array(root, CELL_COUNT), bins, cell_count_raster(cells, bins, sp, b))
+    return BlockStats(total_s=time.perf_counter() - t0)
+
+
+def denoise_block(
+    config: JobConfig, checkpoint: str, step: int, index: tuple[int, ...]
+) -> BlockStats:
+    """One DDIM step of one block: read with halo, denoise patches, blend, update, write core."""
+    t0 = time.perf_counter()
+    stats = BlockStats()
+    grid = config.grid()
+    core = grid.block(index).core
+    patches = grid.lattice.patches_touching(core, grid.volume)
+    span = Box.from_bounds(
+        [min(p.begin[a] for p in patches) for a in range(3)],
+        [max(p.end[a] for p in patches) for a in range(3)],
+    )
+    root, sched, channels = Path(config.out), schedule_of(config), len(config.volume.stains)
+    if step == 0:
+        x = position_noise(config.diffusion.seed, 0, span, channels)
+        outside = span.intersect(grid.volume_box)
+        mask = np.zeros(span.shape, dtype=bool)
+        mask[outside.slices(span)] = True
+        x[:, ~mask] = 0.0  # beyond the volume the state reads as the fixed fill, as in scratch
+    else:
+        x = store.read_box(store.open_array(root, STATES[step % 2]), span).astype(np.float32)
+    b = config.conditioning.bin
+    cond_span = bin_box(span, b)
+    cond = store.read_box(store.open_array(root, CONDITIONING), cond_span)
+    stats.read_s = time.perf_counter() - t0
+
+    predictor = get_predictor(checkpoint, config.batch_size)
+    window = patch_window(tuple(config.lattice.patch), config.lattice.window)
+    acc = Accumulator(core, channels)
+    t = sched.timestep(step)
+    batch = max(config.batch_size, 1)
+    for start in range(0, len(patches), batch):
+        group = patches[start : start + batch]
+        xs = np.stack([x[(slice(None), *p.slices(span))] for p in group])
+        cs = np.stack([cond[(slice(None), *bin_box(p, b).slices(cond_span))] for p in group])
+        tm = time.perf_counter()
+        eps = predictor(xs, t, cs)
+        stats.model_s += time.perf_counter() - tm
+        for p, e in zip(group, eps, strict=True):
+            acc.add(p, e, window)
+    stats.patches = len(patches)
+
+    noise = None
+    if sched.sigma(step) > 0:
+        noise = position_noise(config.diffusion.seed, step + 1, core, channels)
+    x_next = sched.ddim_update(x[(slice(None), *core.slices(span))], acc.result(), step, noise)
+    tw = time.perf_counter()
+    if step == sched.steps - 1:
+        store.write_box(store.open_array(root, IMAGE), core, to_uint8(x_next))
+    else:
+        store.write_box(store.open_array(root, STATES[(step + 1) % 2]), core, x_next)
+    stats.write_s = time.perf_counter() - tw
+    stats.total_s = time.perf_counter() - t0
+    return stats
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Map the model's [-1, 1] range to uint8 intensities."""
+    return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+# -- scheduling -------------------------------------------------------------------------------------
+def run_blocks(
+    client,
+    fn: Callable[..., BlockStats],
+    args: tuple,
+    indices: Iterable[tuple[int, ...]],
+    total: int,
+    phase: str,
+    in_flight: int,
+    progress: Progress | None = None,
+) -> StepReport:
+    """Run ``fn(*args, index)`` for every block on the Dask client, at most ``in_flight`` at once.
+
+    Blocks are drawn lazily from ``indices``, so the grid is never materialised as a task list.
+    The first failing block raises with its coordinates.
+    """
+    from distributed import as_completed
+
+    report = StepReport(phase, total, 0.0)
+    t0 = time.perf_counter()
+    it = iter(indices)
+
+    where: dict[str, tuple[int, ...]] = {}
+
+    def submit(index):
+        key = f"{phase}-{'-'.join(map(str, index))}-{time.monotonic_ns()}"
+        where[key] = index
+        return client.submit(fn, *args, index, key=key, pure=False)
+
+    pending = as_completed([submit(i) for i in itertools.islice(it, in_flight)])
+    done = 0
+    for fut in pending:
+        try:
+            report.add(fut.result())
+        except Exception as err:
+            raise GenerationError(f"{phase}: block {where[fut.key]} failed: {err!r}") from err
+        done += 1
+        del where[fut.key]
+        if progress:
+            progress(phase, done, total)
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.add(submit(nxt))
+    report.wall_s = time.perf_counter() - t0
+    return report
+
+
+def _block_indices(config: JobConfig) -> Iterable[tuple[int, ...]]:
+    return itertools.product(*(range(n) for n in config.grid().shape))
+
+
+def _in_flight(config: JobConfig, client) -> int:
+    if config.blocks_in_flight:
+        return config.blocks_in_flight
+    return 4 * max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+
+
+def conditioning_pass(config: JobConfig, client, progress: Progress | None = None) -> StepReport:
+    """Rasterise the conditioning of every block into the store."""
+    grid = config.grid()
+    return run_blocks(client, rasterize_block, (config,), _block_indices(config),
+                      grid.num_blocks, "conditioning", _in_flight(config, client), progress)  # fmt: skip
+
+
+def denoise_step(
+    config: JobConfig, checkpoint: Path, step: int, client, progress: Progress | None = None
+) -> StepReport:
+    """One DDIM step over every block (returns when all blocks finished: the step barrier)."""
+    grid = config.grid()
+    return run_blocks(client, denoise_block, (config, str(checkpoint), step),
+                      _block_indices(config), grid.num_blocks, f"step {step + 1}/"
+                      f"{config.diffusion.steps}", _in_flight(config, client), progress)  # fmt: skip
+
+
+def finalize_store(config: JobConfig, reports: Sequence[StepReport]) -> None:
+    """Remove scratch, record the run's figures, consolidate metadata."""
+    root = Path(config.out)
+    store.remove(root, store.SCRATCH)
+    attrs = store.group_attrs(root)["tera_pipeline"]
+    attrs["status"] = "complete"
+    attrs["run"] = {
+        "blocks": config.grid().num_blocks,
+        "voxels": int(np.prod(config.volume.shape)) * len(config.volume.stains),
+        "phases": [
+            {"phase": r.phase, "wall_s": round(r.wall_s, 3), "patches": r.stats.patches,
+             "model_s": round(r.stats.model_s, 3)} for r in reports
+        ],
+    }  # fmt: skip
+    store.update_attrs(root, {"tera_pipeline": attrs})
+    store.consolidate(root)
+
+
+def generate(
+    config: JobConfig, client, progress: Progress | None = None, overwrite: bool = False
+) -> list[StepReport]:
+    """The whole job without an orchestrator: store, conditioning, every step, final image."""
+    checkpoint = prepare_store(config, overwrite=overwrite)
+    reports = [conditioning_pass(config, client, progress)]
+    for step in range(config.diffusion.steps):
+        reports.append(denoise_step(config, checkpoint, step, client, progress))
+    finalize_store(config, reports)
+    return reports

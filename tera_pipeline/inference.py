@@ -1,0 +1,58 @@
+"""Running the denoiser on batches of patches: device choice, batching, AMP on GPUs.
+
+One ``PatchPredictor`` is built per worker process and kept (``get_predictor``), so the model is
+loaded once, not once per block.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.checkpoint import load_denoiser
+
+
+class PatchPredictor:
+    """Predicts the noise of stacks of patches with a loaded denoiser."""
+
+    def __init__(self, checkpoint: Path, batch_size: int = 32, device: str | None = None) -> None:
+        self.model, self.meta = load_denoiser(checkpoint)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device)
+        self.batch_size = batch_size
+        # Reduced precision only on GPUs: on CPUs bf16/fp16 convolutions are far slower.
+        self.autocast = self.device.type == "cuda"
+
+    @property
+    def config(self):
+        return self.model.cfg
+
+    @torch.inference_mode()
+    def __call__(self, x: np.ndarray, t: int, cond: np.ndarray) -> np.ndarray:
+        """Noise predictions for ``x`` (N, C, *patch) and ``cond`` (N, G, *window), float32."""
+        out = np.empty_like(x, dtype=np.float32)
+        for start in range(0, len(x), self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            xb = torch.from_numpy(np.ascontiguousarray(x[sl], dtype=np.float32))
+            cb = torch.from_numpy(np.ascontiguousarray(cond[sl], dtype=np.float32))
+            if self.device.type == "cuda":
+                xb = xb.pin_memory().to(self.device, non_blocking=True)
+                cb = cb.pin_memory().to(self.device, non_blocking=True)
+            tb = torch.full((len(xb),), t, dtype=torch.long, device=self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                eps = self.model(xb, tb, cb)
+            out[sl] = eps.float().cpu().numpy()
+        return out
+
+
+@lru_cache(maxsize=4)
+def get_predictor(checkpoint: str, batch_size: int) -> PatchPredictor:
+    """The worker's cached predictor for a checkpoint."""
+    threads = int(os.environ.get("TERA_TORCH_THREADS", "0"))
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return PatchPredictor(Path(checkpoint), batch_size)
