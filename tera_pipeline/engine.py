@@ -36,6 +36,7 @@ CONDITIONING = "conditioning"
 CELL_COUNT = "cell_count"
 STATES = (f"{store.SCRATCH}/state0", f"{store.SCRATCH}/state1")
 
+Blocks = Sequence[Sequence[int]]
 Progress = Callable[[str, int, int], None]
 """Called as progress(phase, blocks done, blocks total)."""
 
@@ -107,7 +108,7 @@ def array_specs(config: JobConfig, genes: Sequence[str]) -> list[store.ArraySpec
     c = len(config.volume.stains)
     bins = bin_box(Box((0, 0, 0), vol), b).shape
     bin_shard = tuple(s // n for s, n in zip(st.shard_shape, b))
-    bin_chunk = tuple(max(1, s // n) for s, n in zip(st.chunk, b))
+    bin_chunk = bin_shard  # gene rasters are small: one inner chunk per shard
     lvl = st.compression_level
     specs = [
         store.ArraySpec(IMAGE, (c, *vol), "uint8", ("c", "z", "y", "x"), (c, *st.shard_shape),
@@ -133,7 +134,8 @@ def coordinates(config: JobConfig, genes: Sequence[str]) -> dict:
     vol, sp, org, b = (config.volume.shape, config.volume.spacing_um, config.volume.origin_um,
                        config.conditioning.bin)  # fmt: skip
     um = {"units": "micrometer"}
-    coords = {"c": (np.asarray(config.volume.stains), {}), "gene": (np.asarray(genes), {})}
+    names = {"c": config.volume.stains, "gene": genes}
+    coords = {k: (np.asarray(list(v), dtype=object), {}) for k, v in names.items()}
     for axis, name in enumerate("zyx"):
         n = vol[axis]
         coords[name] = (org[axis] + (np.arange(n) + 0.5) * sp[axis], um)
@@ -303,31 +305,38 @@ def run_blocks(
     return report
 
 
-def _block_indices(config: JobConfig) -> Iterable[tuple[int, ...]]:
-    return itertools.product(*(range(n) for n in config.grid().shape))
-
-
 def _in_flight(config: JobConfig, client) -> int:
     if config.blocks_in_flight:
         return config.blocks_in_flight
     return 4 * max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
 
 
-def conditioning_pass(config: JobConfig, client, progress: Progress | None = None) -> StepReport:
-    """Rasterise the conditioning of every block into the store."""
-    grid = config.grid()
-    return run_blocks(client, rasterize_block, (config,), _block_indices(config),
-                      grid.num_blocks, "conditioning", _in_flight(config, client), progress)  # fmt: skip
+def conditioning_pass(
+    config: JobConfig, client, progress: Progress | None = None, indices: Blocks | None = None
+) -> StepReport:
+    """Rasterise the conditioning of every block (or of ``indices``) into the store."""
+    todo, total = _todo(config, indices)
+    return run_blocks(client, rasterize_block, (config,), todo, total, "conditioning",
+                      _in_flight(config, client), progress)  # fmt: skip
 
 
 def denoise_step(
-    config: JobConfig, checkpoint: Path, step: int, client, progress: Progress | None = None
-) -> StepReport:
-    """One DDIM step over every block (returns when all blocks finished: the step barrier)."""
-    grid = config.grid()
-    return run_blocks(client, denoise_block, (config, str(checkpoint), step),
-                      _block_indices(config), grid.num_blocks, f"step {step + 1}/"
-                      f"{config.diffusion.steps}", _in_flight(config, client), progress)  # fmt: skip
+    config: JobConfig, checkpoint: Path, step: int, client, progress: Progress | None = None,
+    indices: Blocks | None = None,
+) -> StepReport:  # fmt: skip
+    """One DDIM step over every block (or ``indices``, in that order); returns when all
+    finished: the barrier between steps."""
+    todo, total = _todo(config, indices)
+    phase = f"step {step + 1}/{config.diffusion.steps}"
+    return run_blocks(client, denoise_block, (config, str(checkpoint), step), todo, total, phase,
+                      _in_flight(config, client), progress)  # fmt: skip
+
+
+def _todo(config: JobConfig, indices: Blocks | None) -> tuple[Iterable[tuple[int, ...]], int]:
+    if indices is None:
+        return itertools.product(*(range(n) for n in config.grid().shape)), config.grid().num_blocks
+    indices = [tuple(i) for i in indices]
+    return indices, len(indices)
 
 
 def finalize_store(config: JobConfig, reports: Sequence[StepReport]) -> None:

@@ -33,20 +33,32 @@ class PatchPredictor:
 
     @torch.inference_mode()
     def __call__(self, x: np.ndarray, t: int, cond: np.ndarray) -> np.ndarray:
-        """Noise predictions for ``x`` (N, C, *patch) and ``cond`` (N, G, *window), float32."""
+        """Noise predictions for ``x`` (N, C, *patch) and ``cond`` (N, G, *window), float32.
+
+        Every call to the model has exactly ``batch_size`` patches (the last batch is padded):
+        kernels then see one shape, so a patch's prediction is bitwise the same whichever
+        block, batch or position it comes in, which keeps outputs independent of block size.
+        """
         out = np.empty_like(x, dtype=np.float32)
         for start in range(0, len(x), self.batch_size):
             sl = slice(start, start + self.batch_size)
-            xb = torch.from_numpy(np.ascontiguousarray(x[sl], dtype=np.float32))
-            cb = torch.from_numpy(np.ascontiguousarray(cond[sl], dtype=np.float32))
+            xb = torch.from_numpy(_padded(x[sl], self.batch_size))
+            cb = torch.from_numpy(_padded(cond[sl], self.batch_size))
             if self.device.type == "cuda":
                 xb = xb.pin_memory().to(self.device, non_blocking=True)
                 cb = cb.pin_memory().to(self.device, non_blocking=True)
             tb = torch.full((len(xb),), t, dtype=torch.long, device=self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 eps = self.model(xb, tb, cb)
-            out[sl] = eps.float().cpu().numpy()
+            out[sl] = eps[: len(x[sl])].float().cpu().numpy()
         return out
+
+
+def _padded(a: np.ndarray, size: int) -> np.ndarray:
+    """``a`` as contiguous float32 with zero rows appended up to ``size`` rows."""
+    out = np.zeros((size, *a.shape[1:]), dtype=np.float32)
+    out[: len(a)] = a
+    return out
 
 
 @lru_cache(maxsize=4)

@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny denoiser checkpoint, a real local Dask cluster, Prefect isolation."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Prefect must see these before it is imported anywhere (ephemeral mode, project-local home).
+_PREFECT_HOME = Path(tempfile.mkdtemp(prefix="tera-prefect-"))
+os.environ.setdefault("PREFECT_HOME", str(_PREFECT_HOME))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import pytest  # noqa: E402
+
+from models.checkpoint import save_checkpoint  # noqa: E402
+from models.denoiser import ConditionalUNet3D, DenoiserConfig  # noqa: E402
+from tera_pipeline.config import JobConfig  # noqa: E402
+from tera_pipeline.synthetic import GENE_PANEL  # noqa: E402
+
+TINY = DenoiserConfig(base_channels=8, channel_mults=(1, 2), gene_dim=16, gene_heads=2,
+                      gene_layers=1, cond_channels=4, time_dim=16)  # fmt: skip
+
+
+def write_random_checkpoint(path: Path, cfg: DenoiserConfig = TINY, seed: int = 0) -> Path:
+    """An untrained denoiser with the synthetic panel: deterministic, fast, any receptive field."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = ConditionalUNet3D(cfg)
+    meta = {"config": cfg.to_dict(), "genes": list(GENE_PANEL), "bin": [1, 16, 16],
+            "command": "tests/conftest.py write_random_checkpoint"}  # fmt: skip
+    save_checkpoint(path, model, "denoiser", meta)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def client():
+    """A real two-worker LocalCluster (spawned processes), shared by the session."""
+    from tera_pipeline.cluster import cluster_client
+    from tera_pipeline.config import ClusterSpec
+
+    with cluster_client(ClusterSpec(kind="local", workers=2, dashboard_address=":0")) as c:
+        yield c
+
+
+@pytest.fixture
+def small_job(tmp_path, tiny_checkpoint) -> JobConfig:
+    """A 3 x 3 x 3-block job on a 12 x 96 x 96 volume with the tiny denoiser."""
+    return JobConfig.model_validate({
+        "out": str(tmp_path / "job.zarr"),
+        "volume": {"shape": (12, 96, 96)},
+        "storage": {"block": (4, 32, 32), "chunk": (2, 16, 16), "scratch_dtype": "float32"},
+        "diffusion": {"steps": 3, "seed": 7},
+        "checkpoint": str(tiny_checkpoint),
+        "batch_size": 16,
+    })  # fmt: skip
