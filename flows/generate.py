@@ -31,12 +31,17 @@ def rasterize_conditioning(config: JobConfig, client, progress) -> engine.StepRe
 
 
 @_task(task_run_name="denoise step {step}")
-def denoise_step(config: JobConfig, checkpoint: Path, step: int, client, progress) -> engine.StepReport:
+def denoise_step(
+    config: JobConfig, checkpoint: Path, step: int, client, progress
+) -> engine.StepReport:
     report = engine.denoise_step(config, checkpoint, step, client, progress)
     get_run_logger().info(
-        "step %d: %d blocks, %d patches in %.1f s", step + 1, report.blocks,
-        report.stats.patches, report.wall_s,
-    )  # fmt: skip
+        "step %d: %d blocks, %d patches in %.1f s",
+        step + 1,
+        report.blocks,
+        report.stats.patches,
+        report.wall_s,
+    )
     return report
 
 
@@ -55,9 +60,12 @@ def generate_flow(config: dict, overwrite: bool = False, show_progress: bool = T
         checkpoint = prepare_store(job, overwrite)
         grid = job.grid()
         logger.info(
-            "volume %s, %d blocks of %s, %d DDIM steps", job.volume.shape, grid.num_blocks,
-            job.storage.block, job.diffusion.steps,
-        )  # fmt: skip
+            "volume %s, %d blocks of %s, %d DDIM steps",
+            job.volume.shape,
+            grid.num_blocks,
+            job.storage.block,
+            job.diffusion.steps,
+        )
         bar = BlockProgress() if show_progress else nullcontext()
         with bar as progress:
             reports = [rasterize_conditioning(job, client, progress)]

@@ -153,7 +153,9 @@ class ConditionalUNet3D(nn.Module):
             self.down_blocks.append(ResBlock(cin, c, cfg.time_dim))
             cin = c
             if i < len(chans) - 1:
-                self.downsamplers.append(nn.Conv3d(c, c, (1, 4, 4), stride=(1, 2, 2), padding=(0, 1, 1)))
+                self.downsamplers.append(
+                    nn.Conv3d(c, c, (1, 4, 4), stride=(1, 2, 2), padding=(0, 1, 1))
+                )
         self.mid = ResBlock(cin, cin, cfg.time_dim)
         self.cond_levels = nn.ModuleList(
             nn.Conv3d(cfg.cond_channels, cfg.cond_channels, 3, padding=1) for _ in chans

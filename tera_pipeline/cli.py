@@ -48,7 +48,9 @@ def generate(
     out: Annotated[Path | None, typer.Option(help="Output zarr store.")] = None,
     shape: Annotated[str | None, typer.Option(help="Volume Z,Y,X in voxels.")] = None,
     block: Annotated[str | None, typer.Option(help="Block core Z,Y,X (whole shards).")] = None,
-    workers: Annotated[int | None, typer.Option(help="Dask workers (default: per GPU or core).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Dask workers (default: per GPU or core).")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Noise seed.")] = None,
     steps: Annotated[int | None, typer.Option(help="DDIM steps.")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Denoiser checkpoint.")] = None,
@@ -74,7 +76,11 @@ def generate(
         "cluster.kind": "address" if address else None,
     }
     try:
-        job = JobConfig.from_yaml(config, **overrides) if config else JobConfig().with_overrides(**overrides)
+        job = (
+            JobConfig.from_yaml(config, **overrides)
+            if config
+            else JobConfig().with_overrides(**overrides)
+        )
     except (ValidationError, OSError) as err:
         _fail(_one_line(err))
     _run(job, overwrite)
@@ -92,9 +98,9 @@ def _one_line(err: Exception) -> str:
 
 def _run(job, overwrite: bool) -> None:
     from flows.generate import generate_flow
+    from models.checkpoint import CheckpointError
     from tera_pipeline.engine import GenerationError
     from tera_pipeline.store import StoreError
-    from models.checkpoint import CheckpointError
 
     try:
         generate_flow(job.model_dump(mode="json"), overwrite=overwrite)
@@ -131,7 +137,9 @@ def demo(
     fidelity = conditioning_fidelity(store_path)
     (out / "demo_fidelity.json").write_text(json.dumps(fidelity, indent=2))
     typer.echo(f"orthogonal slices: {png}")
-    typer.echo(f"conditioning fidelity (per-bin DAPI vs cell count): r = {fidelity['pearson_r']:.3f}")
+    typer.echo(
+        f"conditioning fidelity (per-bin DAPI vs cell count): r = {fidelity['pearson_r']:.3f}"
+    )
 
 
 @train_app.command("denoiser")

@@ -93,25 +93,32 @@ def cluster_client(spec: ClusterSpec, quiet: bool = True) -> Iterator[Client]:
         from dask_cuda import LocalCUDACluster
 
         cluster = LocalCUDACluster(
-            n_workers=plan.workers, threads_per_worker=1,
-            dashboard_address=spec.dashboard_address, silence_logs=logging.WARNING if quiet else None,
+            n_workers=plan.workers,
+            threads_per_worker=1,
+            dashboard_address=spec.dashboard_address,
+            silence_logs=logging.WARNING if quiet else None,
             env=threads_env,
-        )  # fmt: skip
+        )
         client = Client(cluster)
     else:
         cluster = LocalCluster(
-            n_workers=plan.workers, threads_per_worker=plan.threads_per_worker, processes=True,
-            dashboard_address=spec.dashboard_address, env=threads_env,
+            n_workers=plan.workers,
+            threads_per_worker=plan.threads_per_worker,
+            processes=True,
+            dashboard_address=spec.dashboard_address,
+            env=threads_env,
             silence_logs=logging.WARNING if quiet else logging.INFO,
-        )  # fmt: skip
+        )
         client = Client(cluster)
     try:
         client.register_plugin(TorchThreads(plan.threads_per_worker))
         workers = len(client.scheduler_info(n_workers=-1)["workers"])
         log.info(
             "Dask %s cluster: %d workers, dashboard %s",
-            plan.kind, workers, client.dashboard_link,
-        )  # fmt: skip
+            plan.kind,
+            workers,
+            client.dashboard_link,
+        )
         yield client
     finally:
         client.close()

@@ -27,9 +27,7 @@ def cell_bins(cells: CellTable, spacing_um: Shape, bin_shape: Shape) -> np.ndarr
     return np.floor_divide(voxel.astype(np.int64), np.asarray(bin_shape, dtype=np.int64))
 
 
-def rasterize(
-    cells: CellTable, bins: Box, spacing_um: Shape, bin_shape: Shape
-) -> np.ndarray:
+def rasterize(cells: CellTable, bins: Box, spacing_um: Shape, bin_shape: Shape) -> np.ndarray:
     """Summed counts per gene and bin over ``bins`` (a box in bin units): (G, *bins.shape)."""
     out = np.zeros((len(cells.genes), *bins.shape), dtype=np.float32)
     if len(cells) == 0:
@@ -44,7 +42,9 @@ def rasterize(
     return out
 
 
-def cell_count_raster(cells: CellTable, bins: Box, spacing_um: Shape, bin_shape: Shape) -> np.ndarray:
+def cell_count_raster(
+    cells: CellTable, bins: Box, spacing_um: Shape, bin_shape: Shape
+) -> np.ndarray:
     """Number of cell centroids per bin over ``bins``: (*bins.shape) float32."""
     ones = CellTable(cells.position_um, np.ones((len(cells), 1), np.float32), ("cells",))
     return rasterize(ones, bins, spacing_um, bin_shape)[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -43,14 +44,21 @@ class StorageSpec(_Section):
     """Block core (z, y, x): the unit of scheduling and of writing; whole shards and strides."""
     shard: Triple | None = None
     """Shard shape; defaults to the block, so each block writes exactly one shard."""
-    chunk: Triple = (4, 64, 64)
-    """Inner (read) chunk of a shard."""
+    chunk: Triple | None = None
+    """Inner (read) chunk of a shard; defaults to the largest divisor of the shard up to
+    (4, 64, 64) per axis."""
     compression_level: int = Field(3, ge=0, le=22)
     scratch_dtype: Literal["float16", "float32"] = "float16"
 
     @property
     def shard_shape(self) -> Triple:
         return self.shard or self.block
+
+    @property
+    def chunk_shape(self) -> Triple:
+        if self.chunk:
+            return self.chunk
+        return tuple(math.gcd(s, c) for s, c in zip(self.shard_shape, (4, 64, 64)))  # type: ignore[return-value]
 
 
 class ConditioningSpec(_Section):
@@ -106,11 +114,11 @@ class JobConfig(_Section):
             grid.check_shards(self.storage.shard_shape)
         except GeometryError as err:
             raise ValueError(str(err)) from None
-        for axis, (s, c) in enumerate(zip(self.storage.shard_shape, self.storage.chunk)):
+        for axis, (s, c) in enumerate(zip(self.storage.shard_shape, self.storage.chunk_shape)):
             if s % c:
                 raise ValueError(
                     f"shard {self.storage.shard_shape} is not a whole number of chunks "
-                    f"{self.storage.chunk} (axis {axis})"
+                    f"{self.storage.chunk_shape} (axis {axis})"
                 )
         bins = self.conditioning.bin
         for axis, (p, s, b) in enumerate(zip(self.lattice.patch, self.lattice.stride, bins)):
@@ -121,7 +129,9 @@ class JobConfig(_Section):
                 )
         for axis, (blk, b) in enumerate(zip(self.storage.block, bins)):
             if blk % b:
-                raise ValueError(f"block {self.storage.block} is not whole bins {bins} (axis {axis})")
+                raise ValueError(
+                    f"block {self.storage.block} is not whole bins {bins} (axis {axis})"
+                )
         return self
 
     def lattice_obj(self) -> PatchLattice:

@@ -111,28 +111,60 @@ def array_specs(config: JobConfig, genes: Sequence[str]) -> list[store.ArraySpec
     bin_chunk = bin_shard  # gene rasters are small: one inner chunk per shard
     lvl = st.compression_level
     specs = [
-        store.ArraySpec(IMAGE, (c, *vol), "uint8", ("c", "z", "y", "x"), (c, *st.shard_shape),
-                        (c, *st.chunk), attributes={"long_name": "generated stains"},
-                        compression_level=lvl),
-        store.ArraySpec(CONDITIONING, (len(genes), *bins), "float32", ("gene", "zbin", "ybin", "xbin"),
-                        (len(genes), *bin_shard), (len(genes), *bin_chunk),
-                        attributes={"long_name": "transcript counts per bin", "bin_voxels": list(b)},
-                        compression_level=lvl),
-        store.ArraySpec(CELL_COUNT, bins, "float32", ("zbin", "ybin", "xbin"), bin_shard, bin_chunk,
-                        attributes={"long_name": "cell centroids per bin"}, compression_level=lvl),
-    ]  # fmt: skip
+        store.ArraySpec(
+            IMAGE,
+            (c, *vol),
+            "uint8",
+            ("c", "z", "y", "x"),
+            (c, *st.shard_shape),
+            (c, *st.chunk_shape),
+            attributes={"long_name": "generated stains"},
+            compression_level=lvl,
+        ),
+        store.ArraySpec(
+            CONDITIONING,
+            (len(genes), *bins),
+            "float32",
+            ("gene", "zbin", "ybin", "xbin"),
+            (len(genes), *bin_shard),
+            (len(genes), *bin_chunk),
+            attributes={"long_name": "transcript counts per bin", "bin_voxels": list(b)},
+            compression_level=lvl,
+        ),
+        store.ArraySpec(
+            CELL_COUNT,
+            bins,
+            "float32",
+            ("zbin", "ybin", "xbin"),
+            bin_shard,
+            bin_chunk,
+            attributes={"long_name": "cell centroids per bin"},
+            compression_level=lvl,
+        ),
+    ]
     for name in STATES:
         specs.append(
-            store.ArraySpec(name, (c, *vol), st.scratch_dtype, ("c", "z", "y", "x"),
-                            (c, *st.shard_shape), (c, *st.chunk), compression_level=1)
-        )  # fmt: skip
+            store.ArraySpec(
+                name,
+                (c, *vol),
+                st.scratch_dtype,
+                ("c", "z", "y", "x"),
+                (c, *st.shard_shape),
+                (c, *st.chunk_shape),
+                compression_level=1,
+            )
+        )
     return specs
 
 
 def coordinates(config: JobConfig, genes: Sequence[str]) -> dict:
     """1-D coordinates in µm (voxel and bin centres), stain and gene names."""
-    vol, sp, org, b = (config.volume.shape, config.volume.spacing_um, config.volume.origin_um,
-                       config.conditioning.bin)  # fmt: skip
+    vol, sp, org, b = (
+        config.volume.shape,
+        config.volume.spacing_um,
+        config.volume.origin_um,
+        config.conditioning.bin,
+    )
     um = {"units": "micrometer"}
     names = {"c": config.volume.stains, "gene": genes}
     coords = {k: (np.asarray(list(v), dtype=object), {}) for k, v in names.items()}
@@ -161,12 +193,15 @@ def prepare_store(config: JobConfig, overwrite: bool = False) -> Path:
             "config": config.model_dump(mode="json"),
             "seed": config.diffusion.seed,
             "spacing_um": list(config.volume.spacing_um),
-            "checkpoint": {"path": str(checkpoint), "sha256": file_digest(checkpoint),
-                           "trained_with": meta.get("command")},
+            "checkpoint": {
+                "path": str(checkpoint),
+                "sha256": file_digest(checkpoint),
+                "trained_with": meta.get("command"),
+            },
             "version": _version(),
             "status": "running",
         }
-    }  # fmt: skip
+    }
     store.create_group(root, coordinates(config, source.genes), attrs)
     for spec in array_specs(config, source.genes):
         store.create_array(root, spec)
@@ -258,7 +293,7 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-# -- scheduling -------------------------------------------------------------------------------------
+# -- scheduling ---------------------------------------------------------------------------
 def run_blocks(
     client,
     fn: Callable[..., BlockStats],
@@ -288,13 +323,11 @@ def run_blocks(
         return client.submit(fn, *args, index, key=key, pure=False)
 
     pending = as_completed([submit(i) for i in itertools.islice(it, in_flight)])
-    done = 0
-    for fut in pending:
+    for done, fut in enumerate(pending, start=1):
         try:
             report.add(fut.result())
         except Exception as err:
             raise GenerationError(f"{phase}: block {where[fut.key]} failed: {err!r}") from err
-        done += 1
         del where[fut.key]
         if progress:
             progress(phase, done, total)
@@ -316,20 +349,40 @@ def conditioning_pass(
 ) -> StepReport:
     """Rasterise the conditioning of every block (or of ``indices``) into the store."""
     todo, total = _todo(config, indices)
-    return run_blocks(client, rasterize_block, (config,), todo, total, "conditioning",
-                      _in_flight(config, client), progress)  # fmt: skip
+    return run_blocks(
+        client,
+        rasterize_block,
+        (config,),
+        todo,
+        total,
+        "conditioning",
+        _in_flight(config, client),
+        progress,
+    )
 
 
 def denoise_step(
-    config: JobConfig, checkpoint: Path, step: int, client, progress: Progress | None = None,
+    config: JobConfig,
+    checkpoint: Path,
+    step: int,
+    client,
+    progress: Progress | None = None,
     indices: Blocks | None = None,
-) -> StepReport:  # fmt: skip
+) -> StepReport:
     """One DDIM step over every block (or ``indices``, in that order); returns when all
     finished: the barrier between steps."""
     todo, total = _todo(config, indices)
     phase = f"step {step + 1}/{config.diffusion.steps}"
-    return run_blocks(client, denoise_block, (config, str(checkpoint), step), todo, total, phase,
-                      _in_flight(config, client), progress)  # fmt: skip
+    return run_blocks(
+        client,
+        denoise_block,
+        (config, str(checkpoint), step),
+        todo,
+        total,
+        phase,
+        _in_flight(config, client),
+        progress,
+    )
 
 
 def _todo(config: JobConfig, indices: Blocks | None) -> tuple[Iterable[tuple[int, ...]], int]:
@@ -349,10 +402,15 @@ def finalize_store(config: JobConfig, reports: Sequence[StepReport]) -> None:
         "blocks": config.grid().num_blocks,
         "voxels": int(np.prod(config.volume.shape)) * len(config.volume.stains),
         "phases": [
-            {"phase": r.phase, "wall_s": round(r.wall_s, 3), "patches": r.stats.patches,
-             "model_s": round(r.stats.model_s, 3)} for r in reports
+            {
+                "phase": r.phase,
+                "wall_s": round(r.wall_s, 3),
+                "patches": r.stats.patches,
+                "model_s": round(r.stats.model_s, 3),
+            }
+            for r in reports
         ],
-    }  # fmt: skip
+    }
     store.update_attrs(root, {"tera_pipeline": attrs})
     store.consolidate(root)
 

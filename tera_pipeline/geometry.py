@@ -183,8 +183,8 @@ class ChunkGrid:
         for axis, (b, s) in enumerate(zip(self.block_shape, self.lattice.stride, strict=True)):
             if b <= 0 or b % s:
                 raise GeometryError(
-                    f"block {self.block_shape} is not a whole number of strides {self.lattice.stride} "
-                    f"(axis {axis}: {b} % {s} != 0)"
+                    f"block {self.block_shape} is not a whole number of strides "
+                    f"{self.lattice.stride} (axis {axis}: {b} % {s} != 0)"
                 )
 
     @property
@@ -222,4 +222,3 @@ class ChunkGrid:
                     f"block {self.block_shape} is not a whole number of shards {tuple(shard)} "
                     f"(axis {axis}: {b} % {s} != 0); one writer per shard needs whole shards"
                 )
-

@@ -10,9 +10,13 @@ class BlockProgress:
 
     def __init__(self) -> None:
         self._bar = Progress(
-            TextColumn("{task.description:>14}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("blocks"), TimeElapsedColumn(), transient=False,
-        )  # fmt: skip
+            TextColumn("{task.description:>14}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("blocks"),
+            TimeElapsedColumn(),
+            transient=False,
+        )
         self._tasks: dict[str, int] = {}
 
     def __enter__(self) -> BlockProgress:

@@ -34,5 +34,9 @@ def conditioning_fidelity(root: Path, stain: int = 0) -> dict:
         cells.append(counts[k].read().result())
     m, c = np.concatenate([a.ravel() for a in means]), np.concatenate([a.ravel() for a in cells])
     r = float(np.corrcoef(m, c)[0, 1]) if m.std() > 0 and c.std() > 0 else 0.0
-    return {"pearson_r": r, "bins": int(m.size), "mean_cells_per_bin": float(c.mean()),
-            "stain": stain}  # fmt: skip
+    return {
+        "pearson_r": r,
+        "bins": int(m.size),
+        "mean_cells_per_bin": float(c.mean()),
+        "stain": stain,
+    }

@@ -123,7 +123,9 @@ def read_box(array: ts.TensorStore, box: Box, fill: float = 0.0) -> np.ndarray:
 
 def write_box(array: ts.TensorStore, box: Box, data: np.ndarray) -> None:
     """Write ``data`` (all leading axes, spatial ``box``) to the array."""
-    array[(Ellipsis, *box.slices())].write(data.astype(array.dtype.numpy_dtype, copy=False)).result()
+    array[(Ellipsis, *box.slices())].write(
+        data.astype(array.dtype.numpy_dtype, copy=False)
+    ).result()
 
 
 def create_group(root: Path, coords: dict[str, tuple[np.ndarray, dict]], attrs: dict) -> None:

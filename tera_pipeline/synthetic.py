@@ -20,15 +20,39 @@ from tera_pipeline.diffusion import position_noise
 from tera_pipeline.geometry import Box, Shape
 
 GENE_PANEL: tuple[str, ...] = (
-    "Slc17a7", "Slc17a6", "Camk2a", "Satb2", "Snap25", "Rbfox3",
-    "Gad1", "Gad2", "Slc32a1", "Pvalb", "Sst",
-    "Th", "Nr4a2", "Slc6a3", "Ddc",
-    "Aqp4", "Gfap", "Slc1a3", "Aldh1l1",
-    "Mbp", "Plp1", "Olig2", "Mog",
-    "Cldn5", "Flt1", "Pecam1",
-    "Cx3cr1", "P2ry12", "Csf1r",
-    "Ccnd1", "Actb", "Gapdh",
-)  # fmt: skip
+    "Slc17a7",
+    "Slc17a6",
+    "Camk2a",
+    "Satb2",
+    "Snap25",
+    "Rbfox3",
+    "Gad1",
+    "Gad2",
+    "Slc32a1",
+    "Pvalb",
+    "Sst",
+    "Th",
+    "Nr4a2",
+    "Slc6a3",
+    "Ddc",
+    "Aqp4",
+    "Gfap",
+    "Slc1a3",
+    "Aldh1l1",
+    "Mbp",
+    "Plp1",
+    "Olig2",
+    "Mog",
+    "Cldn5",
+    "Flt1",
+    "Pecam1",
+    "Cx3cr1",
+    "P2ry12",
+    "Csf1r",
+    "Ccnd1",
+    "Actb",
+    "Gapdh",
+)
 SIZE_DRIVER_GENE = "Ccnd1"
 STAINS: tuple[str, ...] = ("DAPI", "PolyT")
 CELL_TILE_UM = 64.0
@@ -44,17 +68,32 @@ class CellType:
 
 
 CELL_TYPES: tuple[CellType, ...] = (
-    CellType("ExN", {"Slc17a7": 30, "Slc17a6": 8, "Camk2a": 25, "Satb2": 12, "Snap25": 20,
-                     "Rbfox3": 15}, 4.6, 0.55, 0.15),
-    CellType("InN", {"Gad1": 30, "Gad2": 25, "Slc32a1": 12, "Pvalb": 10, "Sst": 8, "Snap25": 18,
-                     "Rbfox3": 12}, 4.0, 0.62, 0.2),
-    CellType("DaN", {"Th": 30, "Nr4a2": 18, "Slc6a3": 20, "Ddc": 15, "Snap25": 15,
-                     "Slc17a6": 6}, 5.2, 0.5, 0.12),
+    CellType(
+        "ExN",
+        {"Slc17a7": 30, "Slc17a6": 8, "Camk2a": 25, "Satb2": 12, "Snap25": 20, "Rbfox3": 15},
+        4.6,
+        0.55,
+        0.15,
+    ),
+    CellType(
+        "InN",
+        {"Gad1": 30, "Gad2": 25, "Slc32a1": 12, "Pvalb": 10, "Sst": 8, "Snap25": 18, "Rbfox3": 12},
+        4.0,
+        0.62,
+        0.2,
+    ),
+    CellType(
+        "DaN",
+        {"Th": 30, "Nr4a2": 18, "Slc6a3": 20, "Ddc": 15, "Snap25": 15, "Slc17a6": 6},
+        5.2,
+        0.5,
+        0.12,
+    ),
     CellType("Astro", {"Aqp4": 25, "Gfap": 20, "Slc1a3": 20, "Aldh1l1": 10}, 3.6, 0.75, 0.35),
     CellType("Oligo", {"Mbp": 35, "Plp1": 30, "Olig2": 10, "Mog": 12}, 3.1, 0.9, 0.25),
     CellType("Endo", {"Cldn5": 25, "Flt1": 15, "Pecam1": 12}, 3.0, 0.85, 0.3),
     CellType("Micro", {"Cx3cr1": 20, "P2ry12": 18, "Csf1r": 15}, 2.8, 0.88, 0.4),
-)  # fmt: skip
+)
 
 # Regions along y (period in µm): cortex, white matter, deep nuclei. Density in cells / µm³.
 REGION_PERIOD_UM = 320.0
@@ -87,10 +126,15 @@ class CellTable:
             return None if a is None else a[mask]
 
         return CellTable(
-            self.position_um[mask], self.counts[mask], self.genes, pick(self.cell_type),
-            pick(self.cell_id), pick(self.nucleus_radius_um), pick(self.brightness),
+            self.position_um[mask],
+            self.counts[mask],
+            self.genes,
+            pick(self.cell_type),
+            pick(self.cell_id),
+            pick(self.nucleus_radius_um),
+            pick(self.brightness),
             pick(self.texture),
-        )  # fmt: skip
+        )
 
 
 def _region_params(y_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -174,9 +218,11 @@ class SyntheticBrain:
             np.concatenate([t.position_um for t in tables]),
             np.concatenate([t.counts for t in tables]),
             self.genes,
-            *(np.concatenate([getattr(t, f) for t in tables]) for f in
-              ("cell_type", "cell_id", "nucleus_radius_um", "brightness", "texture")),
-        )  # fmt: skip
+            *(
+                np.concatenate([getattr(t, f) for t in tables])
+                for f in ("cell_type", "cell_id", "nucleus_radius_um", "brightness", "texture")
+            ),
+        )
         inside = np.all((merged.position_um >= lo) & (merged.position_um < hi), axis=1)
         return merged.select(inside)
 

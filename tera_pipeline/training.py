@@ -71,9 +71,12 @@ def sample_batch(
 
 
 def diffusion_loss(
-    model: ConditionalUNet3D, x0: torch.Tensor, cond: torch.Tensor, sched: DDIMSchedule,
+    model: ConditionalUNet3D,
+    x0: torch.Tensor,
+    cond: torch.Tensor,
+    sched: DDIMSchedule,
     gen: torch.Generator,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """ε-prediction MSE at uniformly drawn timesteps."""
     t = torch.randint(0, sched.train_steps, (len(x0),), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
@@ -98,7 +101,9 @@ def train_denoiser(
     """Train a denoiser on a synthetic brain (``seed``) and save it to ``out``; returns the log."""
     cfg = model_config or DenoiserConfig()
     if tuple(p // b for p, b in zip(cfg.patch, bin_shape, strict=True)) != tuple(cfg.cond_window):
-        raise ValueError(f"model cond_window {cfg.cond_window} != patch {cfg.patch} / bin {bin_shape}")
+        raise ValueError(
+            f"model cond_window {cfg.cond_window} != patch {cfg.patch} / bin {bin_shape}"
+        )
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -129,8 +134,13 @@ def train_denoiser(
         running += loss.item()
         if (i + 1) % log_every == 0 or i + 1 == steps:
             n = (i % log_every) + 1
-            entry = {"step": i + 1, "train_loss": running / n, "val_loss": _validate(model, val, cfg, sched),
-                     "lr": sched_lr.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+            entry = {
+                "step": i + 1,
+                "train_loss": running / n,
+                "val_loss": _validate(model, val, cfg, sched),
+                "lr": sched_lr.get_last_lr()[0],
+                "elapsed_s": round(time.perf_counter() - t0, 1),
+            }
             running = 0.0
             history.append(entry)
             (on_log or (lambda e: log.info("%s", e)))(entry)
@@ -139,10 +149,16 @@ def train_denoiser(
         "genes": list(train.genes),
         "bin": list(bin_shape),
         "spacing_um": list(spacing_um),
-        "training": {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "volume": list(volume),
-                     "final": history[-1] if history else None},
+        "training": {
+            "steps": steps,
+            "batch": batch,
+            "lr": lr,
+            "seed": seed,
+            "volume": list(volume),
+            "final": history[-1] if history else None,
+        },
         "command": " ".join(shlex.quote(a) for a in ["tera", *sys.argv[1:]]),
-    }  # fmt: skip
+    }
     save_checkpoint(out, model, "denoiser", meta)
     return history
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from tera_pipeline import store
 from tera_pipeline.engine import CONDITIONING, IMAGE
 
+
 def orthoslices_png(root: Path, out: Path) -> Path:
     """XY, XZ and YZ slices through the centre of each stain, plus the conditioning's counts."""
     import matplotlib
@@ -50,4 +51,3 @@ def orthoslices_png(root: Path, out: Path) -> Path:
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
-

@@ -19,8 +19,15 @@ from models.denoiser import ConditionalUNet3D, DenoiserConfig  # noqa: E402
 from tera_pipeline.config import JobConfig  # noqa: E402
 from tera_pipeline.synthetic import GENE_PANEL  # noqa: E402
 
-TINY = DenoiserConfig(base_channels=8, channel_mults=(1, 2), gene_dim=16, gene_heads=2,
-                      gene_layers=1, cond_channels=4, time_dim=16)  # fmt: skip
+TINY = DenoiserConfig(
+    base_channels=8,
+    channel_mults=(1, 2),
+    gene_dim=16,
+    gene_heads=2,
+    gene_layers=1,
+    cond_channels=4,
+    time_dim=16,
+)
 
 
 def write_random_checkpoint(path: Path, cfg: DenoiserConfig = TINY, seed: int = 0) -> Path:
@@ -29,8 +36,12 @@ def write_random_checkpoint(path: Path, cfg: DenoiserConfig = TINY, seed: int = 
 
     torch.manual_seed(seed)
     model = ConditionalUNet3D(cfg)
-    meta = {"config": cfg.to_dict(), "genes": list(GENE_PANEL), "bin": [1, 16, 16],
-            "command": "tests/conftest.py write_random_checkpoint"}  # fmt: skip
+    meta = {
+        "config": cfg.to_dict(),
+        "genes": list(GENE_PANEL),
+        "bin": [1, 16, 16],
+        "command": "tests/conftest.py write_random_checkpoint",
+    }
     save_checkpoint(path, model, "denoiser", meta)
     return path
 
@@ -53,11 +64,13 @@ def client():
 @pytest.fixture
 def small_job(tmp_path, tiny_checkpoint) -> JobConfig:
     """A 3 x 3 x 3-block job on a 12 x 96 x 96 volume with the tiny denoiser."""
-    return JobConfig.model_validate({
-        "out": str(tmp_path / "job.zarr"),
-        "volume": {"shape": (12, 96, 96)},
-        "storage": {"block": (4, 32, 32), "chunk": (2, 16, 16), "scratch_dtype": "float32"},
-        "diffusion": {"steps": 3, "seed": 7},
-        "checkpoint": str(tiny_checkpoint),
-        "batch_size": 16,
-    })  # fmt: skip
+    return JobConfig.model_validate(
+        {
+            "out": str(tmp_path / "job.zarr"),
+            "volume": {"shape": (12, 96, 96)},
+            "storage": {"block": (4, 32, 32), "chunk": (2, 16, 16), "scratch_dtype": "float32"},
+            "diffusion": {"steps": 3, "seed": 7},
+            "checkpoint": str(tiny_checkpoint),
+            "batch_size": 16,
+        }
+    )

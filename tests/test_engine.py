@@ -69,8 +69,9 @@ def _state_after(job: JobConfig, client, steps_to_run: int) -> np.ndarray:
     engine.conditioning_pass(job, client)
     for step in range(steps_to_run):
         engine.denoise_step(job, checkpoint, step, client)
-    return store.read_box(store.open_array(job.out, engine.STATES[steps_to_run % 2]),
-                          Box((0, 0, 0), job.volume.shape))  # fmt: skip
+    return store.read_box(
+        store.open_array(job.out, engine.STATES[steps_to_run % 2]), Box((0, 0, 0), job.volume.shape)
+    )
 
 
 def test_receptive_field_exceeds_halo(small_job):
@@ -106,12 +107,16 @@ def test_same_output_whatever_blocks_workers_order(small_job, tmp_path, client):
     from tera_pipeline.config import ClusterSpec
 
     def image(job: JobConfig) -> np.ndarray:
-        return store.read_box(store.open_array(job.out, engine.IMAGE), Box((0, 0, 0), job.volume.shape))
+        return store.read_box(
+            store.open_array(job.out, engine.IMAGE), Box((0, 0, 0), job.volume.shape)
+        )
 
     engine.generate(small_job, client)
     first = image(small_job)
 
-    bigger = small_job.with_overrides(out=str(tmp_path / "b.zarr"), **{"storage.block": (6, 48, 48)})
+    bigger = small_job.with_overrides(
+        out=str(tmp_path / "b.zarr"), **{"storage.block": (6, 48, 48)}
+    )
     assert bigger.grid().shape == (2, 2, 2)
     with cluster_client(ClusterSpec(kind="local", workers=1, dashboard_address=":0")) as one:
         engine.generate(bigger, one)
@@ -152,8 +157,13 @@ def test_existing_store_is_refused(small_job, client):
 
 
 def test_checkpoint_for_other_patch_is_refused_before_any_block(small_job, tmp_path):
-    job = small_job.with_overrides(**{"lattice.patch": (4, 48, 48), "lattice.stride": (2, 16, 16),
-                                      "storage.block": (4, 48, 48)})  # fmt: skip
+    job = small_job.with_overrides(
+        **{
+            "lattice.patch": (4, 48, 48),
+            "lattice.stride": (2, 16, 16),
+            "storage.block": (4, 48, 48),
+        }
+    )
     with pytest.raises(engine.GenerationError, match="trained on patches"):
         engine.prepare_store(job)
     assert not job.out.exists()

@@ -1,0 +1,73 @@
+"""The denoiser, its checkpoints (safetensors + config), and training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.checkpoint import DEFAULT_DENOISER, CheckpointError, load_denoiser, read_metadata
+from models.denoiser import ConditionalUNet3D
+from tera_pipeline import engine
+from tera_pipeline.config import JobConfig
+from tera_pipeline.synthetic import GENE_PANEL
+from tera_pipeline.training import train_denoiser
+
+from .conftest import TINY, write_random_checkpoint
+
+
+def test_denoiser_shapes_and_gene_attention():
+    model = ConditionalUNet3D(TINY).eval()
+    x = torch.randn(3, 2, *TINY.patch)
+    cond = torch.rand(3, TINY.genes, *TINY.cond_window) * 10
+    eps = model(x, torch.tensor([0, 500, 999]), cond)
+    assert eps.shape == x.shape
+    attn = model.gene_attention(cond)
+    assert attn.shape == (3, TINY.genes, TINY.genes)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(3, TINY.genes))
+
+
+def test_conditioning_changes_the_prediction():
+    model = ConditionalUNet3D(TINY).eval()
+    x = torch.randn(1, 2, *TINY.patch)
+    t = torch.tensor([300])
+    a = model(x, t, torch.zeros(1, TINY.genes, *TINY.cond_window))
+    b = model(x, t, torch.full((1, TINY.genes, *TINY.cond_window), 20.0))
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "d.safetensors"
+    history = train_denoiser(
+        out, steps=40, batch=8, lr=3e-3, volume=(4, 128, 128), model_config=TINY, log_every=20
+    )
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    model, meta = load_denoiser(out)
+    assert meta["genes"] == list(GENE_PANEL)
+    assert tuple(meta["config"]["patch"]) == TINY.patch
+    assert "val_loss" in history[-1]
+
+
+def test_missing_truncated_and_mismatched_checkpoints(tmp_path, small_job):
+    with pytest.raises(CheckpointError, match="not found"):
+        read_metadata(tmp_path / "nope.safetensors")
+    good = write_random_checkpoint(tmp_path / "good.safetensors")
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="unreadable or truncated|does not match"):
+        load_denoiser(truncated)
+    job = small_job.with_overrides(checkpoint=str(truncated))
+    with pytest.raises(CheckpointError):
+        engine.prepare_store(job)
+    assert not job.out.exists()
+
+
+def test_checkpoint_for_another_gene_panel_is_refused(small_job):
+    with pytest.raises(engine.GenerationError, match="gene panel"):
+        engine.check_checkpoint(small_job, GENE_PANEL[:-1])
+
+
+def test_committed_default_checkpoint_fits_the_default_job():
+    assert DEFAULT_DENOISER.is_file(), "run the training command in README.md"
+    meta = engine.check_checkpoint(JobConfig(), GENE_PANEL)
+    assert meta["command"].startswith("tera train denoiser")
+    load_denoiser(DEFAULT_DENOISER)
