@@ -15,10 +15,13 @@ from torch import nn
 
 @dataclass(frozen=True)
 class DenoiserConfig:
-    """Sizes of the denoiser. ``patch`` is (z, y, x) voxels; ``cond_window`` is (z, y, x) bins."""
+    """Sizes of the denoiser. ``patch`` is (z, y, x) voxels; ``cond_window`` is the (z, y, x) bins
+    of the patch's footprint, seen with ``cond_context`` more bins on each side (Tera-MIND
+    conditions a 2-slice chunk on a 4-slice gene window)."""
 
     patch: tuple[int, int, int] = (4, 32, 32)
     cond_window: tuple[int, int, int] = (4, 2, 2)
+    cond_context: tuple[int, int, int] = (1, 1, 1)
     genes: int = 32
     channels: int = 2
     base_channels: int = 16
@@ -38,6 +41,11 @@ class DenoiserConfig:
             )
         if self.gene_dim % self.gene_heads:
             raise ValueError("gene_dim must be divisible by gene_heads")
+
+    @property
+    def cond_input(self) -> tuple[int, int, int]:
+        """Bins (z, y, x) of the gene window the model takes: footprint plus context."""
+        return tuple(w + 2 * c for w, c in zip(self.cond_window, self.cond_context, strict=True))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,19 +112,21 @@ class GeneAttentionLayer(nn.Module):
 
 class GeneEncoder(nn.Module):
     """Genes as tokens (each token = that gene's bins in the window), gene-gene self-attention,
-    then back to a spatial map of genes that feeds a pyramid of conditioning features."""
+    then back to a spatial map of genes; a convolution over the context margin turns it into
+    conditioning features on the patch's footprint (one vector per bin)."""
 
     def __init__(self, cfg: DenoiserConfig) -> None:
         super().__init__()
-        window = math.prod(cfg.cond_window)
-        self.window = cfg.cond_window
+        window = math.prod(cfg.cond_input)
+        self.window = cfg.cond_input
         self.embed = nn.Linear(window, cfg.gene_dim)
         self.gene_embedding = nn.Parameter(torch.randn(cfg.genes, cfg.gene_dim) * 0.02)
         self.layers = nn.ModuleList(
             GeneAttentionLayer(cfg.gene_dim, cfg.gene_heads) for _ in range(cfg.gene_layers)
         )
         self.unembed = nn.Linear(cfg.gene_dim, window)
-        self.mix = nn.Conv3d(cfg.genes, cfg.cond_channels, 1)
+        kernel = tuple(2 * c + 1 for c in cfg.cond_context)
+        self.mix = nn.Conv3d(2 * cfg.genes, cfg.cond_channels, kernel)  # valid: -> footprint
 
     def forward(
         self, cond: torch.Tensor, return_attention: bool = False
@@ -130,12 +140,14 @@ class GeneEncoder(nn.Module):
             if return_attention:
                 maps.append(attn)
         spatial = self.unembed(tokens).reshape(b, g, *self.window)
-        return F.silu(self.mix(spatial)), maps
+        # the attended genes and the raw log-counts, so density never has to pass attention
+        raw = torch.log1p(cond.clamp_min(0))
+        return F.silu(self.mix(torch.cat([spatial, raw], dim=1))), maps
 
 
 class ConditionalUNet3D(nn.Module):
     """Predicts the noise ``eps`` of ``x`` (B, C, Z, Y, X) at timesteps ``t`` given gene bins
-    ``cond`` (B, G, *cond_window)."""
+    ``cond`` (B, G, *cond_input). Gene features enter at the input and at every decoder level."""
 
     def __init__(self, cfg: DenoiserConfig) -> None:
         super().__init__()
@@ -145,7 +157,7 @@ class ConditionalUNet3D(nn.Module):
             nn.Linear(cfg.time_dim, cfg.time_dim), nn.SiLU(), nn.Linear(cfg.time_dim, cfg.time_dim)
         )
         self.genes = GeneEncoder(cfg)
-        self.conv_in = nn.Conv3d(cfg.channels, chans[0], 3, padding=1)
+        self.conv_in = nn.Conv3d(cfg.channels + cfg.cond_channels, chans[0], 3, padding=1)
         self.down_blocks = nn.ModuleList()
         self.downsamplers = nn.ModuleList()
         cin = chans[0]
@@ -170,7 +182,7 @@ class ConditionalUNet3D(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         temb = self.time(timestep_embedding(t, self.cfg.time_dim))
         gene_map, _ = self.genes(cond)
-        h = self.conv_in(x)
+        h = self.conv_in(torch.cat([x, F.interpolate(gene_map, size=x.shape[2:])], dim=1))
         skips = []
         for i, block in enumerate(self.down_blocks):
             h = block(h, temb)

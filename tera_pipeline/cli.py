@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +12,9 @@ from typing import Annotated
 import typer
 
 from models.checkpoint import DEFAULT_DENOISER
+
+# Prefect's analytics only log a harmless "database is locked" error in ephemeral mode.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 train_app = typer.Typer(no_args_is_help=True, help="Train the project's models.")

@@ -21,6 +21,11 @@ def bin_box(box: Box, bin_shape: Shape) -> Box:
     return Box.from_bounds(begin, end)
 
 
+def patch_bins(patch: Box, bin_shape: Shape, context: Shape) -> Box:
+    """The gene window of a patch: the bins of its footprint grown by ``context`` bins."""
+    return bin_box(patch, bin_shape).grow(context, context)
+
+
 def cell_bins(cells: CellTable, spacing_um: Shape, bin_shape: Shape) -> np.ndarray:
     """Global bin index (z, y, x) of each cell's centroid, shape (N, 3) int64."""
     voxel = np.floor(cells.position_um / np.asarray(spacing_um, dtype=np.float64))

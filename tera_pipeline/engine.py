@@ -25,7 +25,13 @@ import numpy as np
 from models.checkpoint import DEFAULT_DENOISER, file_digest, read_metadata
 from tera_pipeline import store
 from tera_pipeline.blending import Accumulator, patch_window
-from tera_pipeline.conditioning import bin_box, cell_count_raster, open_source, rasterize
+from tera_pipeline.conditioning import (
+    bin_box,
+    cell_count_raster,
+    open_source,
+    patch_bins,
+    rasterize,
+)
 from tera_pipeline.config import JobConfig
 from tera_pipeline.diffusion import DDIMSchedule, position_noise
 from tera_pipeline.geometry import Box
@@ -235,6 +241,7 @@ def denoise_block(
     config: JobConfig, checkpoint: str, step: int, index: tuple[int, ...]
 ) -> BlockStats:
     """One DDIM step of one block: read with halo, denoise patches, blend, update, write core."""
+    predictor = get_predictor(checkpoint, config.batch_size)  # loaded once per worker
     t0 = time.perf_counter()
     stats = BlockStats()
     grid = config.grid()
@@ -253,12 +260,11 @@ def denoise_block(
         x[:, ~mask] = 0.0  # beyond the volume the state reads as the fixed fill, as in scratch
     else:
         x = store.read_box(store.open_array(root, STATES[step % 2]), span).astype(np.float32)
-    b = config.conditioning.bin
-    cond_span = bin_box(span, b)
+    b, context = config.conditioning.bin, predictor.config.cond_context
+    cond_span = patch_bins(span, b, context)
     cond = store.read_box(store.open_array(root, CONDITIONING), cond_span)
     stats.read_s = time.perf_counter() - t0
 
-    predictor = get_predictor(checkpoint, config.batch_size)
     window = patch_window(tuple(config.lattice.patch), config.lattice.window)
     acc = Accumulator(core, channels)
     t = sched.timestep(step)
@@ -266,7 +272,8 @@ def denoise_block(
     for start in range(0, len(patches), batch):
         group = patches[start : start + batch]
         xs = np.stack([x[(slice(None), *p.slices(span))] for p in group])
-        cs = np.stack([cond[(slice(None), *bin_box(p, b).slices(cond_span))] for p in group])
+        windows = [patch_bins(p, b, context).slices(cond_span) for p in group]
+        cs = np.stack([cond[(slice(None), *w)] for w in windows])
         tm = time.perf_counter()
         eps = predictor(xs, t, cs)
         stats.model_s += time.perf_counter() - tm

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from models.checkpoint import load_denoiser
+from tera_pipeline.runtime import keep_freed_memory
 
 
 class PatchPredictor:
@@ -64,6 +65,7 @@ def _padded(a: np.ndarray, size: int) -> np.ndarray:
 @lru_cache(maxsize=4)
 def get_predictor(checkpoint: str, batch_size: int) -> PatchPredictor:
     """The worker's cached predictor for a checkpoint."""
+    keep_freed_memory()
     threads = int(os.environ.get("TERA_TORCH_THREADS", "0"))
     if threads > 0:
         torch.set_num_threads(threads)

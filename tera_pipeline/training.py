@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 from models.checkpoint import save_checkpoint
 from models.denoiser import ConditionalUNet3D, DenoiserConfig
-from tera_pipeline.conditioning import bin_box, rasterize
+from tera_pipeline.conditioning import bin_box, patch_bins, rasterize
 from tera_pipeline.diffusion import DDIMSchedule
 from tera_pipeline.geometry import Box, Shape
+from tera_pipeline.runtime import keep_freed_memory
 from tera_pipeline.synthetic import SyntheticBrain
 
 log = logging.getLogger("tera_pipeline.training")
@@ -48,17 +49,20 @@ def synthetic_training_data(
 
 
 def sample_batch(
-    data: TrainingData, patch: Shape, batch: int, rng: np.random.Generator
+    data: TrainingData, patch: Shape, context: Shape, batch: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Random bin-aligned patches with their gene windows, flipped and rotated in-plane."""
+    """Random bin-aligned patches with their gene windows (footprint + ``context`` bins, zero
+    beyond the data, as the engine reads beyond the volume), flipped and rotated in-plane."""
     b = data.bin
     limits = [(s - p) // n for s, p, n in zip(data.image.shape[1:], patch, b, strict=True)]
+    padded = np.pad(data.cond, [(0, 0)] + [(c, c) for c in context])
+    frame = Box(tuple(-c for c in context), padded.shape[1:])
     xs, cs = [], []
     for _ in range(batch):
         origin = tuple(int(rng.integers(0, lim + 1)) * n for lim, n in zip(limits, b, strict=True))
         box = Box(origin, patch)
         x = data.image[(slice(None), *box.slices())]
-        c = data.cond[(slice(None), *bin_box(box, b).slices())]
+        c = padded[(slice(None), *patch_bins(box, b, context).slices(frame))]
         k = int(rng.integers(4))
         x, c = np.rot90(x, k, axes=(2, 3)), np.rot90(c, k, axes=(2, 3))
         if rng.random() < 0.5:
@@ -104,6 +108,7 @@ def train_denoiser(
         raise ValueError(
             f"model cond_window {cfg.cond_window} != patch {cfg.patch} / bin {bin_shape}"
         )
+    keep_freed_memory()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -124,7 +129,7 @@ def train_denoiser(
     t0 = time.perf_counter()
     running = 0.0
     for i in range(steps):
-        x, c = sample_batch(train, cfg.patch, batch, rng)
+        x, c = sample_batch(train, cfg.patch, cfg.cond_context, batch, rng)
         loss = diffusion_loss(model, torch.from_numpy(x), torch.from_numpy(c), sched, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -168,7 +173,7 @@ def _validate(model, data: TrainingData, cfg: DenoiserConfig, sched: DDIMSchedul
     model.eval()
     rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)
-    x, c = sample_batch(data, cfg.patch, 32, rng)
+    x, c = sample_batch(data, cfg.patch, cfg.cond_context, 32, rng)
     loss = diffusion_loss(model, torch.from_numpy(x), torch.from_numpy(c), sched, gen).item()
     model.train()
     return loss

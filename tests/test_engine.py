@@ -9,7 +9,7 @@ import torch
 from models.checkpoint import load_denoiser
 from tera_pipeline import engine, store
 from tera_pipeline.blending import patch_window
-from tera_pipeline.conditioning import bin_box, open_source, rasterize
+from tera_pipeline.conditioning import open_source, patch_bins, rasterize
 from tera_pipeline.config import JobConfig
 from tera_pipeline.diffusion import position_noise
 from tera_pipeline.geometry import Box
@@ -28,9 +28,10 @@ def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
     patches = lattice.all_patches(vol)
     span = Box.from_bounds((0, 0, 0), [max(p.end[a] for p in patches) for a in range(3)])
     vbox = Box((0, 0, 0), vol)
-    b = job.conditioning.bin
+    b, context = job.conditioning.bin, model.cfg.cond_context
     source = open_source(job)
-    cond = rasterize(source.cells(vbox), bin_box(span, b), job.volume.spacing_um, b)
+    cond_box = patch_bins(span, b, context)  # every bin any patch's gene window reads
+    cond = rasterize(source.cells(vbox), cond_box, job.volume.spacing_um, b)
     sched = engine.schedule_of(job)
     window = patch_window(job.lattice.patch, job.lattice.window)
     state = position_noise(job.diffusion.seed, 0, vbox, 2)
@@ -44,10 +45,11 @@ def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
         for start in range(0, len(patches), n):
             group = patches[start : start + n]
             x = torch.zeros(n, 2, *job.lattice.patch)
-            c = torch.zeros(n, cond.shape[0], *bin_box(group[0], b).shape)
+            c = torch.zeros(n, cond.shape[0], *model.cfg.cond_input)
             for i, p in enumerate(group):
                 x[i] = torch.from_numpy(padded[(slice(None), *p.slices())])
-                c[i] = torch.from_numpy(cond[(slice(None), *bin_box(p, b).slices())])
+                bins = patch_bins(p, b, context).slices(cond_box)
+                c[i] = torch.from_numpy(cond[(slice(None), *bins)])
             with torch.inference_mode():
                 eps_batch = model(x, t, c).numpy()
             for p, eps in zip(group, eps_batch):
@@ -79,7 +81,7 @@ def test_receptive_field_exceeds_halo(small_job):
     model, _ = load_denoiser(small_job.checkpoint)
     lattice = small_job.lattice_obj()
     x = torch.randn(1, 2, *lattice.patch)
-    cond = torch.rand(1, 32, *(p // b for p, b in zip(lattice.patch, small_job.conditioning.bin)))
+    cond = torch.rand(1, 32, *model.cfg.cond_input)
     t = torch.tensor([500])
     far = x.clone()
     far[0, :, -1, -1, -1] += 5.0  # one corner voxel

@@ -18,7 +18,7 @@ from .conftest import TINY, write_random_checkpoint
 def test_denoiser_shapes_and_gene_attention():
     model = ConditionalUNet3D(TINY).eval()
     x = torch.randn(3, 2, *TINY.patch)
-    cond = torch.rand(3, TINY.genes, *TINY.cond_window) * 10
+    cond = torch.rand(3, TINY.genes, *TINY.cond_input) * 10
     eps = model(x, torch.tensor([0, 500, 999]), cond)
     assert eps.shape == x.shape
     attn = model.gene_attention(cond)
@@ -30,8 +30,8 @@ def test_conditioning_changes_the_prediction():
     model = ConditionalUNet3D(TINY).eval()
     x = torch.randn(1, 2, *TINY.patch)
     t = torch.tensor([300])
-    a = model(x, t, torch.zeros(1, TINY.genes, *TINY.cond_window))
-    b = model(x, t, torch.full((1, TINY.genes, *TINY.cond_window), 20.0))
+    a = model(x, t, torch.zeros(1, TINY.genes, *TINY.cond_input))
+    b = model(x, t, torch.full((1, TINY.genes, *TINY.cond_input), 20.0))
     assert (a - b).abs().max() > 1e-4
 
 
