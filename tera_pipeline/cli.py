@@ -34,7 +34,7 @@ def _triple(text: str | None, what: str) -> tuple[int, int, int] | None:
 
 
 def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {' '.join(str(message).splitlines())}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 
@@ -58,6 +58,13 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Noise seed.")] = None,
     steps: Annotated[int | None, typer.Option(help="DDIM steps.")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Denoiser checkpoint.")] = None,
+    cells: Annotated[
+        Path | None, typer.Option(help="Cells or transcripts: .h5ad, .parquet, .csv.")
+    ] = None,
+    gene_panel: Annotated[Path | None, typer.Option(help="Gene panel file.")] = None,
+    drop_outside: Annotated[
+        bool | None, typer.Option("--drop-outside", help="Drop cells outside the volume.")
+    ] = None,
     address: Annotated[str | None, typer.Option(help="Existing Dask scheduler address.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output store.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -76,6 +83,9 @@ def generate(
         "diffusion.seed": seed,
         "diffusion.steps": steps,
         "checkpoint": str(checkpoint) if checkpoint else None,
+        "conditioning.source": str(cells) if cells else None,
+        "conditioning.gene_panel": str(gene_panel) if gene_panel else None,
+        "conditioning.drop_outside": drop_outside,
         "cluster.address": address,
         "cluster.kind": "address" if address else None,
     }
@@ -103,12 +113,14 @@ def _one_line(err: Exception) -> str:
 def _run(job, overwrite: bool) -> None:
     from flows.generate import generate_flow
     from models.checkpoint import CheckpointError
-    from tera_pipeline.engine import GenerationError
+    from tera_pipeline.engine import GenerationError, preflight
+    from tera_pipeline.inputs import InputError
     from tera_pipeline.store import StoreError
 
     try:
+        preflight(job, overwrite)  # fail fast, in one line, before Prefect starts
         generate_flow(job.model_dump(mode="json"), overwrite=overwrite)
-    except (GenerationError, StoreError, CheckpointError) as err:
+    except (GenerationError, StoreError, CheckpointError, InputError) as err:
         _fail(str(err))
     typer.echo(f"wrote {job.out}")
 
@@ -154,6 +166,7 @@ def train_denoiser_cmd(
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic training brain.")] = 1,
     base_channels: Annotated[int, typer.Option(help="UNet base channels.")] = 16,
+    prediction: Annotated[str, typer.Option(help="Model output: 'v' or 'epsilon'.")] = "v",
     threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
 ) -> None:
     """Train the denoiser on synthetic-brain patches; writes a safetensors checkpoint."""
@@ -169,7 +182,16 @@ def train_denoiser_cmd(
         typer.echo(json.dumps(entry))
         sys.stdout.flush()
 
-    train_denoiser(out, steps=steps, batch=batch, lr=lr, seed=seed, model_config=cfg, on_log=show)
+    train_denoiser(
+        out,
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        seed=seed,
+        model_config=cfg,
+        prediction=prediction,
+        on_log=show,
+    )
     typer.echo(f"wrote {out}")
 
 

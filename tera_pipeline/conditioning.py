@@ -7,6 +7,8 @@ grid is global (bin index = voxel // bin), so the raster of any box is a functio
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from tera_pipeline.config import JobConfig
@@ -55,8 +57,45 @@ def cell_count_raster(
     return rasterize(ones, bins, spacing_um, bin_shape)[0]
 
 
-def open_source(config: JobConfig) -> SyntheticBrain:
-    """The cell source a job is conditioned on (anything with ``genes`` and ``cells(box)``)."""
-    if config.conditioning.source == "synthetic":
+class TableSource:
+    """Cells read from a user's file (see ``tera_pipeline.inputs``), served per box."""
+
+    def __init__(self, table: CellTable, spacing_um: Shape) -> None:
+        self.table = table
+        self.genes = table.genes
+        self._voxel = np.floor(table.position_um / np.asarray(spacing_um)).astype(np.int64)
+
+    def cells(self, box: Box) -> CellTable:
+        """Cells whose centroid voxel lies in ``box``."""
+        inside = np.all(
+            (self._voxel >= np.asarray(box.begin)) & (self._voxel < np.asarray(box.end)), axis=1
+        )
+        return self.table.select(inside)
+
+
+def open_source(config: JobConfig, genes: tuple[str, ...] | None = None):
+    """The cell source a job is conditioned on (anything with ``genes`` and ``cells(box)``).
+
+    For a file, ``genes`` (the checkpoint's panel) are selected by name; a panel file given in
+    the config must equal them. Files are read once per process.
+    """
+    spec = config.conditioning
+    if spec.source == "synthetic":
         return SyntheticBrain(config.synthetic_seed, config.volume.spacing_um)
-    raise ValueError(f"unknown conditioning source {config.conditioning.source!r}")
+    return _table_source(config.volume, spec, genes)
+
+
+@lru_cache(maxsize=2)
+def _table_source(volume, spec, genes: tuple[str, ...] | None) -> TableSource:
+    from tera_pipeline.inputs import check_panel, load_cells, read_gene_panel
+
+    if spec.gene_panel is not None:
+        panel = read_gene_panel(spec.gene_panel)
+        if genes is not None:
+            check_panel(panel, genes)
+        genes = panel
+    table = load_cells(
+        spec.source, genes, volume.origin_um, spec.affine, volume=volume,
+        drop_outside=spec.drop_outside,
+    )  # fmt: skip
+    return TableSource(table, volume.spacing_um)

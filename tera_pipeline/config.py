@@ -62,9 +62,16 @@ class StorageSpec(_Section):
 
 
 class ConditioningSpec(_Section):
-    source: Literal["synthetic"] = "synthetic"
+    source: str = "synthetic"
+    """'synthetic' (the embedded brain) or a path: .h5ad, transcript .parquet/.csv, cell .csv."""
     bin: Triple = (1, 16, 16)
     """Voxels per gene bin (z, y, x); Tera-MIND sums transcripts per 16 x 16 px per slice."""
+    gene_panel: Path | None = None
+    """Optional panel file (one gene per line); must equal the checkpoint's panel."""
+    affine: tuple[tuple[float, ...], ...] | None = None
+    """Optional 4 x 4 affine on (z, y, x, 1) µm, applied before subtracting volume.origin_um."""
+    drop_outside: bool = False
+    """Drop cells outside the volume instead of refusing the input."""
 
 
 class DiffusionSpec(_Section):

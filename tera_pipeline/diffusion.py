@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Literal
 
 import numpy as np
 
@@ -17,21 +18,32 @@ NOISE_TILE: Shape = (8, 64, 64)
 """Fixed tile of the counter-based noise field; independent of block and patch sizes."""
 
 
+Prediction = Literal["epsilon", "v"]
+
+
 @dataclass(frozen=True)
 class DDIMSchedule:
-    """Linear beta schedule (T steps) sampled by DDIM with ``steps`` steps and ``eta``."""
+    """Linear beta schedule (T steps) sampled by DDIM with ``steps`` steps and ``eta``.
+
+    ``prediction`` is what the model outputs: the noise ε (Tera-MIND) or the velocity
+    v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x0. Both are affine in the model output per voxel, so blending
+    outputs of overlapping patches and then converting is the same as converting then blending.
+    """
 
     train_steps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
     steps: int = 15
     eta: float = 0.0
+    prediction: Prediction = "epsilon"
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= self.train_steps:
             raise ValueError(f"DDIM steps must be in [1, {self.train_steps}], got {self.steps}")
         if self.eta < 0:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if self.prediction not in ("epsilon", "v"):
+            raise ValueError(f"prediction must be 'epsilon' or 'v', got {self.prediction!r}")
 
     @cached_property
     def alphas_cumprod(self) -> np.ndarray:
@@ -60,12 +72,18 @@ class DDIMSchedule:
         return int(self.timesteps[step + 1]) if step + 1 < self.steps else -1
 
     def ddim_update(
-        self, x: np.ndarray, eps: np.ndarray, step: int, noise: np.ndarray | None = None
+        self, x: np.ndarray, output: np.ndarray, step: int, noise: np.ndarray | None = None
     ) -> np.ndarray:
-        """One DDIM update of ``x`` given the predicted noise ``eps`` (voxel-wise, float32)."""
+        """One DDIM update of ``x`` given the model's ``output`` (ε or v; voxel-wise, float32)."""
         t, t_prev = self.timestep(step), self.previous_timestep(step)
         a, a_prev = self.alpha(t), self.alpha(t_prev)
-        x0 = np.clip((x - np.sqrt(1 - a) * eps) / np.sqrt(a), -1.0, 1.0)
+        if self.prediction == "v":
+            x0 = np.sqrt(a) * x - np.sqrt(1 - a) * output
+            eps = np.sqrt(a) * output + np.sqrt(1 - a) * x
+        else:
+            x0 = (x - np.sqrt(1 - a) * output) / np.sqrt(a)
+            eps = output
+        x0 = np.clip(x0, -1.0, 1.0)
         sigma = self.sigma(step)
         direction = np.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
         out = np.sqrt(a_prev) * x0 + direction

@@ -18,6 +18,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +75,11 @@ class StepReport:
             setattr(self.stats, name, getattr(self.stats, name) + getattr(s, name))
 
 
-def schedule_of(config: JobConfig) -> DDIMSchedule:
-    return DDIMSchedule(steps=config.diffusion.steps, eta=config.diffusion.eta)
+def schedule_of(config: JobConfig, prediction: str = "epsilon") -> DDIMSchedule:
+    """The job's DDIM schedule for a model that outputs ``prediction`` (from its checkpoint)."""
+    return DDIMSchedule(
+        steps=config.diffusion.steps, eta=config.diffusion.eta, prediction=prediction
+    )
 
 
 def resolve_checkpoint(config: JobConfig) -> Path:
@@ -182,16 +186,25 @@ def coordinates(config: JobConfig, genes: Sequence[str]) -> dict:
     return coords
 
 
-def prepare_store(config: JobConfig, overwrite: bool = False) -> Path:
-    """Check the checkpoint, then create the job's store; returns the checkpoint path."""
-    source = open_source(config)
+def preflight(config: JobConfig, overwrite: bool = False):
+    """Every check that can fail before anything is written: the checkpoint, the conditioning
+    input against its panel, the output store. Returns (cell source, checkpoint metadata)."""
+    panel = tuple(read_metadata(resolve_checkpoint(config)).get("genes", ())) or None
+    source = open_source(config, panel)
     meta = check_checkpoint(config, source.genes)
     root = Path(config.out)
-    if root.exists() and any(root.iterdir()):
-        if not overwrite:
-            raise store.StoreError(
-                f"{root} already exists; choose another --out or pass --overwrite to replace it"
-            )
+    if root.exists() and any(root.iterdir()) and not overwrite:
+        raise store.StoreError(
+            f"{root} already exists; choose another --out or pass --overwrite to replace it"
+        )
+    return source, meta
+
+
+def prepare_store(config: JobConfig, overwrite: bool = False) -> Path:
+    """Run the preflight checks, then create the job's store; returns the checkpoint path."""
+    source, meta = preflight(config, overwrite)
+    root = Path(config.out)
+    if root.exists():
         store.remove(root.parent, root.name)
     checkpoint = resolve_checkpoint(config)
     attrs = {
@@ -204,6 +217,7 @@ def prepare_store(config: JobConfig, overwrite: bool = False) -> Path:
                 "sha256": file_digest(checkpoint),
                 "trained_with": meta.get("command"),
             },
+            "genes": list(source.genes),
             "version": _version(),
             "status": "running",
         }
@@ -212,6 +226,11 @@ def prepare_store(config: JobConfig, overwrite: bool = False) -> Path:
     for spec in array_specs(config, source.genes):
         store.create_array(root, spec)
     return checkpoint
+
+
+@lru_cache(maxsize=8)
+def _job_genes(root: Path) -> tuple[str, ...]:
+    return tuple(store.group_attrs(root)["tera_pipeline"]["genes"])
 
 
 def _version() -> str:
@@ -229,9 +248,8 @@ def rasterize_block(config: JobConfig, index: tuple[int, ...]) -> BlockStats:
     t0 = time.perf_counter()
     core = config.grid().block(index).core
     b, sp = config.conditioning.bin, config.volume.spacing_um
-    cells = open_source(config).cells(core)
+    cells = open_source(config, _job_genes(root := Path(config.out))).cells(core)
     bins = bin_box(core, b)
-    root = Path(config.out)
     store.write_box(store.open_array(root, CONDITIONING), bins, rasterize(cells, bins, sp, b))
     store.write_box(store.open_array(root, CELL_COUNT), bins, cell_count_raster(cells, bins, sp, b))
     return BlockStats(total_s=time.perf_counter() - t0)
@@ -251,7 +269,8 @@ def denoise_block(
         [min(p.begin[a] for p in patches) for a in range(3)],
         [max(p.end[a] for p in patches) for a in range(3)],
     )
-    root, sched, channels = Path(config.out), schedule_of(config), len(config.volume.stains)
+    sched = schedule_of(config, predictor.meta.get("prediction", "epsilon"))
+    root, channels = Path(config.out), len(config.volume.stains)
     if step == 0:
         x = position_noise(config.diffusion.seed, 0, span, channels)
         outside = span.intersect(grid.volume_box)

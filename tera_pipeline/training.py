@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from models.checkpoint import save_checkpoint
 from models.denoiser import ConditionalUNet3D, DenoiserConfig
 from tera_pipeline.conditioning import bin_box, patch_bins, rasterize
-from tera_pipeline.diffusion import DDIMSchedule
+from tera_pipeline.diffusion import DDIMSchedule, Prediction
 from tera_pipeline.geometry import Box, Shape
 from tera_pipeline.runtime import keep_freed_memory
 from tera_pipeline.synthetic import SyntheticBrain
@@ -81,12 +81,13 @@ def diffusion_loss(
     sched: DDIMSchedule,
     gen: torch.Generator,
 ) -> torch.Tensor:
-    """ε-prediction MSE at uniformly drawn timesteps."""
+    """MSE of the model's output against its target (ε or v) at uniformly drawn timesteps."""
     t = torch.randint(0, sched.train_steps, (len(x0),), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
     a = torch.from_numpy(sched.alphas_cumprod[t.numpy()]).float().view(-1, 1, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    return F.mse_loss(model(xt, t, cond), noise)
+    target = noise if sched.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    return F.mse_loss(model(xt, t, cond), target)
 
 
 def train_denoiser(
@@ -99,6 +100,7 @@ def train_denoiser(
     spacing_um: tuple[float, float, float] = (4.0, 1.0, 1.0),
     bin_shape: Shape = (1, 16, 16),
     model_config: DenoiserConfig | None = None,
+    prediction: Prediction = "v",
     log_every: int = 50,
     on_log: Callable[[dict], None] | None = None,
 ) -> list[dict]:
@@ -124,7 +126,7 @@ def train_denoiser(
         return 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup)))
 
     sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    sched = DDIMSchedule()
+    sched = DDIMSchedule(prediction=prediction)
     history: list[dict] = []
     t0 = time.perf_counter()
     running = 0.0
@@ -151,6 +153,7 @@ def train_denoiser(
             (on_log or (lambda e: log.info("%s", e)))(entry)
     meta = {
         "config": cfg.to_dict(),
+        "prediction": prediction,
         "genes": list(train.genes),
         "bin": list(bin_shape),
         "spacing_um": list(spacing_um),

@@ -38,6 +38,7 @@ def write_random_checkpoint(path: Path, cfg: DenoiserConfig = TINY, seed: int = 
     model = ConditionalUNet3D(cfg)
     meta = {
         "config": cfg.to_dict(),
+        "prediction": "v",
         "genes": list(GENE_PANEL),
         "bin": [1, 16, 16],
         "command": "tests/conftest.py write_random_checkpoint",

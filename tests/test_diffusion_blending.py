@@ -31,17 +31,19 @@ def test_schedule_matches_tera_mind():
         DDIMSchedule(steps=0)
 
 
-def test_ddim_with_true_noise_recovers_x0():
-    s = DDIMSchedule(steps=10)
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_ddim_with_an_oracle_recovers_x0(prediction):
+    s = DDIMSchedule(steps=10, prediction=prediction)
     rng = np.random.default_rng(0)
     x0 = rng.uniform(-1, 1, (2, 4, 8, 8)).astype(np.float32)
     eps = rng.standard_normal(x0.shape).astype(np.float32)
     t = s.timestep(0)
     x = s.add_noise(x0[None], eps[None], np.array([t]))[0]
-    for step in range(s.steps):  # an oracle denoiser: eps consistent with x0 at every step
+    for step in range(s.steps):  # an oracle denoiser: output consistent with x0 at every step
         a = s.alpha(s.timestep(step))
         eps_hat = (x - np.sqrt(a) * x0) / np.sqrt(1 - a)
-        x = s.ddim_update(x, eps_hat, step)
+        v_hat = np.sqrt(a) * eps_hat - np.sqrt(1 - a) * x0
+        x = s.ddim_update(x, eps_hat if prediction == "epsilon" else v_hat, step)
     np.testing.assert_allclose(x, x0, atol=1e-4)
 
 

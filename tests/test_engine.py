@@ -23,7 +23,7 @@ def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
     The model runs on fixed-size batches of ``job.batch_size`` patches, as the engine does.
     Returns the float32 state after ``steps_to_run`` steps.
     """
-    model, _ = load_denoiser(job.checkpoint)
+    model, meta = load_denoiser(job.checkpoint)
     lattice, vol = job.lattice_obj(), job.volume.shape
     patches = lattice.all_patches(vol)
     span = Box.from_bounds((0, 0, 0), [max(p.end[a] for p in patches) for a in range(3)])
@@ -32,7 +32,7 @@ def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
     source = open_source(job)
     cond_box = patch_bins(span, b, context)  # every bin any patch's gene window reads
     cond = rasterize(source.cells(vbox), cond_box, job.volume.spacing_um, b)
-    sched = engine.schedule_of(job)
+    sched = engine.schedule_of(job, meta["prediction"])
     window = patch_window(job.lattice.patch, job.lattice.window)
     state = position_noise(job.diffusion.seed, 0, vbox, 2)
     for step in range(steps_to_run):
