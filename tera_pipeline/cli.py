@@ -19,6 +19,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 train_app = typer.Typer(no_args_is_help=True, help="Train the project's models.")
 app.add_typer(train_app, name="train")
+analyze_app = typer.Typer(no_args_is_help=True, help="Downstream analyses of a generated store.")
+app.add_typer(analyze_app, name="analyze")
 
 
 def _triple(text: str | None, what: str) -> tuple[int, int, int] | None:
@@ -156,6 +158,68 @@ def demo(
     typer.echo(
         f"conditioning fidelity (per-bin DAPI vs cell count): r = {fidelity['pearson_r']:.3f}"
     )
+
+
+@app.command()
+def evaluate(
+    store_path: Annotated[Path, typer.Argument(metavar="STORE", help="A generated store.")],
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: beside STORE).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Dask workers for the naive run.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Fidelity, seam score (engine vs naive tiling), SSIM/PSNR, nuclei: JSON and PNG."""
+    from tera_pipeline.cluster import cluster_client
+    from tera_pipeline.report import evaluate as run_evaluation
+    from tera_pipeline.report import job_of
+    from tera_pipeline.store import StoreError
+
+    _setup_logging(verbose)
+    try:
+        job = job_of(store_path)
+    except (StoreError, OSError) as err:
+        _fail(f"cannot evaluate {store_path}: {err}")
+    spec = job.cluster.model_copy(update={"workers": workers or job.cluster.workers})
+    with cluster_client(spec) as client:
+        report = run_evaluation(store_path, client, out)
+    seams = report["seams"]
+    typer.echo(f"fidelity r = {report['fidelity']['pearson_r']:.3f}")
+    typer.echo(
+        f"seam score: engine {seams['engine']['seam_score']:.3f}, "
+        f"naive tiling {seams['naive_tiling']['seam_score']:.3f}"
+    )
+    if "truth" in report:
+        typer.echo(f"SSIM (DAPI, PolyT) vs ground truth: {report['truth']['ssim_mean']}")
+    n = report["nuclei"]
+    typer.echo(
+        f"nuclei: generated {n['generated']['count']}, "
+        f"ground truth {n.get('ground_truth', {}).get('count', '-')}, "
+        f"cells {n['cells_in_conditioning']}"
+    )
+    typer.echo(f"report: {(out or store_path.parent) / 'evaluation.json'} and evaluation.png")
+
+
+@analyze_app.command("attention")
+def analyze_attention(
+    store_path: Annotated[Path, typer.Argument(metavar="STORE", help="A generated store.")],
+    pairs: Annotated[
+        str | None, typer.Option(help="Gene pairs A/B,C/D (default: Tera-MIND's pathways).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Dask workers.")] = None,
+) -> None:
+    """Gene-gene self-attention maps over the chunk grid, written into the store, plus a PNG."""
+    from flows.analyze import attention_flow
+    from tera_pipeline.analysis.attention import AnalysisError, parse_pairs
+    from tera_pipeline.store import StoreError, group_attrs
+
+    try:
+        genes = group_attrs(store_path).get("tera_pipeline", {}).get("genes")
+        if not genes:
+            raise StoreError(f"{store_path} is not a tera-pipeline store")
+        parse_pairs(pairs, genes)
+    except (AnalysisError, StoreError, OSError) as err:
+        _fail(str(err))
+    png = attention_flow(str(store_path), pairs, workers)
+    typer.echo(f"attention arrays written to {store_path}; heat map: {png}")
 
 
 @train_app.command("denoiser")

@@ -1,0 +1,24 @@
+"""Prefect flows for the downstream analyses; thin: they call tera_pipeline.analysis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from tera_pipeline.analysis import attention
+from tera_pipeline.cluster import cluster_client
+from tera_pipeline.report import job_of
+
+
+@flow(name="attention")
+def attention_flow(store: str, pairs: str | None = None, workers: int | None = None) -> str:
+    """Gene-gene attention over the store's chunk grid; writes arrays and a heat-map PNG."""
+    root = Path(store)
+    job = job_of(root)
+    spec = job.cluster.model_copy(update={"workers": workers or job.cluster.workers})
+    with cluster_client(spec) as client:
+        get_run_logger().info("Dask dashboard: %s", client.dashboard_link)
+        result = attention.run(root, client, pairs)
+    png = attention.heatmap_png(result, root, root.parent / f"{root.stem}.attention.png")
+    return str(png)

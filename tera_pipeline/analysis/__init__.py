@@ -1,0 +1,1 @@
+"""Downstream analyses that run as block tasks over a generated store's chunk grid."""

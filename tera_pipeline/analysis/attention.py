@@ -1,0 +1,203 @@
+"""Tera-MIND's gene-gene attention analysis over the chunk grid.
+
+For every lattice patch origin (one per stride tile), the denoiser's gene encoder reads the
+patch's gene window from the store's conditioning and yields its gene x gene self-attention
+softmax(QK^T) (last layer, mean over heads). Block tasks write, on the grid:
+
+- ``attention_pairs`` (pair, zpatch, ypatch, xpatch): the attention level of named gene pairs,
+  (A[a, b] + A[b, a]) / 2, one value per patch origin;
+- ``attention_matrix`` (zblock, yblock, xblock, gene, gene_to): the mean matrix of each block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tera_pipeline import engine, store
+from tera_pipeline.conditioning import patch_bins
+from tera_pipeline.config import JobConfig
+from tera_pipeline.geometry import Box
+from tera_pipeline.inference import get_predictor
+
+PAIRS_ARRAY = "attention_pairs"
+MATRIX_ARRAY = "attention_matrix"
+DEFAULT_PAIRS = (("Slc17a6", "Slc17a7"), ("Nr4a2", "Th"), ("Cldn5", "Aqp4"))
+
+
+class AnalysisError(ValueError):
+    """An analysis that cannot run on this store (missing arrays, unknown genes, ...)."""
+
+
+def parse_pairs(text: str | None, genes: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """'A/B,C/D' -> (("A", "B"), ("C", "D")), every gene checked against the panel."""
+    pairs = (
+        DEFAULT_PAIRS
+        if not text
+        else tuple(tuple(p.strip().split("/")) for p in text.split(",") if p.strip())
+    )
+    for pair in pairs:
+        if len(pair) != 2:
+            raise AnalysisError(f"gene pairs are written A/B, got {'/'.join(pair)!r}")
+        unknown = [g for g in pair if g not in genes]
+        if unknown:
+            raise AnalysisError(f"genes {unknown} of pair {'/'.join(pair)} are not in the panel")
+    return pairs  # type: ignore[return-value]
+
+
+def prepare(root: Path, pairs: Sequence[tuple[str, str]]) -> tuple[JobConfig, str]:
+    """Create the analysis arrays in the store; returns the job and its checkpoint path."""
+    from tera_pipeline.report import job_of
+
+    job = job_of(root)
+    if not (Path(root) / engine.CONDITIONING / "zarr.json").is_file():
+        raise AnalysisError(f"{root} has no conditioning array to analyse")
+    attrs = store.group_attrs(root)["tera_pipeline"]
+    checkpoint = attrs["checkpoint"]["path"]
+    genes = attrs["genes"]
+    grid, lattice = job.grid(), job.lattice_obj()
+    tiles = tuple(-(-v // s) for v, s in zip(job.volume.shape, lattice.stride))
+    per_block = tuple(b // s for b, s in zip(job.storage.block, lattice.stride))
+    sp, org = job.volume.spacing_um, job.volume.origin_um
+    um = {"units": "micrometer"}
+    coords = {
+        "pair": (np.asarray(["/".join(p) for p in pairs], dtype=object), {}),
+        "gene_to": (np.asarray(genes, dtype=object), {}),
+    }
+    for axis, name in enumerate("zyx"):
+        s, p, b = lattice.stride[axis], lattice.patch[axis], job.storage.block[axis]
+        coords[f"{name}patch"] = (org[axis] + (np.arange(tiles[axis]) * s + p / 2) * sp[axis], um)
+        nb = grid.shape[axis]
+        coords[f"{name}block"] = (org[axis] + (np.arange(nb) * b + b / 2) * sp[axis], um)
+    for name in coords:
+        store.remove(root, name)
+    _add_coords(root, coords)
+    store.create_array(
+        root,
+        store.ArraySpec(
+            PAIRS_ARRAY,
+            (len(pairs), *tiles),
+            "float32",
+            ("pair", "zpatch", "ypatch", "xpatch"),
+            (len(pairs), *per_block),
+            (len(pairs), *per_block),
+            attributes={
+                "long_name": "gene-gene attention level",
+                "pairs": ["/".join(p) for p in pairs],
+            },
+        ),
+    )
+    g = len(genes)
+    store.create_array(
+        root,
+        store.ArraySpec(
+            MATRIX_ARRAY,
+            (*grid.shape, g, g),
+            "float32",
+            ("zblock", "yblock", "xblock", "gene", "gene_to"),
+            (1, 1, 1, g, g),
+            (1, 1, 1, g, g),
+            attributes={"long_name": "mean gene-gene self-attention per block"},
+        ),
+    )
+    return job, checkpoint
+
+
+def _add_coords(root: Path, coords: dict) -> None:
+    import xarray as xr
+
+    attrs = store.group_attrs(root)  # xarray's append rewrites the group's attributes
+    variables = {n: xr.Variable((n,), v, attrs=a) for n, (v, a) in coords.items()}
+    xr.Dataset(coords=variables, attrs=attrs).to_zarr(
+        root, zarr_format=3, mode="a", consolidated=False
+    )
+
+
+def attention_block(
+    job: JobConfig, checkpoint: str, pairs: tuple, index: tuple[int, ...]
+) -> engine.BlockStats:
+    """Attention of every patch origin in one block's core; writes pair maps and the mean."""
+    predictor = get_predictor(checkpoint, job.batch_size)
+    root, lattice = Path(job.out), job.lattice_obj()
+    core = job.grid().block(index).core
+    genes = list(store.group_attrs(root)["tera_pipeline"]["genes"])
+    gi = [(genes.index(a), genes.index(b)) for a, b in pairs]
+    tiles = Box(
+        [c // s for c, s in zip(core.begin, lattice.stride)],
+        [-(-n // s) for n, s in zip(core.shape, lattice.stride)],
+    )
+    origins = [tuple(t * s for t, s in zip(i, lattice.stride)) for i in np.ndindex(*tiles.shape)]
+    origins = [
+        tuple(o + b * s for o, b, s in zip(org, tiles.begin, lattice.stride)) for org in origins
+    ]
+    b, context = job.conditioning.bin, predictor.config.cond_context
+    span = Box.from_bounds(core.begin, [e + o for e, o in zip(core.end, lattice.overlap)])
+    cond_span = patch_bins(span, b, context)
+    cond = store.read_box(store.open_array(root, engine.CONDITIONING), cond_span)
+    windows = [patch_bins(Box(o, lattice.patch), b, context).slices(cond_span) for o in origins]
+    stack = np.stack([cond[(slice(None), *w)] for w in windows]).astype(np.float32)
+    with torch.inference_mode():
+        model = predictor.model
+        attn = model.gene_attention(torch.from_numpy(stack).to(predictor.device)).float().cpu()
+    attn = attn.numpy().reshape(*tiles.shape, len(genes), len(genes))
+    levels = np.stack([(attn[..., i, j] + attn[..., j, i]) / 2 for i, j in gi])
+    store.write_box(store.open_array(root, PAIRS_ARRAY), tiles, levels)
+    matrix = attn.reshape(-1, len(genes), len(genes)).mean(axis=0)
+    arr = store.open_array(root, MATRIX_ARRAY)
+    arr[index[0], index[1], index[2]].write(matrix).result()
+    return engine.BlockStats(patches=len(origins))
+
+
+def run(root: Path, client, pairs_text: str | None = None, progress=None) -> dict:
+    """Run the analysis over every block; returns the volume's mean matrix and the pairs."""
+    root = Path(root)
+    genes = store.group_attrs(root).get("tera_pipeline", {}).get("genes", [])
+    pairs = parse_pairs(pairs_text, genes)
+    job, checkpoint = prepare(root, pairs)
+    engine.run_blocks(
+        client,
+        attention_block,
+        (job, checkpoint, pairs),
+        np.ndindex(*job.grid().shape),
+        job.grid().num_blocks,
+        "attention",
+        4 * max(1, len(client.scheduler_info(n_workers=-1)["workers"])),
+        progress,
+    )
+    store.consolidate(root)
+    matrix = store.open_array(root, MATRIX_ARRAY).read().result()
+    return {
+        "pairs": ["/".join(p) for p in pairs],
+        "genes": genes,
+        "mean_matrix": matrix.reshape(-1, len(genes), len(genes)).mean(axis=0),
+    }
+
+
+def heatmap_png(result: dict, root: Path, out: Path) -> Path:
+    """The volume's mean gene x gene attention and each pair's map at the middle z."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = store.open_array(root, PAIRS_ARRAY).read().result()
+    n = len(result["pairs"])
+    fig, ax = plt.subplots(1, n + 1, figsize=(6 + 4 * n, 5.5))
+    genes = result["genes"]
+    im = ax[0].imshow(result["mean_matrix"], cmap="viridis")
+    ax[0].set_xticks(range(len(genes)), genes, rotation=90, fontsize=6)
+    ax[0].set_yticks(range(len(genes)), genes, fontsize=6)
+    ax[0].set_title("gene-gene self-attention (mean)")
+    fig.colorbar(im, ax=ax[0], fraction=0.046)
+    z = levels.shape[1] // 2
+    for k, name in enumerate(result["pairs"]):
+        im = ax[k + 1].imshow(levels[k, z], cmap="magma")
+        ax[k + 1].set_title(f"{name} attention (z patch {z})")
+        fig.colorbar(im, ax=ax[k + 1], fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
