@@ -8,6 +8,7 @@ grid is global (bin index = voxel // bin), so the raster of any box is a functio
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -57,7 +58,37 @@ def cell_count_raster(
     return rasterize(ones, bins, spacing_um, bin_shape)[0]
 
 
-class TableSource:
+class CellSource:
+    """A source of cells for any box; subclasses provide ``genes`` and ``cells(box)``."""
+
+    genes: tuple[str, ...]
+
+    def cells(self, box: Box) -> CellTable:
+        raise NotImplementedError
+
+    def rasters(
+        self, box: Box, bins: Box, spacing_um: Shape, bin_shape: Shape
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(summed counts per gene and bin, cells per bin) of the cells in ``box``."""
+        cells = self.cells(box)
+        return (
+            rasterize(cells, bins, spacing_um, bin_shape),
+            cell_count_raster(cells, bins, spacing_um, bin_shape),
+        )
+
+
+class SyntheticSource(CellSource):
+    """The embedded synthetic brain."""
+
+    def __init__(self, brain: SyntheticBrain) -> None:
+        self.brain = brain
+        self.genes = brain.genes
+
+    def cells(self, box: Box) -> CellTable:
+        return self.brain.cells(box)
+
+
+class TableSource(CellSource):
     """Cells read from a user's file (see ``tera_pipeline.inputs``), served per box."""
 
     def __init__(self, table: CellTable, spacing_um: Shape) -> None:
@@ -73,27 +104,43 @@ class TableSource:
         return self.table.select(inside)
 
 
-def open_source(config: JobConfig, genes: tuple[str, ...] | None = None):
-    """The cell source a job is conditioned on (anything with ``genes`` and ``cells(box)``).
+def open_source(config: JobConfig, genes: tuple[str, ...] | None = None, cells_dir=None):
+    """The cell source a job is conditioned on (``genes``, ``rasters(box, bins, ...)``).
 
     For a file, ``genes`` (the checkpoint's panel) are selected by name; a panel file given in
-    the config must equal them. Files are read once per process.
+    the config must equal them. Cell tables are read once per process; transcript tables are
+    partitioned by block once (``tera_pipeline.partition``) and read from ``cells_dir``.
     """
+    from tera_pipeline.partition import PartitionedSource, is_transcript_table
+
     spec = config.conditioning
     if spec.source == "synthetic":
-        return SyntheticBrain(config.synthetic_seed, config.volume.spacing_um)
+        return SyntheticSource(SyntheticBrain(config.synthetic_seed, config.volume.spacing_um))
+    genes = _panel(spec, genes)
+    if is_transcript_table(spec.source):
+        folder = cells_dir or Path(config.out) / CELLS_DIR
+        return PartitionedSource(folder, genes, config.storage.block)
     return _table_source(config.volume, spec, genes)
+
+
+CELLS_DIR = "_cells"
+
+
+def _panel(spec, genes: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    from tera_pipeline.inputs import check_panel, read_gene_panel
+
+    if spec.gene_panel is None:
+        return genes
+    panel = read_gene_panel(spec.gene_panel)
+    if genes is not None:
+        check_panel(panel, genes)
+    return panel
 
 
 @lru_cache(maxsize=2)
 def _table_source(volume, spec, genes: tuple[str, ...] | None) -> TableSource:
-    from tera_pipeline.inputs import check_panel, load_cells, read_gene_panel
+    from tera_pipeline.inputs import load_cells
 
-    if spec.gene_panel is not None:
-        panel = read_gene_panel(spec.gene_panel)
-        if genes is not None:
-            check_panel(panel, genes)
-        genes = panel
     table = load_cells(
         spec.source, genes, volume.origin_um, spec.affine, volume=volume,
         drop_outside=spec.drop_outside,

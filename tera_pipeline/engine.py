@@ -26,17 +26,12 @@ import numpy as np
 from models.checkpoint import DEFAULT_DENOISER, file_digest, read_metadata
 from tera_pipeline import store
 from tera_pipeline.blending import Accumulator, patch_window
-from tera_pipeline.conditioning import (
-    bin_box,
-    cell_count_raster,
-    open_source,
-    patch_bins,
-    rasterize,
-)
+from tera_pipeline.conditioning import CELLS_DIR, bin_box, open_source, patch_bins
 from tera_pipeline.config import JobConfig
 from tera_pipeline.diffusion import DDIMSchedule, position_noise
 from tera_pipeline.geometry import Box
 from tera_pipeline.inference import get_predictor
+from tera_pipeline.partition import PartitionedSource, partition
 
 IMAGE = "image"
 CONDITIONING = "conditioning"
@@ -190,14 +185,22 @@ def preflight(config: JobConfig, overwrite: bool = False):
     """Every check that can fail before anything is written: the checkpoint, the conditioning
     input against its panel, the output store. Returns (cell source, checkpoint metadata)."""
     panel = tuple(read_metadata(resolve_checkpoint(config)).get("genes", ())) or None
-    source = open_source(config, panel)
-    meta = check_checkpoint(config, source.genes)
     root = Path(config.out)
     if root.exists() and any(root.iterdir()) and not overwrite:
         raise store.StoreError(
             f"{root} already exists; choose another --out or pass --overwrite to replace it"
         )
+    source = open_source(config, panel, cells_dir=_staging(config))
+    if isinstance(source, PartitionedSource):  # a transcript table: partition it once, now
+        partition(config, source.genes, source.folder)
+    meta = check_checkpoint(config, source.genes)
     return source, meta
+
+
+def _staging(config: JobConfig) -> Path:
+    """Where a transcript table is partitioned before the store exists (beside it)."""
+    out = Path(config.out)
+    return out.parent / f".{out.name}.cells-staging"
 
 
 def prepare_store(config: JobConfig, overwrite: bool = False) -> Path:
@@ -225,6 +228,8 @@ def prepare_store(config: JobConfig, overwrite: bool = False) -> Path:
     store.create_group(root, coordinates(config, source.genes), attrs)
     for spec in array_specs(config, source.genes):
         store.create_array(root, spec)
+    if isinstance(source, PartitionedSource):
+        source.folder.rename(root / CELLS_DIR)
     return checkpoint
 
 
@@ -248,10 +253,11 @@ def rasterize_block(config: JobConfig, index: tuple[int, ...]) -> BlockStats:
     t0 = time.perf_counter()
     core = config.grid().block(index).core
     b, sp = config.conditioning.bin, config.volume.spacing_um
-    cells = open_source(config, _job_genes(root := Path(config.out))).cells(core)
+    root = Path(config.out)
     bins = bin_box(core, b)
-    store.write_box(store.open_array(root, CONDITIONING), bins, rasterize(cells, bins, sp, b))
-    store.write_box(store.open_array(root, CELL_COUNT), bins, cell_count_raster(cells, bins, sp, b))
+    genes, counts = open_source(config, _job_genes(root)).rasters(core, bins, sp, b)
+    store.write_box(store.open_array(root, CONDITIONING), bins, genes)
+    store.write_box(store.open_array(root, CELL_COUNT), bins, counts)
     return BlockStats(total_s=time.perf_counter() - t0)
 
 
