@@ -8,14 +8,14 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.checkpoint import save_checkpoint
+from models.checkpoint import CheckpointError, load_denoiser, save_checkpoint
 from models.denoiser import ConditionalUNet3D, DenoiserConfig
 from tera_pipeline.conditioning import bin_box, patch_bins, rasterize
 from tera_pipeline.diffusion import DDIMSchedule, Prediction
@@ -90,6 +90,58 @@ def diffusion_loss(
     return F.mse_loss(model(xt, t, cond), target)
 
 
+def user_training_data(
+    images: Path,
+    cells: Path,
+    spacing_um: tuple[float, float, float],
+    bin_shape: Shape,
+    genes: tuple[str, ...] | None = None,
+    val_fraction: float = 0.125,
+    patch: Shape = (4, 32, 32),
+) -> tuple[TrainingData, TrainingData]:
+    """A user's image volume (zarr array (c, z, y, x) uint8, or a store with ``image``) and its
+    cells or transcripts; the last ``val_fraction`` of y (at least one patch) is held out."""
+    from tera_pipeline.config import VolumeSpec
+    from tera_pipeline.inputs import InputError, load_cells
+
+    image = _read_image(Path(images))
+    shape = image.shape[1:]
+    table = load_cells(cells, genes, volume=VolumeSpec(shape=shape, spacing_um=spacing_um))
+    box = Box((0, 0, 0), shape)
+    cond = rasterize(table, bin_box(box, bin_shape), spacing_um, bin_shape)
+    split = min(int(shape[1] * (1 - val_fraction)), shape[1] - patch[1])
+    split = split // bin_shape[1] * bin_shape[1]
+    if split < patch[1] or shape[0] < patch[0] or shape[2] < patch[2]:
+        raise InputError(f"{images}: volume {shape} too small to hold out a validation part")
+    yb = split // bin_shape[1]
+    x = image.astype(np.float32) / 127.5 - 1.0
+    return (
+        TrainingData(x[:, :, :split], cond[:, :, :yb], table.genes, tuple(bin_shape)),
+        TrainingData(x[:, :, split:], cond[:, :, yb:], table.genes, tuple(bin_shape)),
+    )
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """A (c, z, y, x) uint8 array from a zarr array, or from a store's ``image`` array."""
+    import tensorstore as ts
+
+    from tera_pipeline.inputs import InputError
+
+    array_path = path / "image" if (path / "image" / "zarr.json").is_file() else path
+    for driver in ("zarr3", "zarr"):
+        try:
+            spec = {"driver": driver, "kvstore": {"driver": "file", "path": str(array_path)}}
+            array = ts.open(spec, open=True).result()
+            break
+        except (ValueError, RuntimeError):
+            continue
+    else:
+        raise InputError(f"{path}: not a zarr array of images (c, z, y, x)")
+    if array.rank != 4 or array.dtype != ts.uint8:
+        raise InputError(f"{path}: need uint8 (c, z, y, x) images, got {array.dtype} {array.shape}")
+    return array.read().result()
+
+
 def train_denoiser(
     out: Path,
     steps: int = 2000,
@@ -103,9 +155,19 @@ def train_denoiser(
     prediction: Prediction = "v",
     log_every: int = 50,
     on_log: Callable[[dict], None] | None = None,
+    data: tuple[TrainingData, TrainingData] | None = None,
+    resume: Path | None = None,
 ) -> list[dict]:
-    """Train a denoiser on a synthetic brain (``seed``) and save it to ``out``; returns the log."""
+    """Train a denoiser and save it to ``out``; returns the log of train and validation loss.
+
+    ``data`` (train, validation) defaults to a synthetic brain (``seed``; validation on another
+    seed). ``resume`` continues from a checkpoint's weights, config and prediction type.
+    """
     cfg = model_config or DenoiserConfig()
+    previous: dict = {}
+    if resume is not None:
+        model, previous = load_denoiser(resume)
+        cfg, prediction = model.cfg, previous.get("prediction", "epsilon")
     if tuple(p // b for p, b in zip(cfg.patch, bin_shape, strict=True)) != tuple(cfg.cond_window):
         raise ValueError(
             f"model cond_window {cfg.cond_window} != patch {cfg.patch} / bin {bin_shape}"
@@ -114,9 +176,18 @@ def train_denoiser(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    train = synthetic_training_data(seed, volume, spacing_um, bin_shape)
-    val = synthetic_training_data(seed + 1000, (volume[0], 128, 128), spacing_um, bin_shape)
-    model = ConditionalUNet3D(cfg)
+    if data is None:
+        data = (
+            synthetic_training_data(seed, volume, spacing_um, bin_shape),
+            synthetic_training_data(seed + 1000, (volume[0], 128, 128), spacing_um, bin_shape),
+        )
+    train, val = data
+    if previous and list(previous.get("genes", [])) != list(train.genes):
+        raise CheckpointError(f"{resume} was trained on another gene panel than these data")
+    if resume is None:
+        cfg = replace(cfg, genes=len(train.genes))
+        model = ConditionalUNet3D(cfg)
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     warmup = min(100, steps // 10 + 1)
 
@@ -162,7 +233,9 @@ def train_denoiser(
             "batch": batch,
             "lr": lr,
             "seed": seed,
-            "volume": list(volume),
+            "volume": list(train.image.shape[1:]),
+            "resumed_from": str(resume) if resume else None,
+            "steps_total": steps + previous.get("training", {}).get("steps_total", 0),
             "final": history[-1] if history else None,
         },
         "command": " ".join(shlex.quote(a) for a in ["tera", *sys.argv[1:]]),

@@ -71,3 +71,41 @@ def test_committed_default_checkpoint_fits_the_default_job():
     meta = engine.check_checkpoint(JobConfig(), GENE_PANEL)
     assert meta["command"].startswith("tera train denoiser")
     load_denoiser(DEFAULT_DENOISER)
+
+
+def test_training_on_user_images_and_cells_resumes(tmp_path, client):
+    """A user's image zarr (here: a generated store) plus its cells CSV; then a resume."""
+    import pandas as pd
+
+    from tera_pipeline.geometry import Box
+    from tera_pipeline.synthetic import SyntheticBrain
+    from tera_pipeline.training import user_training_data
+
+    job = JobConfig.model_validate(
+        {
+            "out": str(tmp_path / "img.zarr"),
+            "volume": {"shape": (4, 128, 128)},
+            "storage": {"block": (4, 64, 64)},
+            "diffusion": {"steps": 1},
+            "checkpoint": str(write_random_checkpoint(tmp_path / "r.safetensors")),
+        }
+    )
+    engine.generate(job, client)
+    cells = SyntheticBrain(0).cells(Box((0, 0, 0), (4, 128, 128)))
+    frame = pd.DataFrame(
+        {"x": cells.position_um[:, 2], "y": cells.position_um[:, 1], "z": cells.position_um[:, 0]}
+    )
+    for g, name in enumerate(GENE_PANEL):
+        frame[name] = cells.counts[:, g]
+    frame.to_csv(tmp_path / "cells.csv", index=False)
+    data = user_training_data(job.out, tmp_path / "cells.csv", (4.0, 1.0, 1.0), (1, 16, 16))
+    assert data[0].image.shape == (2, 4, 96, 128) and data[1].image.shape == (2, 4, 32, 128)
+    first = tmp_path / "first.safetensors"
+    train_denoiser(first, steps=4, batch=4, model_config=TINY, data=data, log_every=2)
+    history = train_denoiser(
+        tmp_path / "second.safetensors", steps=4, batch=4, data=data, resume=first, log_every=2
+    )
+    assert {"train_loss", "val_loss"} <= set(history[-1])
+    _, meta = load_denoiser(tmp_path / "second.safetensors")
+    assert meta["training"]["steps_total"] == 8
+    assert meta["training"]["resumed_from"] == str(first)
