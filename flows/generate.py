@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from tera_pipeline import engine
+from tera_pipeline import engine, ledger
 from tera_pipeline.cluster import cluster_client
 from tera_pipeline.config import JobConfig
 from tera_pipeline.progress import BlockProgress
@@ -21,8 +21,8 @@ _task = task(cache_policy=NONE, persist_result=False)
 
 
 @_task
-def prepare_store(config: JobConfig, overwrite: bool) -> Path:
-    return engine.prepare_store(config, overwrite=overwrite)
+def prepare_store(config: JobConfig, overwrite: bool, resume: bool) -> Path:
+    return engine.prepare_store(config, overwrite=overwrite, resume=resume)
 
 
 @_task
@@ -51,13 +51,16 @@ def finalize_store(config: JobConfig, reports: list) -> None:
 
 
 @flow(name="generate", validate_parameters=True)
-def generate_flow(config: dict, overwrite: bool = False, show_progress: bool = True) -> str:
-    """Generate the volume described by ``config`` (a JobConfig as a dict) into its store."""
+def generate_flow(
+    config: dict, overwrite: bool = False, show_progress: bool = True, resume: bool = False
+) -> str:
+    """Generate the volume described by ``config`` (a JobConfig as a dict) into its store;
+    with ``resume``, continue a stopped run from its ledger."""
     job = JobConfig.model_validate(config)
     logger = get_run_logger()
     with cluster_client(job.cluster) as client:
         logger.info("Dask dashboard: %s", client.dashboard_link)
-        checkpoint = prepare_store(job, overwrite)
+        checkpoint = prepare_store(job, overwrite, resume)
         grid = job.grid()
         logger.info(
             "volume %s, %d blocks of %s, %d DDIM steps",
@@ -67,9 +70,12 @@ def generate_flow(config: dict, overwrite: bool = False, show_progress: bool = T
             job.diffusion.steps,
         )
         bar = BlockProgress() if show_progress else nullcontext()
-        with bar as progress:
-            reports = [rasterize_conditioning(job, client, progress)]
-            for step in range(job.diffusion.steps):
-                reports.append(denoise_step(job, checkpoint, step, client, progress))
-        finalize_store(job, reports)
+        try:
+            with bar as progress:
+                reports = [rasterize_conditioning(job, client, progress)]
+                for step in range(job.diffusion.steps):
+                    reports.append(denoise_step(job, checkpoint, step, client, progress))
+            finalize_store(job, reports)
+        finally:
+            ledger.release(Path(job.out))
     return str(job.out)

@@ -69,6 +69,7 @@ def generate(
     ] = None,
     address: Annotated[str | None, typer.Option(help="Existing Dask scheduler address.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output store.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue a stopped run of the same job.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Generate a volume from a YAML config, with command-line overrides."""
@@ -99,7 +100,7 @@ def generate(
         )
     except (ValidationError, OSError) as err:
         _fail(_one_line(err))
-    _run(job, overwrite)
+    _run(job, overwrite, resume)
 
 
 def _one_line(err: Exception) -> str:
@@ -112,17 +113,22 @@ def _one_line(err: Exception) -> str:
     return str(err)
 
 
-def _run(job, overwrite: bool) -> None:
+def _run(job, overwrite: bool, resume: bool = False) -> None:
     from flows.generate import generate_flow
     from models.checkpoint import CheckpointError
     from tera_pipeline.engine import GenerationError, preflight
     from tera_pipeline.inputs import InputError
+    from tera_pipeline.ledger import LockError, ResumeError
     from tera_pipeline.store import StoreError
 
+    errors = (GenerationError, StoreError, CheckpointError, InputError, LockError, ResumeError)
     try:
-        preflight(job, overwrite)  # fail fast, in one line, before Prefect starts
-        generate_flow(job.model_dump(mode="json"), overwrite=overwrite)
-    except (GenerationError, StoreError, CheckpointError, InputError) as err:
+        preflight(job, overwrite, resume)  # fail fast, in one line, before Prefect starts
+    except errors as err:
+        _fail(str(err))
+    try:
+        generate_flow(job.model_dump(mode="json"), overwrite=overwrite, resume=resume)
+    except errors as err:
         _fail(str(err))
     typer.echo(f"wrote {job.out}")
 

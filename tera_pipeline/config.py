@@ -113,6 +113,8 @@ class JobConfig(_Section):
     """Patches per denoiser call."""
     blocks_in_flight: int = Field(0, ge=0)
     """Blocks submitted at once per step; 0 means 4 per worker."""
+    retries: int = Field(2, ge=0)
+    """Retries of a failed block task before the run stops with the block and its error."""
 
     @model_validator(mode="after")
     def _layout(self) -> JobConfig:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from models.checkpoint import DEFAULT_DENOISER, file_digest, read_metadata
-from tera_pipeline import store
+from tera_pipeline import ledger, store
 from tera_pipeline.blending import Accumulator, patch_window
 from tera_pipeline.conditioning import CELLS_DIR, bin_box, open_source, patch_bins
 from tera_pipeline.config import JobConfig
@@ -181,17 +181,28 @@ def coordinates(config: JobConfig, genes: Sequence[str]) -> dict:
     return coords
 
 
-def preflight(config: JobConfig, overwrite: bool = False):
+def preflight(config: JobConfig, overwrite: bool = False, resume: bool = False):
     """Every check that can fail before anything is written: the checkpoint, the conditioning
-    input against its panel, the output store. Returns (cell source, checkpoint metadata)."""
-    panel = tuple(read_metadata(resolve_checkpoint(config)).get("genes", ())) or None
+    input against its panel, the output store and its lock, and for a resume, that the job is
+    the same. Returns (cell source, checkpoint metadata)."""
+    checkpoint = resolve_checkpoint(config)
+    panel = tuple(read_metadata(checkpoint).get("genes", ())) or None
     root = Path(config.out)
-    if root.exists() and any(root.iterdir()) and not overwrite:
-        raise store.StoreError(
-            f"{root} already exists; choose another --out or pass --overwrite to replace it"
-        )
-    source = open_source(config, panel, cells_dir=_staging(config))
-    if isinstance(source, PartitionedSource):  # a transcript table: partition it once, now
+    exists = root.exists() and any(root.iterdir())
+    if resume:
+        if not exists:
+            raise ledger.ResumeError(f"nothing to resume: {root} does not exist")
+        ledger.check_lock(root, resume=True)
+        ledger.check_identity(root, ledger.output_identity(config, file_digest(checkpoint)))
+    elif exists:
+        if not overwrite:
+            raise store.StoreError(
+                f"{root} already exists; continue it with --resume, or replace it with --overwrite"
+            )
+        ledger.check_lock(root, resume=False)
+    cells_dir = root / CELLS_DIR if resume else _staging(config)
+    source = open_source(config, panel, cells_dir=cells_dir)
+    if isinstance(source, PartitionedSource) and not resume:  # partition a transcript table once
         partition(config, source.genes, source.folder)
     meta = check_checkpoint(config, source.genes)
     return source, meta
@@ -203,13 +214,17 @@ def _staging(config: JobConfig) -> Path:
     return out.parent / f".{out.name}.cells-staging"
 
 
-def prepare_store(config: JobConfig, overwrite: bool = False) -> Path:
-    """Run the preflight checks, then create the job's store; returns the checkpoint path."""
-    source, meta = preflight(config, overwrite)
+def prepare_store(config: JobConfig, overwrite: bool = False, resume: bool = False) -> Path:
+    """Run the preflight checks, then create the job's store (or, resuming, take it over) and
+    hold its lock; returns the checkpoint path."""
+    source, meta = preflight(config, overwrite, resume)
     root = Path(config.out)
+    checkpoint = resolve_checkpoint(config)
+    if resume:
+        ledger.acquire(root, resume=True)
+        return checkpoint
     if root.exists():
         store.remove(root.parent, root.name)
-    checkpoint = resolve_checkpoint(config)
     attrs = {
         "tera_pipeline": {
             "config": config.model_dump(mode="json"),
@@ -230,6 +245,8 @@ def prepare_store(config: JobConfig, overwrite: bool = False) -> Path:
         store.create_array(root, spec)
     if isinstance(source, PartitionedSource):
         source.folder.rename(root / CELLS_DIR)
+    ledger.create(root, config, ledger.output_identity(config, file_digest(checkpoint)))
+    ledger.acquire(root)
     return checkpoint
 
 
@@ -335,6 +352,8 @@ def run_blocks(
     phase: str,
     in_flight: int,
     progress: Progress | None = None,
+    on_done: Callable[[tuple[int, ...]], None] | None = None,
+    retries: int = 0,
 ) -> StepReport:
     """Run ``fn(*args, index)`` for every block on the Dask client, at most ``in_flight`` at once.
 
@@ -352,14 +371,18 @@ def run_blocks(
     def submit(index):
         key = f"{phase}-{'-'.join(map(str, index))}-{time.monotonic_ns()}"
         where[key] = index
-        return client.submit(fn, *args, index, key=key, pure=False)
+        return client.submit(fn, *args, index, key=key, pure=False, retries=retries)
 
     pending = as_completed([submit(i) for i in itertools.islice(it, in_flight)])
     for done, fut in enumerate(pending, start=1):
         try:
             report.add(fut.result())
         except Exception as err:
-            raise GenerationError(f"{phase}: block {where[fut.key]} failed: {err!r}") from err
+            raise GenerationError(
+                f"{phase}: block {where[fut.key]} failed after {retries} retries: {err}"
+            ) from err
+        if on_done:
+            on_done(where[fut.key])
         del where[fut.key]
         if progress:
             progress(phase, done, total)
@@ -379,17 +402,9 @@ def _in_flight(config: JobConfig, client) -> int:
 def conditioning_pass(
     config: JobConfig, client, progress: Progress | None = None, indices: Blocks | None = None
 ) -> StepReport:
-    """Rasterise the conditioning of every block (or of ``indices``) into the store."""
-    todo, total = _todo(config, indices)
-    return run_blocks(
-        client,
-        rasterize_block,
-        (config,),
-        todo,
-        total,
-        "conditioning",
-        _in_flight(config, client),
-        progress,
+    """Rasterise the conditioning of every block not yet done (or of ``indices``)."""
+    return _run_phase(
+        config, client, 0, "conditioning", rasterize_block, (config,), progress, indices
     )
 
 
@@ -401,27 +416,42 @@ def denoise_step(
     progress: Progress | None = None,
     indices: Blocks | None = None,
 ) -> StepReport:
-    """One DDIM step over every block (or ``indices``, in that order); returns when all
-    finished: the barrier between steps."""
-    todo, total = _todo(config, indices)
+    """One DDIM step over every block not yet done (or ``indices``, in that order); returns when
+    all finished: the barrier between steps."""
     phase = f"step {step + 1}/{config.diffusion.steps}"
-    return run_blocks(
+    return _run_phase(
+        config,
         client,
+        step + 1,
+        phase,
         denoise_block,
         (config, str(checkpoint), step),
+        progress,
+        indices,
+    )
+
+
+def _run_phase(config, client, row, phase, fn, args, progress, indices) -> StepReport:
+    """Run one phase's blocks; the ledger records each finished block (and skips done ones)."""
+    root = Path(config.out)
+    if indices is None:
+        flags = ledger.done(root, row)
+        todo, total = ledger.pending(root, row), int((~flags).sum())
+    else:
+        todo = [tuple(i) for i in indices]
+        total = len(todo)
+    return run_blocks(
+        client,
+        fn,
+        args,
         todo,
         total,
         phase,
         _in_flight(config, client),
         progress,
+        on_done=lambda index: ledger.mark(root, row, index),
+        retries=config.retries,
     )
-
-
-def _todo(config: JobConfig, indices: Blocks | None) -> tuple[Iterable[tuple[int, ...]], int]:
-    if indices is None:
-        return itertools.product(*(range(n) for n in config.grid().shape)), config.grid().num_blocks
-    indices = [tuple(i) for i in indices]
-    return indices, len(indices)
 
 
 def finalize_store(config: JobConfig, reports: Sequence[StepReport]) -> None:
@@ -445,15 +475,24 @@ def finalize_store(config: JobConfig, reports: Sequence[StepReport]) -> None:
     }
     store.update_attrs(root, {"tera_pipeline": attrs})
     store.consolidate(root)
+    ledger.release(root)
 
 
 def generate(
-    config: JobConfig, client, progress: Progress | None = None, overwrite: bool = False
+    config: JobConfig,
+    client,
+    progress: Progress | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
 ) -> list[StepReport]:
-    """The whole job without an orchestrator: store, conditioning, every step, final image."""
-    checkpoint = prepare_store(config, overwrite=overwrite)
-    reports = [conditioning_pass(config, client, progress)]
-    for step in range(config.diffusion.steps):
-        reports.append(denoise_step(config, checkpoint, step, client, progress))
-    finalize_store(config, reports)
+    """The whole job without an orchestrator: store, conditioning, every step, final image.
+    With ``resume``, only blocks the ledger does not record as done are computed."""
+    checkpoint = prepare_store(config, overwrite=overwrite, resume=resume)
+    try:
+        reports = [conditioning_pass(config, client, progress)]
+        for step in range(config.diffusion.steps):
+            reports.append(denoise_step(config, checkpoint, step, client, progress))
+        finalize_store(config, reports)
+    finally:
+        ledger.release(Path(config.out))
     return reports
