@@ -466,6 +466,7 @@ def finalize_store(config: JobConfig, reports: Sequence[StepReport]) -> None:
         "phases": [
             {
                 "phase": r.phase,
+                "blocks": r.blocks,
                 "wall_s": round(r.wall_s, 3),
                 "patches": r.stats.patches,
                 "model_s": round(r.stats.model_s, 3),
