@@ -16,6 +16,7 @@ from tera_pipeline import engine, ledger
 from tera_pipeline.cluster import cluster_client
 from tera_pipeline.config import JobConfig
 from tera_pipeline.progress import BlockProgress
+from tera_pipeline.status import record_error
 
 _task = task(cache_policy=NONE, persist_result=False)
 
@@ -76,6 +77,9 @@ def generate_flow(
                 for step in range(job.diffusion.steps):
                     reports.append(denoise_step(job, checkpoint, step, client, progress))
             finalize_store(job, reports)
+        except Exception as err:
+            record_error(Path(job.out), err)
+            raise
         finally:
             ledger.release(Path(job.out))
     return str(job.out)

@@ -228,6 +228,28 @@ def analyze_attention(
     typer.echo(f"attention arrays written to {store_path}; heat map: {png}")
 
 
+@app.command()
+def status(
+    store_path: Annotated[Path, typer.Argument(metavar="STORE", help="A job's store.")],
+) -> None:
+    """Progress of a running, finished or dead job: blocks done per phase, holder, last error."""
+    from tera_pipeline.status import job_status
+    from tera_pipeline.store import StoreError
+
+    try:
+        info = job_status(store_path)
+    except (StoreError, OSError) as err:
+        _fail(str(err))
+    typer.echo(f"{info['store']}: {info['state']} (started {info['started']})")
+    if info["holder"]:
+        typer.echo(f"held by {info['holder']}")
+    for p in info["phases"]:
+        bar = "#" * round(20 * p["done"] / max(p["total"], 1))
+        typer.echo(f"  {p['phase']:>14}  {p['done']:>7}/{p['total']:<7} {bar:<20}")
+    if info["last_error"]:
+        typer.echo(f"last error ({info['last_error']['time']}): {info['last_error']['message']}")
+
+
 @train_app.command("denoiser")
 def train_denoiser_cmd(
     out: Annotated[Path, typer.Option(help="Checkpoint to write.")] = DEFAULT_DENOISER,

@@ -32,6 +32,7 @@ from tera_pipeline.diffusion import DDIMSchedule, position_noise
 from tera_pipeline.geometry import Box
 from tera_pipeline.inference import get_predictor
 from tera_pipeline.partition import PartitionedSource, partition
+from tera_pipeline.status import record_error
 
 IMAGE = "image"
 CONDITIONING = "conditioning"
@@ -222,6 +223,9 @@ def prepare_store(config: JobConfig, overwrite: bool = False, resume: bool = Fal
     checkpoint = resolve_checkpoint(config)
     if resume:
         ledger.acquire(root, resume=True)
+        attrs = store.group_attrs(root)["tera_pipeline"]
+        attrs.update(status="running", resumed=time.strftime("%Y-%m-%d %H:%M:%S"))
+        store.update_attrs(root, {"tera_pipeline": attrs})
         return checkpoint
     if root.exists():
         store.remove(root.parent, root.name)
@@ -238,6 +242,7 @@ def prepare_store(config: JobConfig, overwrite: bool = False, resume: bool = Fal
             "genes": list(source.genes),
             "version": _version(),
             "status": "running",
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
     }
     store.create_group(root, coordinates(config, source.genes), attrs)
@@ -494,6 +499,9 @@ def generate(
         for step in range(config.diffusion.steps):
             reports.append(denoise_step(config, checkpoint, step, client, progress))
         finalize_store(config, reports)
+    except Exception as err:
+        record_error(Path(config.out), err)
+        raise
     finally:
         ledger.release(Path(config.out))
     return reports

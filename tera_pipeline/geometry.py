@@ -77,9 +77,6 @@ class Box:
             for sb, se, ob, oe in zip(self.begin, self.end, other.begin, other.end, strict=True)
         )
 
-    def shift(self, offset: Sequence[int]) -> Box:
-        return Box(tuple(b + o for b, o in zip(self.begin, offset, strict=True)), self.shape)
-
     def slices(self, within: Box | None = None) -> tuple[slice, ...]:
         """Slices selecting this box inside an array that covers ``within`` (default: origin 0)."""
         origin = within.begin if within is not None else (0,) * self.ndim
@@ -157,10 +154,6 @@ class Block:
     index: Shape
     core: Box
     read: Box
-
-    @property
-    def key(self) -> str:
-        return "-".join(str(i) for i in self.index)
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,7 @@ def progress(root: Path) -> list[tuple[int, int]]:
 
 
 # -- the one-writer lock --------------------------------------------------------------------------
-def _holder(root: Path) -> dict | None:
+def holder(root: Path) -> dict | None:
     path = Path(root) / LOCK
     try:
         return json.loads(path.read_text())
@@ -121,12 +121,12 @@ def _holder(root: Path) -> dict | None:
         return None
 
 
-def _alive(holder: dict) -> bool:
+def alive(owner: dict) -> bool:
     """A holder on this host is alive while its pid runs; one on another host counts as alive."""
-    if holder.get("host") != socket.gethostname():
+    if owner.get("host") != socket.gethostname():
         return True
     try:
-        os.kill(int(holder["pid"]), 0)
+        os.kill(int(owner["pid"]), 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -134,21 +134,21 @@ def _alive(holder: dict) -> bool:
     return True
 
 
-def describe(holder: dict) -> str:
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
-    return f"host {holder.get('host')}, pid {holder.get('pid')}, started {started}"
+def describe(owner: dict) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
+    return f"host {owner.get('host')}, pid {owner.get('pid')}, started {started}"
 
 
 def check_lock(root: Path, resume: bool) -> None:
     """Raise unless this run may hold the store: no lock, or a stale one taken over by resume."""
-    holder = _holder(root)
-    if holder is None:
+    owner = holder(root)
+    if owner is None:
         return
-    if _alive(holder):
-        raise LockError(f"{root} is being written by another run ({describe(holder)})")
+    if alive(owner):
+        raise LockError(f"{root} is being written by another run ({describe(owner)})")
     if not resume:
         raise LockError(
-            f"{root} was left by a run that died ({describe(holder)}); continue it with --resume"
+            f"{root} was left by a run that died ({describe(owner)}); continue it with --resume"
         )
 
 
@@ -162,6 +162,6 @@ def acquire(root: Path, resume: bool = False) -> None:
 
 
 def release(root: Path) -> None:
-    holder = _holder(root)
-    if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+    owner = holder(root)
+    if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
         (Path(root) / LOCK).unlink(missing_ok=True)

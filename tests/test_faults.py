@@ -120,6 +120,11 @@ def test_flow_killed_then_resumed_and_locks(tmp_path, tiny_checkpoint, reference
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     at_kill = _phase_counts(out)
+    status = runner.invoke(app, ["status", str(out)])
+    assert status.exit_code == 0, status.output
+    assert "dead (resume with --resume)" in status.output
+    for name, done in zip(["conditioning", "step 1/4", "step 2/4", "step 3/4"], at_kill):
+        assert f"{name}  {done:>7}/27" in status.output, status.output
     # the stale lock of the dead run is taken over only by --resume
     stale = runner.invoke(app, [*_args(out, tiny_checkpoint), "--overwrite"])
     assert stale.exit_code == 2 and "--resume" in stale.output
