@@ -12,11 +12,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from tera_pipeline import engine, ledger
+from tera_pipeline import engine
 from tera_pipeline.cluster import cluster_client
 from tera_pipeline.config import JobConfig
 from tera_pipeline.progress import BlockProgress
-from tera_pipeline.status import record_error
 
 _task = task(cache_policy=NONE, persist_result=False)
 
@@ -71,15 +70,9 @@ def generate_flow(
             job.diffusion.steps,
         )
         bar = BlockProgress() if show_progress else nullcontext()
-        try:
-            with bar as progress:
-                reports = [rasterize_conditioning(job, client, progress)]
-                for step in range(job.diffusion.steps):
-                    reports.append(denoise_step(job, checkpoint, step, client, progress))
+        with engine.holding(job), bar as progress:
+            reports = [rasterize_conditioning(job, client, progress)]
+            for step in range(job.diffusion.steps):
+                reports.append(denoise_step(job, checkpoint, step, client, progress))
             finalize_store(job, reports)
-        except Exception as err:
-            record_error(Path(job.out), err)
-            raise
-        finally:
-            ledger.release(Path(job.out))
     return str(job.out)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -398,7 +399,8 @@ def run_blocks(
     return report
 
 
-def _in_flight(config: JobConfig, client) -> int:
+def in_flight(config: JobConfig, client) -> int:
+    """Blocks submitted at once: the config's, or 4 per worker."""
     if config.blocks_in_flight:
         return config.blocks_in_flight
     return 4 * max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
@@ -452,7 +454,7 @@ def _run_phase(config, client, row, phase, fn, args, progress, indices) -> StepR
         todo,
         total,
         phase,
-        _in_flight(config, client),
+        in_flight(config, client),
         progress,
         on_done=lambda index: ledger.mark(root, row, index),
         retries=config.retries,
@@ -494,14 +496,22 @@ def generate(
     """The whole job without an orchestrator: store, conditioning, every step, final image.
     With ``resume``, only blocks the ledger does not record as done are computed."""
     checkpoint = prepare_store(config, overwrite=overwrite, resume=resume)
-    try:
+    with holding(config):
         reports = [conditioning_pass(config, client, progress)]
         for step in range(config.diffusion.steps):
             reports.append(denoise_step(config, checkpoint, step, client, progress))
         finalize_store(config, reports)
+    return reports
+
+
+@contextmanager
+def holding(config: JobConfig) -> Iterator[None]:
+    """While a prepared job runs: an error is kept in the store, and the lock is released."""
+    root = Path(config.out)
+    try:
+        yield
     except Exception as err:
-        record_error(Path(config.out), err)
+        record_error(root, err)
         raise
     finally:
-        ledger.release(Path(config.out))
-    return reports
+        ledger.release(root)

@@ -157,14 +157,15 @@ def run(root: Path, client, pairs_text: str | None = None, progress=None) -> dic
     genes = store.group_attrs(root).get("tera_pipeline", {}).get("genes", [])
     pairs = parse_pairs(pairs_text, genes)
     job, checkpoint = prepare(root, pairs)
+    grid = job.grid()
     engine.run_blocks(
         client,
         attention_block,
         (job, checkpoint, pairs),
-        np.ndindex(*job.grid().shape),
-        job.grid().num_blocks,
+        np.ndindex(*grid.shape),
+        grid.num_blocks,
         "attention",
-        4 * max(1, len(client.scheduler_info(n_workers=-1)["workers"])),
+        engine.in_flight(job, client),
         progress,
     )
     store.consolidate(root)
