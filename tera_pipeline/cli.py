@@ -139,6 +139,7 @@ def demo(
     workers: Annotated[int | None, typer.Option(help="Dask workers.")] = None,
     steps: Annotated[int, typer.Option(help="DDIM steps.")] = 15,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing demo output.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue a stopped demo.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Synthetic brain -> conditioning -> generation under the Prefect flow, then a summary."""
@@ -154,7 +155,7 @@ def demo(
     job = JobConfig(out=store_path).with_overrides(
         **{"cluster.workers": workers, "diffusion.steps": steps}
     )
-    _run(job, overwrite)
+    _run(job, overwrite, resume)
     ds = xr.open_zarr(store_path)
     typer.echo(ds)
     png = orthoslices_png(store_path, out / "demo_orthoslices.png")
