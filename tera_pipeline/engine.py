@@ -83,10 +83,11 @@ def resolve_checkpoint(config: JobConfig) -> Path:
     return Path(config.checkpoint) if config.checkpoint else DEFAULT_DENOISER
 
 
-def check_checkpoint(config: JobConfig, genes: Sequence[str]) -> dict:
-    """Read the checkpoint's metadata and check it fits the job; raise before any block runs."""
+def check_checkpoint(config: JobConfig, genes: Sequence[str], meta: dict | None = None) -> dict:
+    """Check the checkpoint's metadata (read unless given) fits the job; raise before any
+    block runs."""
     path = resolve_checkpoint(config)
-    meta = read_metadata(path)
+    meta = read_metadata(path) if meta is None else meta
     model_cfg = meta.get("config", {})
     patch = tuple(model_cfg.get("patch", ()))
     if patch != tuple(config.lattice.patch):
@@ -188,7 +189,8 @@ def preflight(config: JobConfig, overwrite: bool = False, resume: bool = False):
     input against its panel, the output store and its lock, and for a resume, that the job is
     the same. Returns (cell source, checkpoint metadata)."""
     checkpoint = resolve_checkpoint(config)
-    panel = tuple(read_metadata(checkpoint).get("genes", ())) or None
+    meta = read_metadata(checkpoint)
+    panel = tuple(meta.get("genes", ())) or None
     root = Path(config.out)
     exists = root.exists() and any(root.iterdir())
     if resume:
@@ -206,7 +208,7 @@ def preflight(config: JobConfig, overwrite: bool = False, resume: bool = False):
     source = open_source(config, panel, cells_dir=cells_dir)
     if isinstance(source, PartitionedSource) and not resume:  # partition a transcript table once
         partition(config, source.genes, source.folder)
-    meta = check_checkpoint(config, source.genes)
+    check_checkpoint(config, source.genes, meta)
     return source, meta
 
 
@@ -230,6 +232,7 @@ def prepare_store(config: JobConfig, overwrite: bool = False, resume: bool = Fal
         return checkpoint
     if root.exists():
         store.remove(root.parent, root.name)
+    digest = file_digest(checkpoint)
     attrs = {
         "tera_pipeline": {
             "config": config.model_dump(mode="json"),
@@ -237,7 +240,7 @@ def prepare_store(config: JobConfig, overwrite: bool = False, resume: bool = Fal
             "spacing_um": list(config.volume.spacing_um),
             "checkpoint": {
                 "path": str(checkpoint),
-                "sha256": file_digest(checkpoint),
+                "sha256": digest,
                 "trained_with": meta.get("command"),
             },
             "genes": list(source.genes),
@@ -251,13 +254,14 @@ def prepare_store(config: JobConfig, overwrite: bool = False, resume: bool = Fal
         store.create_array(root, spec)
     if isinstance(source, PartitionedSource):
         source.folder.rename(root / CELLS_DIR)
-    ledger.create(root, config, ledger.output_identity(config, file_digest(checkpoint)))
+    ledger.create(root, config, ledger.output_identity(config, digest))
     ledger.acquire(root)
     return checkpoint
 
 
 @lru_cache(maxsize=8)
-def _job_genes(root: Path) -> tuple[str, ...]:
+def job_genes(root: Path) -> tuple[str, ...]:
+    """The gene panel of a job's store (read once per process)."""
     return tuple(store.group_attrs(root)["tera_pipeline"]["genes"])
 
 
@@ -278,7 +282,7 @@ def rasterize_block(config: JobConfig, index: tuple[int, ...]) -> BlockStats:
     b, sp = config.conditioning.bin, config.volume.spacing_um
     root = Path(config.out)
     bins = bin_box(core, b)
-    genes, counts = open_source(config, _job_genes(root)).rasters(core, bins, sp, b)
+    genes, counts = open_source(config, job_genes(root)).rasters(core, bins, sp, b)
     store.write_box(store.open_array(root, CONDITIONING), bins, genes)
     store.write_box(store.open_array(root, CELL_COUNT), bins, counts)
     return BlockStats(total_s=time.perf_counter() - t0)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from tera_pipeline import engine, store
+from tera_pipeline.conditioning import bin_box
 from tera_pipeline.config import JobConfig
 from tera_pipeline.evaluate import compare_to_truth, detect_nuclei, seam_score
 from tera_pipeline.geometry import Box
@@ -76,11 +77,7 @@ def _nuclei(root: Path, job: JobConfig, truth) -> dict:
         box = job.grid().block(tuple(n // 2 for n in job.grid().shape)).core
     dapi = store.read_box(store.open_array(root, engine.IMAGE), box)[0]
     counts = store.read_box(
-        store.open_array(root, engine.CELL_COUNT),
-        Box.from_bounds(
-            [b // n for b, n in zip(box.begin, job.conditioning.bin)],
-            [-(-e // n) for e, n in zip(box.end, job.conditioning.bin)],
-        ),
+        store.open_array(root, engine.CELL_COUNT), bin_box(box, job.conditioning.bin)
     )
     result = {
         "box": str(box),

@@ -15,6 +15,12 @@ from tera_pipeline.cli import app
 runner = CliRunner()
 
 
+def _small_generate(out, block: str, checkpoint) -> list[str]:
+    """``tera generate`` arguments for an 8 x 64 x 64 volume."""
+    return ["generate", "--out", str(out), "--shape", "8,64,64", "--block", block,
+            "--checkpoint", str(checkpoint)]  # fmt: skip
+
+
 def _cli(*args: str):
     return runner.invoke(app, list(args), catch_exceptions=False)
 
@@ -82,17 +88,7 @@ def test_shards_are_whole_blocks(flow_store):
 def test_bad_block_gives_one_line_error(tmp_path, tiny_checkpoint):
     result = runner.invoke(
         app,
-        [
-            "generate",
-            "--out",
-            str(tmp_path / "x.zarr"),
-            "--shape",
-            "8,64,64",
-            "--block",
-            "3,32,32",
-            "--checkpoint",
-            str(tiny_checkpoint),
-        ],
+        _small_generate(tmp_path / "x.zarr", "3,32,32", tiny_checkpoint),
     )
     assert result.exit_code == 2
     assert "not a whole number of strides" in result.output
@@ -103,17 +99,7 @@ def test_existing_output_is_not_overwritten(flow_store, tiny_checkpoint):
     before = (flow_store / "zarr.json").read_bytes()
     result = runner.invoke(
         app,
-        [
-            "generate",
-            "--out",
-            str(flow_store),
-            "--shape",
-            "8,64,64",
-            "--block",
-            "4,32,32",
-            "--checkpoint",
-            str(tiny_checkpoint),
-        ],
+        _small_generate(flow_store, "4,32,32", tiny_checkpoint),
     )
     assert result.exit_code == 2
     assert "already exists" in result.output

@@ -123,15 +123,15 @@ def attention_block(
     predictor = get_predictor(checkpoint, job.batch_size)
     root, lattice = Path(job.out), job.lattice_obj()
     core = job.grid().block(index).core
-    genes = list(store.group_attrs(root)["tera_pipeline"]["genes"])
+    genes = list(engine.job_genes(root))
     gi = [(genes.index(a), genes.index(b)) for a, b in pairs]
     tiles = Box(
         [c // s for c, s in zip(core.begin, lattice.stride)],
         [-(-n // s) for n, s in zip(core.shape, lattice.stride)],
     )
-    origins = [tuple(t * s for t, s in zip(i, lattice.stride)) for i in np.ndindex(*tiles.shape)]
     origins = [
-        tuple(o + b * s for o, b, s in zip(org, tiles.begin, lattice.stride)) for org in origins
+        tuple((t + b) * s for t, b, s in zip(i, tiles.begin, lattice.stride))
+        for i in np.ndindex(*tiles.shape)
     ]
     b, context = job.conditioning.bin, predictor.config.cond_context
     span = Box.from_bounds(core.begin, [e + o for e, o in zip(core.end, lattice.overlap)])
