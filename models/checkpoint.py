@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,17 +59,25 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_denoiser(path: Path) -> tuple[ConditionalUNet3D, dict[str, Any]]:
-    """Load a denoiser and its metadata; the model is in eval mode on the CPU."""
+def load_model(
+    path: Path, kind: str, build: Callable[[dict[str, Any]], torch.nn.Module]
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a ``kind`` model built by ``build(config_dict)``; eval mode on the CPU."""
     meta = read_metadata(path)
-    if meta.get("kind") != "denoiser":
-        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, not a denoiser")
+    if meta.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, not a {kind}")
     if "config" not in meta:
         raise CheckpointError(f"{path} has no model config in its metadata")
-    model = ConditionalUNet3D(DenoiserConfig.from_dict(meta["config"]))
+    model = build(meta["config"])
     try:
-        state = load_file(str(path))
-        model.load_state_dict(state)
+        model.load_state_dict(load_file(str(path)))
     except (SafetensorError, RuntimeError, OSError) as err:
         raise CheckpointError(f"checkpoint {path} does not match its config: {err}") from err
     return model.eval(), meta
+
+
+def load_denoiser(path: Path) -> tuple[ConditionalUNet3D, dict[str, Any]]:
+    """Load a denoiser and its metadata; the model is in eval mode on the CPU."""
+    return load_model(  # type: ignore[return-value]
+        path, "denoiser", lambda c: ConditionalUNet3D(DenoiserConfig.from_dict(c))
+    )
