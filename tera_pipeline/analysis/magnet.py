@@ -1,0 +1,170 @@
+"""MagNet over the chunk grid: gene expression predicted back from a store's image.
+
+Each block task reads its core's bins plus the context MagNet's tiles and neighbours need, and
+writes the predicted transcript counts per bin to ``magnet_expression`` (gene, zbin, ybin, xbin),
+on exactly the conditioning's bin grid and coordinates. ``metrics`` then compares them with the
+conditioning (cycle consistency of a generated volume) at 1 x 1, 2 x 2 and 4 x 4 bins.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.checkpoint import CheckpointError, load_model
+from models.magnet import MagNet, MagNetConfig
+from tera_pipeline import engine, store
+from tera_pipeline.analysis.attention import AnalysisError
+from tera_pipeline.analysis.magnet_levels import Reader, array_reader, level_inputs
+from tera_pipeline.conditioning import bin_box
+from tera_pipeline.config import JobConfig
+from tera_pipeline.geometry import Box, Shape
+
+EXPRESSION = "magnet_expression"
+DEFAULT_MAGNET = (
+    Path(__file__).resolve().parents[2] / "models" / "checkpoints" / "magnet.safetensors"
+)
+SLABS_PER_BATCH = 4
+
+
+def load_magnet(path: Path) -> tuple[MagNet, dict]:
+    """A MagNet checkpoint and its metadata (gene panel, bin shape, training figures)."""
+    return load_model(path, "magnet", lambda c: MagNet(MagNetConfig.from_dict(c)))  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=2)
+def _cached_magnet(path: str) -> tuple[MagNet, dict]:
+    return load_magnet(Path(path))
+
+
+def to_counts(log_expression: torch.Tensor) -> np.ndarray:
+    """Model output (log1p counts) -> counts, never negative."""
+    return np.expm1(log_expression.float().clamp_min(0).numpy())
+
+
+@torch.inference_mode()
+def predict_bins(
+    model: MagNet, read: Reader, core: Box, volume_bins: Shape, bin_shape: Shape
+) -> np.ndarray:
+    """Predicted counts (G, z, y, x bins) of the core bins ``core``, a few z slabs at a time."""
+    out = []
+    for z0 in range(core.begin[0], core.end[0], SLABS_PER_BATCH):
+        z1 = min(z0 + SLABS_PER_BATCH, core.end[0])
+        part = Box.from_bounds((z0, *core.begin[1:]), (z1, *core.end[1:]))
+        inputs = level_inputs(read, part, volume_bins, bin_shape, model.config)
+        out.append(to_counts(model(inputs)["bin"]))  # (S, Y, X, G)
+    return np.concatenate(out).transpose(3, 0, 1, 2)
+
+
+def predict_volume(model: MagNet, image: np.ndarray, bin_shape: Shape) -> np.ndarray:
+    """The whole-volume, in-memory run: (C, z, y, x) uint8 -> counts (G, zbin, ybin, xbin)."""
+    bins = bin_box(Box((0, 0, 0), image.shape[1:]), bin_shape)
+    return predict_bins(model, array_reader(image), bins, bins.shape, bin_shape)
+
+
+def check_model(meta: dict, genes: tuple[str, ...], bin_shape: Shape, path: Path) -> None:
+    """A checkpoint fits a store when it was trained on the same gene panel and bin shape."""
+    trained = tuple(meta.get("genes", ()))
+    if trained != tuple(genes):
+        missing = sorted(set(genes) - set(trained))
+        extra = sorted(set(trained) - set(genes))
+        raise CheckpointError(
+            f"{path} was trained for another gene panel ({len(trained)} genes) than the store's "
+            f"({len(genes)}): missing {missing[:5]}, extra {extra[:5]}"
+            + ("" if missing or extra else "; same genes in another order")
+        )
+    if tuple(meta.get("bin", bin_shape))[1:] != tuple(bin_shape)[1:]:
+        raise CheckpointError(f"{path} reads {meta['bin']} bins; the store's are {list(bin_shape)}")
+
+
+def prepare(root: Path, checkpoint: Path | None = None) -> tuple[JobConfig, str]:
+    """Check the store and the checkpoint, and create ``magnet_expression``."""
+    from tera_pipeline.report import job_of
+
+    root = Path(root)
+    job = job_of(root)
+    if not (root / engine.IMAGE / "zarr.json").is_file():
+        raise AnalysisError(f"{root} has no image array: generate the volume first")
+    ledger_done = store.group_attrs(root)["tera_pipeline"].get("status") == "complete"
+    if not ledger_done:
+        raise AnalysisError(f"{root} is not a finished generation (status is not complete)")
+    path = Path(checkpoint or DEFAULT_MAGNET)
+    _, meta = load_magnet(path)
+    genes, b = engine.job_genes(root), job.conditioning.bin
+    check_model(meta, genes, b, path)
+    cond = engine.array_specs(job, genes)[1]  # the conditioning's layout: same grid, same chunks
+    store.remove(root, EXPRESSION)
+    store.create_array(
+        root,
+        store.ArraySpec(
+            EXPRESSION,
+            cond.shape,
+            "float32",
+            cond.dims,
+            cond.shard,
+            cond.chunk,
+            attributes={
+                "long_name": "transcript counts per bin predicted by MagNet from the image",
+                "bin_voxels": list(b),
+                "checkpoint": str(path),
+            },
+        ),
+    )
+    return job, str(path)
+
+
+def magnet_block(job: JobConfig, checkpoint: str, index: tuple[int, ...]) -> engine.BlockStats:
+    """Predict the expression of one block's bins from the image and write it."""
+    import time
+
+    t0 = time.perf_counter()
+    model, _ = _cached_magnet(checkpoint)
+    root, b = Path(job.out), job.conditioning.bin
+    image = store.open_array(root, engine.IMAGE)
+    core = bin_box(job.grid().block(index).core, b)
+    volume_bins = bin_box(Box((0, 0, 0), job.volume.shape), b).shape
+    counts = predict_bins(model, lambda box: store.read_box(image, box), core, volume_bins, b)
+    tw = time.perf_counter()
+    store.write_box(store.open_array(root, EXPRESSION), core, counts)
+    end = time.perf_counter()
+    return engine.BlockStats(
+        patches=int(np.prod(core.shape)), model_s=tw - t0, write_s=end - tw, total_s=end - t0
+    )
+
+
+def run(root: Path, client, checkpoint: Path | None = None, progress=None) -> engine.StepReport:
+    """MagNet over every block of the store."""
+    root = Path(root)
+    job, path = prepare(root, checkpoint)
+    grid = job.grid()
+    report = engine.run_blocks(
+        client,
+        magnet_block,
+        (job, path),
+        np.ndindex(*grid.shape),
+        grid.num_blocks,
+        "magnet",
+        engine.in_flight(job, client),
+        progress,
+        retries=job.retries,
+    )
+    store.consolidate(root)
+    return report
+
+
+def cycle_consistency(root: Path) -> dict[str, dict]:
+    """MagNet's prediction against the conditioning the volume was generated from."""
+    import xarray as xr
+
+    from tera_pipeline.analysis.expression_metrics import expression_metrics
+
+    root = Path(root)
+    for name, what in ((EXPRESSION, "run `tera analyze magnet` first"), (engine.CONDITIONING, "")):
+        if not (root / name / "zarr.json").is_file():
+            hint = what or "metrics need the conditioning to compare with"
+            raise AnalysisError(f"{root} has no {name} array: {hint}")
+    ds = xr.open_zarr(root, consolidated=False)
+    return expression_metrics(ds[EXPRESSION], ds[engine.CONDITIONING])
