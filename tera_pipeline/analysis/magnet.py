@@ -80,21 +80,33 @@ def check_model(meta: dict, genes: tuple[str, ...], bin_shape: Shape, path: Path
         raise CheckpointError(f"{path} reads {meta['bin']} bins; the store's are {list(bin_shape)}")
 
 
-def prepare(root: Path, checkpoint: Path | None = None) -> tuple[JobConfig, str]:
-    """Check the store and the checkpoint, and create ``magnet_expression``."""
+def check(
+    root: Path, checkpoint: Path | None = None, metrics: bool = False
+) -> tuple[JobConfig, Path]:
+    """Everything MagNet needs of a store and a checkpoint, checked before anything is written."""
     from tera_pipeline.report import job_of
 
     root = Path(root)
     job = job_of(root)
     if not (root / engine.IMAGE / "zarr.json").is_file():
         raise AnalysisError(f"{root} has no image array: generate the volume first")
-    ledger_done = store.group_attrs(root)["tera_pipeline"].get("status") == "complete"
-    if not ledger_done:
-        raise AnalysisError(f"{root} is not a finished generation (status is not complete)")
+    if store.group_attrs(root)["tera_pipeline"].get("status") != "complete":
+        raise AnalysisError(f"{root} is not a finished generation (its status is not complete)")
+    if metrics and not (root / engine.CONDITIONING / "zarr.json").is_file():
+        raise AnalysisError(
+            f"{root} has no conditioning array: metrics need the expression to compare with "
+            "(run without metrics to only predict)"
+        )
     path = Path(checkpoint or DEFAULT_MAGNET)
     _, meta = load_magnet(path)
-    genes, b = engine.job_genes(root), job.conditioning.bin
-    check_model(meta, genes, b, path)
+    check_model(meta, engine.job_genes(root), job.conditioning.bin, path)
+    return job, path
+
+
+def prepare(root: Path, checkpoint: Path | None = None) -> tuple[JobConfig, str]:
+    """Check the store and the checkpoint, and create ``magnet_expression``."""
+    job, path = check(root, checkpoint)
+    genes, b = engine.job_genes(Path(root)), job.conditioning.bin
     cond = engine.array_specs(job, genes)[1]  # the conditioning's layout: same grid, same chunks
     store.remove(root, EXPRESSION)
     store.create_array(
