@@ -132,9 +132,9 @@ class GridGraphAttention(nn.Module):
         k = k.reshape(s, h, w, 9, self.heads, hd)
         v = v.reshape(s, h, w, 9, self.heads, hd)
         logits = (q * k).sum(-1) / hd**0.5  # (S, H, W, 9, heads)
-        logits = logits.masked_fill(~mask[..., None], float("-inf"))
+        logits = logits.masked_fill(~mask[..., None], -1e4)
         # a node with no valid neighbour (outside the data) aggregates nothing
-        weights = torch.nan_to_num(logits.softmax(dim=3), nan=0.0)
+        weights = logits.softmax(dim=3) * mask[..., None]
         agg = (weights[..., None] * v).sum(dim=3).reshape(s, h, w, d)
         return self.norm(x + self.proj(torch.cat([x, agg], dim=-1)))
 
@@ -229,8 +229,8 @@ def pearson(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
     """Pearson correlation along ``dim`` (zero where either side is constant)."""
     a = a - a.mean(dim=dim, keepdim=True)
     b = b - b.mean(dim=dim, keepdim=True)
-    den = (a.square().sum(dim) * b.square().sum(dim)).sqrt()
-    return (a * b).sum(dim) / den.clamp_min(1e-8)
+    den = (a.square().sum(dim) * b.square().sum(dim) + 1e-12).sqrt()  # finite gradient at 0
+    return (a * b).sum(dim) / den
 
 
 def magnet_loss(
