@@ -165,6 +165,10 @@ def demo(
     typer.echo(
         f"conditioning fidelity (per-bin DAPI vs cell count): r = {fidelity['pearson_r']:.3f}"
     )
+    from flows.magnet import analyze_magnet
+
+    typer.echo("MagNet: expression predicted back from the generated image")
+    _echo_magnet(analyze_magnet(str(store_path), workers))
 
 
 @app.command()
@@ -310,10 +314,12 @@ def analyze_magnet_cmd(
         magnet.check(store_path, checkpoint, metrics)
     except (AnalysisError, CheckpointError, StoreError, OSError) as err:
         _fail(str(err))
-    result = analyze_magnet(
-        str(store_path), workers, str(checkpoint) if checkpoint else None, metrics
-    )
-    typer.echo(f"predicted expression written to {store_path}/{magnet.EXPRESSION}")
+    checkpoint_text = str(checkpoint) if checkpoint else None
+    _echo_magnet(analyze_magnet(str(store_path), workers, checkpoint_text, metrics))
+
+
+def _echo_magnet(result: dict) -> None:
+    typer.echo(f"predicted expression written to {result['store']}/magnet_expression")
     for resolution, m in result.get("cycle_consistency", {}).items():
         typer.echo(
             f"  {resolution} bins vs conditioning: PCC per bin {m['pcc_bin']:.3f}, per gene "
