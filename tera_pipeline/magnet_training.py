@@ -46,7 +46,12 @@ def synthetic_pairs(
 
 
 class WindowSampler:
-    """Random region-aligned windows of one z slab from a list of (image, counts) pairs."""
+    """Windows of ``region_bins`` x ``region_bins`` bins of one z slab, from (image, counts) pairs.
+
+    A window starting at bin (y, x) is read in a frame shifted to that bin, so its spot and region
+    tiles are aligned to it and every window has the same grids (and stacks into a batch), while
+    the context around it is the real tissue: the frame's volume starts at (-y, -x).
+    """
 
     def __init__(self, data: list[TrainingData], config: MagNetConfig) -> None:
         self.config = config
@@ -60,35 +65,41 @@ class WindowSampler:
         """Inputs and targets of the window whose first core bin is (z, y, x)."""
         read, cond, b = self.items[item]
         w, cfg = self.config.region_bins, self.config
-        core = Box((z, y, x), (1, w, w))
-        inputs = level_inputs(read, core, cond.shape[1:], b, cfg)
+        shift = np.asarray((0, y * b[1], x * b[2]))
+
+        def shifted(box: Box) -> np.ndarray:
+            return read(Box(tuple(np.asarray(box.begin) + shift), box.shape))
+
+        volume = Box((0, -y, -x), cond.shape[1:])
+        inputs = level_inputs(shifted, Box((z, 0, 0), (1, w, w)), volume, b, cfg)
         counts = cond[:, z : z + 1, y : y + w, x : x + w].transpose(1, 2, 3, 0)  # (1, w, w, G)
         k = cfg.spot_bins
         spot = counts.reshape(1, w // k, k, w // k, k, -1).mean(axis=(2, 4))
         region = counts.mean(axis=(1, 2), keepdims=True)
-        targets = {
-            "bin": np.log1p(counts),
-            "spot": np.log1p(spot),
-            "region": np.log1p(region),
-        }
+        targets = {"bin": np.log1p(counts), "spot": np.log1p(spot), "region": np.log1p(region)}
         return inputs, {n: torch.from_numpy(v.astype(np.float32)) for n, v in targets.items()}
 
-    def origins(self, item: int) -> list[tuple[int, int, int]]:
+    def origins(self, item: int, step: int | None = None) -> list[tuple[int, int, int]]:
+        """Window origins of an item: every ``step`` bins (default: tiling windows)."""
         cond, w = self.items[item][1], self.config.region_bins
         _, nz, ny, nx = cond.shape
+        step = step or w
         return [
             (z, y, x)
             for z in range(nz)
-            for y in range(0, ny - w + 1, w)
-            for x in range(0, nx - w + 1, w)
+            for y in range(0, ny - w + 1, step)
+            for x in range(0, nx - w + 1, step)
         ]
 
     def batch(self, size: int, rng: np.random.Generator):
+        """Windows at random bins of random items."""
         picks = []
+        w = self.config.region_bins
         for _ in range(size):
             item = int(rng.integers(len(self.items)))
-            options = self.origins(item)
-            picks.append(self.window(item, *options[int(rng.integers(len(options)))]))
+            _, nz, ny, nx = self.items[item][1].shape
+            origin = (rng.integers(nz), rng.integers(ny - w + 1), rng.integers(nx - w + 1))
+            picks.append(self.window(item, *(int(v) for v in origin)))
         inputs = concat([p[0] for p in picks])
         targets = {n: torch.cat([p[1][n] for p in picks]) for n in picks[0][1]}
         return inputs, targets
@@ -131,7 +142,7 @@ def train_magnet(
 ) -> list[dict]:
     """Train MagNet (``kind="magnet"``) or the bin-crop CNN baseline and save it to ``out``.
 
-    ``data`` (train, validation) defaults to synthetic renders of seeds ``seed``, ``seed + 1``
+    ``data`` (train, validation) defaults to synthetic renders of seeds ``seed`` .. ``seed + 2``
     (validation: ``seed + 1000``). Returns the log.
     """
     if kind not in KINDS:
@@ -141,8 +152,8 @@ def train_magnet(
     rng = np.random.default_rng(seed)
     if data is None:
         data = (
-            synthetic_pairs((seed, seed + 1), volume),
-            synthetic_pairs((seed + 1000,), (2, 256, 256)),
+            synthetic_pairs((seed, seed + 1, seed + 2), volume),
+            synthetic_pairs((seed + 1000,), (4, 256, 256)),
         )
     train, val = data
     genes, bin_shape = train[0].genes, train[0].bin

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,8 +97,9 @@ def test_level_inputs_are_aligned_to_the_global_grid():
     image = np.arange(2 * 1 * 256 * 256, dtype=np.uint32).reshape(2, 1, 256, 256) % 251
     image = image.astype(np.uint8)
     read = array_reader(image)
-    whole = level_inputs(read, Box((0, 0, 0), (1, 16, 16)), (1, 16, 16), (1, 16, 16), SMALL)
-    part = level_inputs(read, Box((0, 5, 9), (1, 3, 2)), (1, 16, 16), (1, 16, 16), SMALL)
+    volume = Box((0, 0, 0), (1, 16, 16))
+    whole = level_inputs(read, volume, volume, (1, 16, 16), SMALL)
+    part = level_inputs(read, Box((0, 5, 9), (1, 3, 2)), volume, (1, 16, 16), SMALL)
     # crop of bin (0, 6, 10): in the whole-volume grid at ring offset +1
     np.testing.assert_array_equal(part.crops[0, 2, 2], whole.crops[0, 7, 11])
     # its spot tile is (1, 2), region tile (0, 1), whatever the block
@@ -163,3 +165,17 @@ def test_clear_errors(stores, magnet_checkpoint, tmp_path):
     with pytest.raises(AnalysisError, match="no image array"):
         magnet.run(no_image, None, magnet_checkpoint)
     assert sorted(p.name for p in no_image.iterdir()) == before  # nothing written
+
+
+def test_cli_runs_the_prefect_flow_and_reports_each_resolution(stores, magnet_checkpoint):
+    import json
+
+    root = next(iter(stores.values()))
+    result = _cli(root, "--checkpoint", magnet_checkpoint, "--workers", "1")
+    assert result.exit_code == 0, result.output
+    for resolution in ("1x1", "2x2", "4x4"):
+        assert f"{resolution} bins vs conditioning: PCC per bin" in result.output
+    report = json.loads(Path(root).with_suffix(".magnet.json").read_text())
+    assert report["run"]["blocks"] == 6 * 4  # 176 x 208 in blocks of 32 x 64
+    assert set(report["cycle_consistency"]) == {"1x1", "2x2", "4x4"}
+    assert -1 <= report["cycle_consistency"]["1x1"]["pcc_gene"] <= 1

@@ -47,14 +47,14 @@ def to_counts(log_expression: torch.Tensor) -> np.ndarray:
 
 @torch.inference_mode()
 def predict_bins(
-    model: MagNet, read: Reader, core: Box, volume_bins: Shape, bin_shape: Shape
+    model: MagNet, read: Reader, core: Box, volume: Box, bin_shape: Shape
 ) -> np.ndarray:
     """Predicted counts (G, z, y, x bins) of the core bins ``core``, a few z slabs at a time."""
     out = []
     for z0 in range(core.begin[0], core.end[0], SLABS_PER_BATCH):
         z1 = min(z0 + SLABS_PER_BATCH, core.end[0])
         part = Box.from_bounds((z0, *core.begin[1:]), (z1, *core.end[1:]))
-        inputs = level_inputs(read, part, volume_bins, bin_shape, model.config)
+        inputs = level_inputs(read, part, volume, bin_shape, model.config)
         out.append(to_counts(model(inputs)["bin"]))  # (S, Y, X, G)
     return np.concatenate(out).transpose(3, 0, 1, 2)
 
@@ -62,7 +62,7 @@ def predict_bins(
 def predict_volume(model: MagNet, image: np.ndarray, bin_shape: Shape) -> np.ndarray:
     """The whole-volume, in-memory run: (C, z, y, x) uint8 -> counts (G, zbin, ybin, xbin)."""
     bins = bin_box(Box((0, 0, 0), image.shape[1:]), bin_shape)
-    return predict_bins(model, array_reader(image), bins, bins.shape, bin_shape)
+    return predict_bins(model, array_reader(image), bins, bins, bin_shape)
 
 
 def check_model(meta: dict, genes: tuple[str, ...], bin_shape: Shape, path: Path) -> None:
@@ -137,8 +137,8 @@ def magnet_block(job: JobConfig, checkpoint: str, index: tuple[int, ...]) -> eng
     root, b = Path(job.out), job.conditioning.bin
     image = store.open_array(root, engine.IMAGE)
     core = bin_box(job.grid().block(index).core, b)
-    volume_bins = bin_box(Box((0, 0, 0), job.volume.shape), b).shape
-    counts = predict_bins(model, lambda box: store.read_box(image, box), core, volume_bins, b)
+    volume = bin_box(Box((0, 0, 0), job.volume.shape), b)
+    counts = predict_bins(model, lambda box: store.read_box(image, box), core, volume, b)
     tw = time.perf_counter()
     store.write_box(store.open_array(root, EXPRESSION), core, counts)
     end = time.perf_counter()

@@ -60,9 +60,10 @@ def _index_of(bins: tuple[int, int], size: int, grid: tuple[int, int]) -> np.nda
 
 
 def level_inputs(
-    read: Reader, core: Box, volume_bins: Shape, bin_shape: Shape, config: MagNetConfig
+    read: Reader, core: Box, volume: Box, bin_shape: Shape, config: MagNetConfig
 ) -> LevelInputs:
-    """MagNet's inputs for the core bins ``core`` (z, y, x bins): one slab per z bin."""
+    """MagNet's inputs for the core bins ``core`` (z, y, x bins): one slab per z bin. Bins and
+    tiles that begin outside ``volume`` (bins) are invalid."""
     if bin_shape[1] != config.bin_px or bin_shape[2] != config.bin_px:
         raise ValueError(
             f"the model reads {config.bin_px} x {config.bin_px} px bins; "
@@ -111,8 +112,8 @@ def level_inputs(
     def valid(grid, n_bins: int) -> np.ndarray:
         ys = np.arange(*grid[0]) * n_bins
         xs = np.arange(*grid[1]) * n_bins
-        inside_y = (ys >= 0) & (ys < volume_bins[1])
-        inside_x = (xs >= 0) & (xs < volume_bins[2])
+        inside_y = (ys >= volume.begin[1]) & (ys < volume.end[1])
+        inside_x = (xs >= volume.begin[2]) & (xs < volume.end[2])
         plane = inside_y[:, None] & inside_x[None, :]
         return np.repeat(plane[None], core.shape[0], axis=0)
 
