@@ -1,7 +1,8 @@
 """The generation engine: synchronised patch diffusion with an exact halo, block by block.
 
 For each DDIM step (a barrier between steps), every block reads the state over the span of all
-lattice patches touching its core, runs the denoiser on those patches, blends the predictions with
+lattice patches touching its core, runs the denoiser on those patches (a patch straddling blocks is
+computed by one of them and shared through a scratch file: ``seams``), blends the predictions with
 a positive window normalised by the summed weights, applies the DDIM update to its core and writes
 the core (one whole shard) to the other scratch array; the last step writes the uint8 image.
 The initial noise is a pure function of (seed, position) and is never stored. Because patches sit
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +35,9 @@ from tera_pipeline.diffusion import DDIMSchedule, position_noise
 from tera_pipeline.geometry import Box
 from tera_pipeline.inference import get_predictor
 from tera_pipeline.partition import PartitionedSource, partition
+from tera_pipeline.seams import fetch as fetch_seams
+from tera_pipeline.seams import plan as plan_seams
+from tera_pipeline.seams import publish as publish_seams
 from tera_pipeline.status import record_error
 
 IMAGE = "image"
@@ -54,6 +59,9 @@ class BlockStats:
     """Timings of one block task, for efficiency accounting."""
 
     patches: int = 0
+    """Patch evaluations (each lattice patch once per step when every seam is shared)."""
+    shared: int = 0
+    """Patch predictions taken from a neighbour's seam file instead of computed."""
     model_s: float = 0.0
     read_s: float = 0.0
     write_s: float = 0.0
@@ -68,7 +76,7 @@ class StepReport:
     stats: BlockStats = field(default_factory=BlockStats)
 
     def add(self, s: BlockStats) -> None:
-        for name in ("patches", "model_s", "read_s", "write_s", "total_s"):
+        for name in ("patches", "shared", "model_s", "read_s", "write_s", "total_s"):
             setattr(self.stats, name, getattr(self.stats, name) + getattr(s, name))
 
 
@@ -291,7 +299,11 @@ def rasterize_block(config: JobConfig, index: tuple[int, ...]) -> BlockStats:
 def denoise_block(
     config: JobConfig, checkpoint: str, step: int, index: tuple[int, ...]
 ) -> BlockStats:
-    """One DDIM step of one block: read with halo, denoise patches, blend, update, write core."""
+    """One DDIM step of one block: read with halo, denoise patches, blend, update, write core.
+
+    The block's own seam patches are computed first and published; those its lower neighbours
+    own are taken from their files when published (``tera_pipeline.seams``), else computed.
+    """
     predictor = get_predictor(checkpoint, config.batch_size)  # loaded once per worker
     t0 = time.perf_counter()
     stats = BlockStats()
@@ -317,21 +329,41 @@ def denoise_block(
     cond = store.read_box(store.open_array(root, CONDITIONING), cond_span)
     stats.read_s = time.perf_counter() - t0
 
-    window = patch_window(tuple(config.lattice.patch), config.lattice.window)
-    acc = Accumulator(core, channels)
     t = sched.timestep(step)
     batch = max(config.batch_size, 1)
-    for start in range(0, len(patches), batch):
-        group = patches[start : start + batch]
-        xs = np.stack([x[(slice(None), *p.slices(span))] for p in group])
-        windows = [patch_bins(p, b, context).slices(cond_span) for p in group]
+    key = tuple(int(i) for i in index)
+    seams = plan_seams(grid, key, patches)
+    preds = np.empty((len(patches), channels, *config.lattice.patch), dtype=np.float32)
+    todo = deque(seams.outgoing + seams.interior)  # outgoing first: neighbours wait on them
+    unpublished, resolved = len(seams.outgoing), not seams.incoming
+    while todo or not resolved:
+        if not resolved and len(todo) < batch:  # as late as possible; fills the last batch
+            tr = time.perf_counter()
+            missing = fetch_seams(root, grid, step, patches, seams, preds)
+            stats.read_s += time.perf_counter() - tr
+            stats.shared = sum(map(len, seams.incoming.values())) - len(missing)
+            todo.extend(missing)
+            resolved = True
+            continue
+        group = [todo.popleft() for _ in range(min(batch, len(todo)))]
+        xs = np.stack([x[(slice(None), *patches[i].slices(span))] for i in group])
+        windows = [patch_bins(patches[i], b, context).slices(cond_span) for i in group]
         cs = np.stack([cond[(slice(None), *w)] for w in windows])
         tm = time.perf_counter()
-        eps = predictor(xs, t, cs)
+        preds[group] = predictor(xs, t, cs)
         stats.model_s += time.perf_counter() - tm
-        for p, e in zip(group, eps, strict=True):
-            acc.add(p, e, window)
-    stats.patches = len(patches)
+        stats.patches += len(group)
+        if unpublished > 0:
+            unpublished -= len(group)
+            if unpublished <= 0:
+                tw = time.perf_counter()
+                publish_seams(root, step, key, preds[seams.outgoing])
+                stats.write_s += time.perf_counter() - tw
+
+    window = patch_window(tuple(config.lattice.patch), config.lattice.window)
+    acc = Accumulator(core, channels)
+    for p, e in zip(patches, preds, strict=True):  # lattice order, whoever computed them
+        acc.add(p, e, window)
 
     noise = None
     if sched.sigma(step) > 0:
@@ -342,7 +374,7 @@ def denoise_block(
         store.write_box(store.open_array(root, IMAGE), core, to_uint8(x_next))
     else:
         store.write_box(store.open_array(root, STATES[(step + 1) % 2]), core, x_next)
-    stats.write_s = time.perf_counter() - tw
+    stats.write_s += time.perf_counter() - tw
     stats.total_s = time.perf_counter() - t0
     return stats
 
