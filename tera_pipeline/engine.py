@@ -332,7 +332,7 @@ def denoise_block(
     t = sched.timestep(step)
     batch = max(config.batch_size, 1)
     key = tuple(int(i) for i in index)
-    seams = plan_seams(grid, key, patches)
+    seams = plan_seams(grid, key, patches, share=config.share_seams)
     preds = np.empty((len(patches), channels, *config.lattice.patch), dtype=np.float32)
     todo = deque(seams.outgoing + seams.interior)  # outgoing first: neighbours wait on them
     unpublished, resolved = len(seams.outgoing), not seams.incoming

@@ -25,7 +25,7 @@ from tera_pipeline.config import JobConfig
 LEDGER = "_ledger"
 LOCK = "_lock.json"
 # Fields that do not change the output bytes: where it goes and how it is scheduled.
-_IGNORED = {"out", "cluster", "blocks_in_flight", "retries"}
+_IGNORED = {"out", "cluster", "blocks_in_flight", "retries", "share_seams"}
 
 
 class ResumeError(RuntimeError):

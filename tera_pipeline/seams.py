@@ -63,8 +63,11 @@ def _rows(grid: ChunkGrid, index: Index) -> dict[tuple[int, ...], int]:
     return {p.begin: row for row, p in enumerate(outgoing(grid, index))}
 
 
-def plan(grid: ChunkGrid, index: Index, patches: list[Box]) -> SeamPlan:
-    """Where each of ``patches`` (the block's patches, lattice order) comes from."""
+def plan(grid: ChunkGrid, index: Index, patches: list[Box], share: bool = True) -> SeamPlan:
+    """Where each of ``patches`` (the block's patches, lattice order) comes from; without
+    ``share``, every one is computed here."""
+    if not share:
+        return SeamPlan([], list(range(len(patches))), {})
     out = {p.begin for p in outgoing(grid, index)}
     result = SeamPlan([], [], {})
     for i, p in enumerate(patches):
