@@ -179,3 +179,28 @@ def test_cli_runs_the_prefect_flow_and_reports_each_resolution(stores, magnet_ch
     assert report["run"]["blocks"] == 6 * 4  # 176 x 208 in blocks of 32 x 64
     assert set(report["cycle_consistency"]) == {"1x1", "2x2", "4x4"}
     assert -1 <= report["cycle_consistency"]["1x1"]["pcc_gene"] <= 1
+
+
+def test_train_magnet_on_a_users_image_and_cells(tmp_path):
+    """`tera train magnet --images ZARR --cells CSV`: a user's zarr array and its cell table."""
+    import pandas as pd
+    import zarr
+
+    from tera_pipeline.synthetic import SyntheticBrain
+
+    box = Box((0, 0, 0), (1, 288, 160))
+    brain = SyntheticBrain(5)
+    zarr.create_array(tmp_path / "img.zarr", data=brain.render(box))
+    cells = brain.cells(box)
+    frame = pd.DataFrame({a: cells.position_um[:, i] for i, a in enumerate("zyx")})
+    for g, name in enumerate(GENE_PANEL):
+        frame[name] = cells.counts[:, g]
+    frame.to_csv(tmp_path / "cells.csv", index=False)
+    out = tmp_path / "user_magnet.safetensors"
+    args = ["train", "magnet", "--images", tmp_path / "img.zarr", "--cells", tmp_path / "cells.csv"]
+    result = CliRunner().invoke(app, [*map(str, args), "--steps", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    _, meta = magnet.load_magnet(out)
+    assert meta["genes"] == list(GENE_PANEL) and meta["training"]["steps"] == 2
+    bad = CliRunner().invoke(app, ["train", "magnet", "--images", str(tmp_path / "img.zarr")])
+    assert bad.exit_code == 2 and "--images and --cells go together" in bad.output
