@@ -357,7 +357,7 @@ def denoise_block(
             unpublished -= len(group)
             if unpublished <= 0:
                 tw = time.perf_counter()
-                publish_seams(root, step, key, preds[seams.outgoing])
+                publish_seams(root, grid, step, key, preds[seams.outgoing])
                 stats.write_s += time.perf_counter() - tw
 
     window = patch_window(tuple(config.lattice.patch), config.lattice.window)
