@@ -4,8 +4,8 @@ Each bin is seen three ways: its own crop (the bin plus a margin), the spot tile
 tile that contain it (coarser levels of the same image). The bin feature queries the tile
 features by cross-attention (``x = x + CA(spot) + CA(region)``); graph attention over the k = 8
 nearest neighbours on each level's grid (the 3 x 3 neighbourhood of a regular grid) mixes
-neighbouring bins, spots and regions; a transformer over the three level tokens, mean-pooled,
-feeds a shared head predicting G genes (log1p counts). Tile heads predict each tile's mean
+neighbouring bins, spots and regions; a transformer over the three level tokens, mean-pooled
+and joined with the bin level's token, feeds a shared head predicting G genes (log1p counts). Tile heads predict each tile's mean
 expression for the paper's tile-level and cross-resolution losses.
 
 Everything is laid out on dense grids of one bin slab: ``(S, H, W, ...)`` with S independent slabs
@@ -187,7 +187,7 @@ class MagNet(nn.Module):
             d, config.heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True
         )
         self.levels = nn.TransformerEncoder(layer, config.level_layers, enable_nested_tensor=False)
-        self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, config.genes))
+        self.head = nn.Sequential(nn.LayerNorm(2 * d), nn.Linear(2 * d, config.genes))
         self.tile_heads = nn.ModuleDict({n: nn.Linear(d, config.genes) for n in LEVELS[1:]})
 
     def forward(self, inputs: LevelInputs) -> dict[str, torch.Tensor]:
@@ -216,7 +216,10 @@ class MagNet(nn.Module):
         tokens = torch.stack(
             [bins.flatten(1, 2), spots.flatten(1, 2)[:, si], regions.flatten(1, 2)[:, ri]], dim=2
         )  # (S, Nb_inner, 3, D)
-        fused = self.levels((tokens + self.level_embedding).flatten(0, 1)).mean(dim=1)
+        levels = self.levels((tokens + self.level_embedding).flatten(0, 1))
+        # the paper's mean over levels, plus the bin level's own token: without it the prediction
+        # drifts toward the neighbourhood's mean (measured; see docs/ARCHITECTURE.md)
+        fused = torch.cat([levels.mean(dim=1), levels[:, 0]], dim=-1)
         out = self.head(fused).reshape(s, hb - 2, wb - 2, -1)
         return {
             "bin": out,
