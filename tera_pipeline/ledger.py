@@ -100,10 +100,13 @@ def done(root: Path, phase: int) -> np.ndarray:
 
 
 def pending(root: Path, phase: int) -> Iterator[tuple[int, ...]]:
-    """Blocks of ``phase`` not yet done, in C order."""
-    flags = done(root, phase)
-    for index in zip(*np.nonzero(~flags)):
-        yield tuple(int(i) for i in index)
+    """Blocks of ``phase`` not yet done, in C order, read one slab of the block grid (one block
+    row along z) at a time: memory grows with a slab, not with the number of blocks."""
+    arr = store.open_array(root, LEDGER)
+    for z in range(arr.shape[1]):
+        flags = arr[phase, z].read().result()
+        for y, x in zip(*np.nonzero(flags == 0)):
+            yield (z, int(y), int(x))
 
 
 def progress(root: Path) -> list[tuple[int, int]]:
