@@ -29,6 +29,7 @@ import numpy as np
 from models.checkpoint import DEFAULT_DENOISER, file_digest, read_metadata
 from tera_pipeline import ledger, store
 from tera_pipeline.blending import Accumulator, patch_window
+from tera_pipeline.cluster import block_resources, gpu_task
 from tera_pipeline.conditioning import CELLS_DIR, bin_box, open_source, patch_bins
 from tera_pipeline.config import JobConfig
 from tera_pipeline.diffusion import DDIMSchedule, position_noise
@@ -296,6 +297,7 @@ def rasterize_block(config: JobConfig, index: tuple[int, ...]) -> BlockStats:
     return BlockStats(total_s=time.perf_counter() - t0)
 
 
+@gpu_task
 def denoise_block(
     config: JobConfig, checkpoint: str, step: int, index: tuple[int, ...]
 ) -> BlockStats:
@@ -413,7 +415,10 @@ def run_blocks(
     def submit(index):
         key = f"{phase}-{'-'.join(map(str, index))}-{time.monotonic_ns()}"
         where[key] = index
-        return client.submit(fn, *args, index, key=key, pure=False, retries=retries)
+        resources = block_resources(client, fn)  # {"GPU": 1} for model tasks on GPU workers
+        return client.submit(
+            fn, *args, index, key=key, pure=False, retries=retries, resources=resources
+        )
 
     pending = as_completed([submit(i) for i in itertools.islice(it, in_flight)])
     for done, fut in enumerate(pending, start=1):
