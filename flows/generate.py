@@ -1,7 +1,21 @@
-"""Prefect flow ``generate``: one task per phase (store, conditioning, each DDIM step, finalise).
+"""Prefect flow ``generate``: one task per phase (store, conditioning, each DDIM step, pyramid,
+finalise), then the run's artifacts (figures table, orthogonal slices).
 
-Each step task hands that step's blocks to Dask as plain functions (never one Prefect task per
-block), so workers need no Prefect server and the flow scales to millions of blocks.
+Each phase task hands its blocks to Dask as plain functions (never one Prefect task per block),
+so workers need no Prefect server and the flow scales to millions of blocks.
+
+Retries and results, deliberately:
+
+- Block failures are retried by Dask (``config.retries`` per block); a phase task is retried by
+  Prefect only for errors outside the blocks (``OSError``: a lost scheduler connection, a
+  timeout, a filesystem hiccup of the driver), and then recomputes only the blocks the ledger does
+  not record as done. ``prepare_store`` is never retried: its errors (bad input, a held lock, an
+  existing store) are the same the second time. The flow itself is not retried: a stopped run is
+  continued with ``resume=True``, which checks that the job is the same.
+- No Prefect result is persisted: task inputs hold a live Dask client, and the authoritative
+  record of what is done is the store's ledger (beside the data, on the shared filesystem),
+  which ``--resume`` and ``tera status`` read; Prefect's local result storage would hold only
+  copies of small reports on the flow's host.
 """
 
 from __future__ import annotations
@@ -12,12 +26,33 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from tera_pipeline import engine
+from flows.artifacts import StepProgress, publish_run_artifacts
+from tera_pipeline import engine, pyramid
 from tera_pipeline.cluster import cluster_client
 from tera_pipeline.config import JobConfig
 from tera_pipeline.progress import BlockProgress
 
+
+def _outside_blocks(task, task_run, state) -> bool:
+    """Retry a phase for an ``OSError`` raised outside the blocks (connection, timeout, driver
+    filesystem); block errors reach here as ``GenerationError`` after Dask's own retries."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except BaseException:
+        return False
+    return False
+
+
 _task = task(cache_policy=NONE, persist_result=False)
+_phase = task(
+    cache_policy=NONE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=[10, 60],
+    retry_condition_fn=_outside_blocks,
+)
 
 
 @_task
@@ -25,12 +60,12 @@ def prepare_store(config: JobConfig, overwrite: bool, resume: bool) -> Path:
     return engine.prepare_store(config, overwrite=overwrite, resume=resume)
 
 
-@_task
+@_phase
 def rasterize_conditioning(config: JobConfig, client, progress) -> engine.StepReport:
     return engine.conditioning_pass(config, client, progress)
 
 
-@_task(task_run_name="denoise step {step}")
+@_phase(task_run_name="denoise step {step}")
 def denoise_step(
     config: JobConfig, checkpoint: Path, step: int, client, progress
 ) -> engine.StepReport:
@@ -45,18 +80,28 @@ def denoise_step(
     return report
 
 
-@_task
+@_phase
+def build_pyramid(config: JobConfig, client, progress) -> list:
+    """Downsampled levels, block-wise, and the OME-NGFF multiscales metadata."""
+    return pyramid.build(config, client, progress)
+
+
+@_phase
 def finalize_store(config: JobConfig, reports: list) -> None:
     engine.finalize_store(config, reports)
 
 
-@flow(name="generate", validate_parameters=True)
+@flow(name="generate", validate_parameters=True, retries=0, persist_result=False)
 def generate_flow(
-    config: dict, overwrite: bool = False, show_progress: bool = True, resume: bool = False
+    config: JobConfig,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    resume: bool = False,
+    artifacts: bool = True,
 ) -> str:
-    """Generate the volume described by ``config`` (a JobConfig as a dict) into its store;
-    with ``resume``, continue a stopped run from its ledger."""
-    job = JobConfig.model_validate(config)
+    """Generate the volume described by ``config`` (a JobConfig; a bad field fails the run at once,
+    named) into its store; with ``resume``, continue a stopped run from its ledger."""
+    job = config if isinstance(config, JobConfig) else JobConfig.model_validate(config)
     logger = get_run_logger()
     with cluster_client(job.cluster) as client:
         logger.info("Dask dashboard: %s", client.dashboard_link)
@@ -69,10 +114,18 @@ def generate_flow(
             job.storage.block,
             job.diffusion.steps,
         )
+        steps = StepProgress(job.out, job.diffusion.steps) if artifacts else None
         bar = BlockProgress() if show_progress else nullcontext()
         with engine.holding(job), bar as progress:
             reports = [rasterize_conditioning(job, client, progress)]
             for step in range(job.diffusion.steps):
                 reports.append(denoise_step(job, checkpoint, step, client, progress))
+                if steps:
+                    steps.done(step + 1)
+            build_pyramid(job, client, progress)
             finalize_store(job, reports)
+    if artifacts:
+        state = publish_run_artifacts(str(job.out), return_state=True)
+        if state.is_failed():  # the volume is complete; a missing artifact does not undo it
+            logger.warning("run artifacts not published: %s", state.message)
     return str(job.out)

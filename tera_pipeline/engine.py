@@ -536,11 +536,14 @@ def generate(
 ) -> list[StepReport]:
     """The whole job without an orchestrator: store, conditioning, every step, final image.
     With ``resume``, only blocks the ledger does not record as done are computed."""
+    from tera_pipeline.pyramid import build as build_pyramid
+
     checkpoint = prepare_store(config, overwrite=overwrite, resume=resume)
     with holding(config):
         reports = [conditioning_pass(config, client, progress)]
         for step in range(config.diffusion.steps):
             reports.append(denoise_step(config, checkpoint, step, client, progress))
+        build_pyramid(config, client, progress)  # multiscale levels + OME-NGFF metadata
         finalize_store(config, reports)
     return reports
 
