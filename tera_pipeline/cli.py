@@ -237,22 +237,39 @@ def analyze_attention(
 def status(
     store_path: Annotated[Path, typer.Argument(metavar="STORE", help="A job's store.")],
 ) -> None:
-    """Progress of a running, finished or dead job: blocks done per phase, holder, last error."""
-    from tera_pipeline.status import job_status
+    """Progress of a running, finished or dead job: blocks done per phase, time, holder, last
+    error."""
+    from tera_pipeline.status import format_status, job_status
     from tera_pipeline.store import StoreError
 
     try:
         info = job_status(store_path)
     except (StoreError, OSError) as err:
         _fail(str(err))
-    typer.echo(f"{info['store']}: {info['state']} (started {info['started']})")
-    if info["holder"]:
-        typer.echo(f"held by {info['holder']}")
-    for p in info["phases"]:
-        bar = "#" * round(20 * p["done"] / max(p["total"], 1))
-        typer.echo(f"  {p['phase']:>14}  {p['done']:>7}/{p['total']:<7} {bar:<20}")
-    if info["last_error"]:
-        typer.echo(f"last error ({info['last_error']['time']}): {info['last_error']['message']}")
+    for line in format_status(info):
+        typer.echo(line)
+
+
+@app.command()
+def deploy(
+    pool: Annotated[str, typer.Option(help="Process work pool (created if absent).")] = "tera",
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "tera",
+    working_dir: Annotated[
+        Path | None, typer.Option(help="Where runs resolve relative paths (default: here).")
+    ] = None,
+    concurrency_limit: Annotated[int | None, typer.Option(help="Runs at once in the pool.")] = None,
+) -> None:
+    """Register the Prefect deployments (generate, analyses, pipeline) on a process work pool of
+    the server at PREFECT_API_URL."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        _fail("PREFECT_API_URL is not set: start a server (prefect server start) and point to it")
+    from flows.deployments import register
+
+    for full_name in register(pool, name, working_dir, concurrency_limit):
+        typer.echo(f"deployment {full_name}")
+    typer.echo(f"start a worker where the flows should run: prefect worker start --pool {pool}")
 
 
 @train_app.command("denoiser")

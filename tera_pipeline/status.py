@@ -9,15 +9,20 @@ from tera_pipeline import ledger, store
 
 
 def job_status(root: Path) -> dict:
-    """Status of a running, finished, failed or dead job from its store alone."""
+    """Status of a running, finished, failed or dead job from its store alone: blocks done per
+    phase, when each phase last finished a block, the time since the start and since the last
+    block, the holder and the last error."""
     root = Path(root)
     attrs = store.group_attrs(root).get("tera_pipeline")
     if attrs is None:
         raise store.StoreError(f"{root} is not a tera-pipeline store")
     steps = attrs["config"]["diffusion"]["steps"]
     names = ["conditioning", *(f"step {k + 1}/{steps}" for k in range(steps))]
+    last = _last_block_times(root, len(names))
+    walls = {p["phase"]: p["wall_s"] for p in attrs.get("run", {}).get("phases", [])}
     phases = [
-        {"phase": n, "done": d, "total": t} for n, (d, t) in zip(names, ledger.progress(root))
+        {"phase": n, "done": d, "total": t, "last_block": last[i], "wall_s": walls.get(n)}
+        for i, (n, (d, t)) in enumerate(zip(names, ledger.progress(root)))
     ]
     holder = ledger.holder(root)
     state = attrs.get("status", "unknown")
@@ -25,14 +30,76 @@ def job_status(root: Path) -> dict:
         state = "stopped (resume with --resume)"
     elif state == "running" and not ledger.alive(holder):
         state = "dead (resume with --resume)"
+    now = time.time()
+    started = _epoch(attrs.get("resumed") or attrs.get("started"))
+    latest = max((t for t in last if t is not None), default=None)
     return {
         "store": str(root),
         "state": state,
         "phases": phases,
         "holder": ledger.describe(holder) if holder else None,
         "started": attrs.get("started"),
+        "resumed": attrs.get("resumed"),
+        "elapsed_s": None if started is None else now - started,
+        "since_last_block_s": None if latest is None else now - latest,
         "last_error": attrs.get("last_error"),
     }
+
+
+def _last_block_times(root: Path, phases: int) -> list[float | None]:
+    """Per phase, when its last block was recorded: the newest ledger chunk of that phase
+    (chunks are (1, blocks...) so phase p's files are ``_ledger/c/<p>/...``)."""
+    out: list[float | None] = []
+    for p in range(phases):
+        times = [f.stat().st_mtime for f in (root / ledger.LEDGER / "c" / str(p)).rglob("*")
+                 if f.is_file()]  # fmt: skip
+        out.append(max(times) if times else None)
+    return out
+
+
+def _epoch(stamp: str | None) -> float | None:
+    if not stamp:
+        return None
+    return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
+
+
+def duration(seconds: float | None) -> str:
+    """12 s, 3 min 04 s, 2 h 05 min."""
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def clock(epoch: float | None) -> str:
+    return "-" if epoch is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def format_status(info: dict) -> list[str]:
+    """The lines ``tera status`` prints."""
+    head = f"{info['store']}: {info['state']} (started {info['started']}"
+    if info.get("resumed"):
+        head += f", resumed {info['resumed']}"
+    lines = [head + f", {duration(info['elapsed_s'])} ago)"]
+    if info["since_last_block_s"] is not None:
+        lines.append(f"last block done {duration(info['since_last_block_s'])} ago")
+    if info["holder"]:
+        lines.append(f"held by {info['holder']}")
+    for p in info["phases"]:
+        bar = "#" * round(20 * p["done"] / max(p["total"], 1))
+        when = f"took {p['wall_s']:.1f} s" if p["wall_s"] is not None else clock(p["last_block"])
+        when = when if p["done"] else ""
+        lines.append(
+            f"  {p['phase']:>14}  {p['done']:>7}/{p['total']:<7} {bar:<20}  {when}".rstrip()
+        )
+    if info["last_error"]:
+        err = info["last_error"]
+        lines.append(f"last error ({err['time']}): {err['message']}")
+    return lines
 
 
 def record_error(root: Path, err: BaseException) -> None:

@@ -1,0 +1,54 @@
+"""``tera status`` on a half-finished job: blocks done per phase, times, holder, last error."""
+
+from __future__ import annotations
+
+import re
+
+from typer.testing import CliRunner
+
+from tera_pipeline import engine, ledger
+from tera_pipeline.cli import app
+from tera_pipeline.status import record_error
+
+runner = CliRunner()
+
+
+def test_status_of_a_half_finished_job(small_job, client):
+    """Conditioning and step 1 done, step 2 stopped after 5 of 27 blocks."""
+    job = small_job
+    checkpoint = engine.prepare_store(job)  # holds the lock, as a running job does
+    engine.conditioning_pass(job, client)
+    engine.denoise_step(job, checkpoint, 0, client)
+    first_five = list(ledger.pending(job.out, 2))[:5]
+    engine.denoise_step(job, checkpoint, 1, client, indices=first_five)
+
+    running = runner.invoke(app, ["status", str(job.out)])
+    assert running.exit_code == 0, running.output
+    print(running.output)
+    assert f"{job.out}: running (started " in running.output
+    assert re.search(r"held by host \S+, pid \d+", running.output)
+    assert re.search(r"last block done \d+ s ago", running.output)
+    counts = {"conditioning": 27, "step 1/3": 27, "step 2/3": 5, "step 3/3": 0}
+    for phase, done in counts.items():
+        line = next(ln for ln in running.output.splitlines() if ln.strip().startswith(phase))
+        assert f"{phase}  {done:>7}/27" in line
+        has_time = re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$", line) is not None
+        assert has_time == (done > 0), line  # when its last block was recorded
+    assert "last error" not in running.output
+
+    record_error(job.out, RuntimeError("step 2/3: block (0, 1, 2) failed: disk full"))
+    ledger.release(job.out)
+    failed = runner.invoke(app, ["status", str(job.out)])
+    print(failed.output)
+    assert f"{job.out}: failed" in failed.output and "held by" not in failed.output
+    assert re.search(r"last error \(.+\): step 2/3: block \(0, 1, 2\) failed: disk full",
+                     failed.output)  # fmt: skip
+    assert "step 2/3        5/27" in failed.output
+
+
+def test_status_of_a_finished_job_shows_phase_times(small_job, client):
+    engine.generate(small_job, client)
+    result = runner.invoke(app, ["status", str(small_job.out)])
+    print(result.output)
+    assert f"{small_job.out}: complete" in result.output
+    assert len(re.findall(r"27/27 +#{20}  took \d+\.\d s", result.output)) == 4
