@@ -169,6 +169,7 @@ def demo(
 
     typer.echo("MagNet: expression predicted back from the generated image")
     _echo_magnet(analyze_magnet(str(store_path), workers))
+    _demo_spatia(store_path, out, workers)
 
 
 @app.command()
@@ -400,6 +401,174 @@ def train_magnet_cmd(
         on_log=lambda e: (typer.echo(json.dumps(e)), sys.stdout.flush()),
     )
     typer.echo(f"wrote {out or DEFAULT_MAGNET.with_name(f'{kind}.safetensors')}: {history[-1]}")
+
+
+# -- SPATIA -------------------------------------------------------------------------------------
+def _spatia_errors() -> tuple[type[Exception], ...]:
+    from models.checkpoint import CheckpointError
+    from tera_pipeline.analysis.cells import CropError
+    from tera_pipeline.analysis.perturb import PerturbError
+    from tera_pipeline.analysis.spatia import SpatiaError
+    from tera_pipeline.inputs import InputError
+    from tera_pipeline.store import StoreError
+
+    return (SpatiaError, CropError, PerturbError, CheckpointError, InputError, StoreError, OSError)
+
+
+def _genes_list(text: str | None) -> list[str]:
+    return [g.strip() for g in (text or "").split(",") if g.strip()]
+
+
+@analyze_app.command("spatia")
+def analyze_spatia_cmd(
+    store_path: Annotated[Path, typer.Argument(metavar="STORE", help="A generated store.")],
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="SPATIA checkpoint (default: the committed one).")
+    ] = None,
+    impute: Annotated[
+        str | None, typer.Option(help="Genes hidden from the input and imputed: A,B.")
+    ] = None,
+    block: Annotated[
+        str | None, typer.Option(help="Analysis block Z,Y,X (default: the job's, whole niches).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Dask workers.")] = None,
+) -> None:
+    """SPATIA cell embeddings, types and imputed genes (.h5ad beside STORE) and niche / tissue
+    embeddings (arrays in STORE)."""
+    from flows.spatia import analyze_spatia
+    from tera_pipeline.analysis import spatia
+
+    masked, blk = _genes_list(impute), _triple(block, "--block")
+    try:
+        spatia.plan(store_path, checkpoint, masked, blk)
+    except _spatia_errors() as err:
+        _fail(str(err))
+    blk_list = list(blk) if blk else None
+    _echo_spatia(analyze_spatia(str(store_path), workers, _str(checkpoint), masked, blk_list))
+
+
+def _str(path: Path | None) -> str | None:
+    return str(path) if path else None
+
+
+def _demo_spatia(store_path: Path, out: Path, workers: int | None) -> None:
+    """The demo's SPATIA step: embed the cells of the generated volume, score the predicted
+    types against the synthetic truth, and perturb the nucleus-size driver of 8 cells."""
+    import anndata
+
+    from flows.spatia import analyze_spatia
+    from tera_pipeline.analysis.perturb import perturb_store
+
+    typer.echo("SPATIA: cell embeddings, types and niches from the generated image")
+    result = analyze_spatia(str(store_path), workers)
+    _echo_spatia(result)
+    obs = anndata.read_h5ad(result["h5ad"], backed="r").obs
+    if "cell_type" in obs and "predicted_type" in obs:
+        agree = (obs["cell_type"].astype(str) == obs["predicted_type"].astype(str)).mean()
+        typer.echo(f"  predicted cell types agree with the synthetic truth for {agree:.1%}")
+    report = perturb_store(store_path, "Ccnd1=+20", 8, out_dir=out)
+    typer.echo(
+        f"  perturbation Ccnd1=+20: generated nucleus area "
+        f"{report['nucleus_area_before_mean_px']:.0f} -> "
+        f"{report['nucleus_area_after_mean_px']:.0f} px, larger in "
+        f"{100 * report['nucleus_area_increased']:.0f}% of cells; panel: {report['png']}"
+    )
+
+
+def _echo_spatia(result: dict) -> None:
+    typer.echo(
+        f"SPATIA: {result['cells']} cells embedded in {result['blocks']} blocks -> "
+        f"{result['h5ad']}; niche embeddings ({'x'.join(map(str, result['niches']))} niches) "
+        f"in {result['store']}/spatia_niche"
+    )
+
+
+@app.command()
+def perturb(
+    store_path: Annotated[Path, typer.Argument(metavar="STORE", help="A generated store.")],
+    genes: Annotated[
+        str, typer.Option(help="Changes GENE=VALUE, GENE=xF or GENE=+N, comma-separated.")
+    ] = "Ccnd1=+20",
+    cells: Annotated[int, typer.Option(help="Random cells of the central block.")] = 8,
+    cell_id: Annotated[
+        list[int] | None, typer.Option(help="Specific cell ids (repeatable) instead.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Cell choice and generation noise.")] = 0,
+    checkpoint: Annotated[Path | None, typer.Option(help="SPATIA checkpoint.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the PNG and JSON.")] = None,
+) -> None:
+    """Change named genes of chosen cells, generate each cell before and after (SPATIA's
+    generator, same noise), report the morphology change and write a PNG panel."""
+    from tera_pipeline.analysis.perturb import perturb_store
+
+    try:
+        report = perturb_store(store_path, genes, cells, cell_id or (), checkpoint, seed, out)
+    except _spatia_errors() as err:
+        _fail(str(err))
+    typer.echo(
+        f"{', '.join(report['changes'])} on {report['cells_changed']} cells: nucleus area "
+        f"{report['nucleus_area_before_mean_px']:.1f} -> "
+        f"{report['nucleus_area_after_mean_px']:.1f} px (mean), increased in "
+        f"{100 * report['nucleus_area_increased']:.0f}% of cells"
+    )
+    typer.echo(f"panel: {report['png']}  report: {report['json']}")
+
+
+@train_app.command("spatia")
+def train_spatia_cmd(
+    out: Annotated[Path | None, typer.Option(help="Checkpoint to write.")] = None,
+    cell_steps: Annotated[int, typer.Option(help="Steps of the cell encoder.")] = 1500,
+    context_steps: Annotated[int, typer.Option(help="Steps of the niche transformer.")] = 300,
+    generator_steps: Annotated[int, typer.Option(help="Steps of the generator.")] = 1500,
+    batch: Annotated[int, typer.Option(help="Cells per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic training brain.")] = 1,
+    crop: Annotated[str, typer.Option(help="Crop Z,Y,X voxels (Z > 1: 3-D crops).")] = "1,32,32",
+    images: Annotated[
+        Path | None, typer.Option(help="Your image zarr (c, z, y, x) uint8, or a store.")
+    ] = None,
+    cells: Annotated[Path | None, typer.Option(help="Its cell table (.h5ad, cell .csv).")] = None,
+    spacing: Annotated[str, typer.Option(help="Voxel spacing z,y,x in µm of --images.")] = "4,1,1",
+    type_key: Annotated[
+        str, typer.Option(help="obs / column with cell types in --cells, if any.")
+    ] = "cell_type",
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
+) -> None:
+    """Train SPATIA on cells with crops: the synthetic brain, or your images and cells."""
+    import numpy as np
+    import torch
+
+    from models.spatia import DEFAULT_SPATIA, SpatiaConfig
+    from tera_pipeline.spatia_training import train_spatia, user_cells
+
+    torch.set_num_threads(threads)
+    cfg = SpatiaConfig(crop=_triple(crop, "--crop"))
+    data = None
+    if (images is None) != (cells is None):
+        _fail("--images and --cells go together")
+    if images is not None:
+        spacing_um = tuple(float(v) for v in spacing.split(","))
+        try:
+            every = user_cells(images, cells, spacing_um, cfg.crop, type_key=type_key)
+        except _spatia_errors() as err:
+            _fail(str(err))
+        order = np.random.default_rng(seed).permutation(len(every))
+        cut = max(1, len(every) // 10)
+        data = (every.subset(order[cut:]), every.subset(order[:cut]))
+    target = out or DEFAULT_SPATIA
+    history = train_spatia(
+        target,
+        model_config=cfg,
+        cell_steps=cell_steps,
+        context_steps=context_steps,
+        generator_steps=generator_steps,
+        batch=batch,
+        lr=lr,
+        seed=seed,
+        data=data,
+        on_log=lambda e: (typer.echo(json.dumps(e)), sys.stdout.flush()),
+    )
+    typer.echo(f"wrote {target}: {history[-1]}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,429 @@
+"""SPATIA after Kong et al. (2025): cell embeddings that fuse morphology, expression and spatial
+context, and a generator of cell images conditioned on expression. Pure torch: no storage, no
+orchestration.
+
+- Cell level: a small ViT over a cell crop (2-D, or 3-D with the z-slices as channels) gives
+  morphology tokens; the cell's expression gives gene tokens (gene identity embedding + value
+  embedding) and one transcriptomic vector token (the whole profile and its library size)
+  through a transformer; cross-attention fuses them in both directions (genes query image
+  tokens, image tokens query genes); the vector token and the mean image token give the cell
+  embedding. Decoders read only the embedding: a zero-inflated negative binomial (ZINB) over
+  every gene (expression reconstruction, and imputation of masked genes) and the pixels of the
+  masked patches (masked image reconstruction).
+- Niche and tissue level: one transformer over the cells of a grid niche (cell embeddings plus
+  their position in the niche), one over the niches of a tissue tile; each gives contextual
+  member embeddings and a pooled embedding.
+- Generator: conditional flow matching (rectified flow) with a small UNet that maps noise to a
+  cell crop given the cell's expression; sampled with a fixed-step Euler integrator, so one
+  noise draw gives the "before" and "after" images of a perturbation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_SPATIA = Path(__file__).parent / "checkpoints" / "spatia.safetensors"
+LIBRARY_SCALE = 100.0
+"""Expression values are log1p(LIBRARY_SCALE * count / cell total)."""
+
+
+@dataclass(frozen=True)
+class SpatiaConfig:
+    """Sizes of the model. ``crop`` is (z, y, x) voxels around the centroid; z = 1 is a 2-D crop
+    (the centroid's slice); z > 1 stacks the slices as channels of the ViT and the generator."""
+
+    genes: int = 32
+    channels: int = 2
+    crop: tuple[int, int, int] = (1, 32, 32)
+    patch: int = 4
+    dim: int = 64
+    heads: int = 4
+    morph_layers: int = 2
+    gene_layers: int = 2
+    fusion_layers: int = 1
+    embed_dim: int = 32
+    context_layers: int = 2
+    cell_types: int = 7
+    gen_channels: int = 16
+    gen_mults: tuple[int, ...] = (1, 2, 2)
+    time_dim: int = 64
+
+    def __post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}")
+        if self.crop[1] % self.patch or self.crop[2] % self.patch:
+            raise ValueError(f"crop {self.crop} in-plane must be whole ViT patches {self.patch}")
+        factor = 2 ** (len(self.gen_mults) - 1)
+        if self.crop[1] % factor or self.crop[2] % factor:
+            raise ValueError(f"crop {self.crop} in-plane must be divisible by {factor} (UNet)")
+
+    @property
+    def in_channels(self) -> int:
+        return self.channels * self.crop[0]
+
+    @property
+    def tokens(self) -> int:
+        return (self.crop[1] // self.patch) * (self.crop[2] // self.patch)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SpatiaConfig:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def expression_values(counts: torch.Tensor, gene_mask: torch.Tensor | None = None):
+    """(log-normalised values (B, G), log1p of the observed total (B, 1)); masked genes are
+    left out of the total and read as 0."""
+    observed = counts if gene_mask is None else counts * (~gene_mask)
+    total = observed.sum(dim=1, keepdim=True)
+    values = torch.log1p(LIBRARY_SCALE * observed / total.clamp_min(1.0))
+    return values, torch.log1p(total)
+
+
+# -- transformer parts --------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Multi-head attention of ``x`` over ``context`` (itself when None); ``key_mask`` (B, M)
+    is True for keys that may be attended."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x, context, key_mask=None):
+        b, n, d = x.shape
+        m, h = context.shape[1], self.heads
+        q = self.q(x).view(b, n, h, d // h).transpose(1, 2)
+        k, v = self.kv(context).view(b, m, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Layer(nn.Module):
+    """Pre-norm transformer layer: self-attention, or with ``cross`` attention to a context."""
+
+    def __init__(self, dim: int, heads: int, cross: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.norm_context = nn.LayerNorm(dim) if cross else None
+        self.attn = Attention(dim, heads)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x, context=None, key_mask=None):
+        h = self.norm(x)
+        ctx = h if self.norm_context is None else self.norm_context(context)
+        x = x + self.attn(h, ctx, key_mask)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+@dataclass
+class CellOutput:
+    embedding: torch.Tensor  # (B, E) fused cell embedding
+    log_rate: torch.Tensor  # (B, G) log of the ZINB mean per unit of observed library
+    dropout_logit: torch.Tensor  # (B, G)
+    log_library: torch.Tensor  # (B, 1) log1p(observed total)
+    pixels: torch.Tensor  # (B, T, in_channels * patch * patch) reconstructed patches
+    type_logits: torch.Tensor | None
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Expected counts (ZINB mean) of every gene, at the observed library size."""
+        mu = torch.exp(self.log_library + self.log_rate)
+        return mu * torch.sigmoid(-self.dropout_logit)
+
+
+class CellEncoder(nn.Module):
+    """Morphology tokens (ViT) and gene tokens (transformer) fused by cross-attention."""
+
+    def __init__(self, cfg: SpatiaConfig) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.cfg = cfg
+        self.patchify = nn.Conv2d(cfg.in_channels, d, cfg.patch, stride=cfg.patch)
+        self.position = nn.Parameter(torch.randn(1, cfg.tokens, d) * 0.02)
+        self.patch_mask = nn.Parameter(torch.zeros(d))
+        self.morph = nn.ModuleList(Layer(d, cfg.heads) for _ in range(cfg.morph_layers))
+        self.gene_id = nn.Parameter(torch.randn(cfg.genes, d) * 0.02)
+        self.value = nn.Sequential(nn.Linear(1, d), nn.GELU(), nn.Linear(d, d))
+        self.gene_mask = nn.Parameter(torch.zeros(d))
+        # the transcriptomic vector token: the whole profile (values, which are hidden, library)
+        self.profile = nn.Sequential(
+            nn.Linear(2 * cfg.genes + 1, 2 * d), nn.GELU(), nn.Linear(2 * d, d)
+        )
+        self.gene_layers = nn.ModuleList(Layer(d, cfg.heads) for _ in range(cfg.gene_layers))
+        self.genes_query = nn.ModuleList(
+            Layer(d, cfg.heads, cross=True) for _ in range(cfg.fusion_layers)
+        )
+        self.images_query = nn.ModuleList(
+            Layer(d, cfg.heads, cross=True) for _ in range(cfg.fusion_layers)
+        )
+        e = cfg.embed_dim
+        self.embed = nn.Sequential(nn.LayerNorm(2 * d), nn.Linear(2 * d, e))
+        # decoders read the embedding only: it must hold the expression and the morphology
+        self.expression = nn.Sequential(
+            nn.Linear(e, 2 * d), nn.GELU(), nn.Linear(2 * d, 2 * cfg.genes)
+        )
+        self.log_theta = nn.Parameter(torch.zeros(cfg.genes))
+        self.pixel_position = nn.Parameter(torch.randn(1, cfg.tokens, d) * 0.02)
+        self.pixel_embed = nn.Linear(e, d)
+        self.pixels = nn.Sequential(
+            nn.GELU(), nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.in_channels * cfg.patch**2)
+        )
+        self.type_head = nn.Linear(cfg.embed_dim, cfg.cell_types) if cfg.cell_types else None
+
+    def forward(self, crops, counts, gene_mask=None, patch_mask=None) -> CellOutput:
+        """``crops`` (B, in_channels, Y, X) in [-1, 1]; ``counts`` (B, G) raw counts;
+        ``gene_mask`` (B, G) True = hidden gene; ``patch_mask`` (B, T) True = hidden patch."""
+        m = self.patchify(crops).flatten(2).transpose(1, 2)
+        if patch_mask is not None:
+            m = torch.where(patch_mask[..., None], self.patch_mask.expand_as(m), m)
+        m = m + self.position
+        for layer in self.morph:
+            m = layer(m)
+        values, log_total = expression_values(counts, gene_mask)
+        g = self.value(values[..., None])
+        if gene_mask is not None:
+            g = torch.where(gene_mask[..., None], self.gene_mask.expand_as(g), g)
+        hidden = torch.zeros_like(values) if gene_mask is None else gene_mask.float()
+        profile = self.profile(torch.cat([values, hidden, log_total], dim=1))
+        g = torch.cat([g + self.gene_id, profile[:, None]], dim=1)
+        for layer in self.gene_layers:
+            g = layer(g)
+        for genes_q, images_q in zip(self.genes_query, self.images_query, strict=True):
+            g, m = genes_q(g, m), images_q(m, g)
+        embedding = self.embed(torch.cat([g[:, -1], m.mean(dim=1)], dim=1))
+        log_rate, dropout = self.expression(embedding).chunk(2, dim=1)
+        pixels = self.pixels(self.pixel_embed(embedding)[:, None] + self.pixel_position)
+        # the type head is a probe: it reads the embedding without shaping it
+        types = None if self.type_head is None else self.type_head(embedding.detach())
+        return CellOutput(embedding, log_rate, dropout, log_total, pixels, types)
+
+    def patches(self, crops: torch.Tensor) -> torch.Tensor:
+        """Crops as the ViT's patch pixel vectors (B, T, in_channels * patch * patch)."""
+        p = self.cfg.patch
+        b, c, y, x = crops.shape
+        t = crops.reshape(b, c, y // p, p, x // p, p).permute(0, 2, 4, 1, 3, 5)
+        return t.reshape(b, (y // p) * (x // p), c * p * p)
+
+
+def zinb_nll(x, log_mu, log_theta, pi_logit, eps: float = 1e-8) -> torch.Tensor:
+    """Mean negative log-likelihood of counts ``x`` under ZINB(mu, theta, pi)."""
+    theta = torch.exp(log_theta)
+    mu = torch.exp(log_mu)
+    log_theta_mu = torch.log(theta + mu + eps)
+    nb_zero = theta * (log_theta - log_theta_mu)
+    nb = (
+        nb_zero
+        + x * (log_mu - log_theta_mu)
+        + torch.lgamma(x + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(x + 1)
+    )
+    zero = F.softplus(-pi_logit + nb_zero) - F.softplus(-pi_logit)
+    nonzero = -pi_logit - F.softplus(-pi_logit) + nb
+    return -torch.where(x < 0.5, zero, nonzero).mean()
+
+
+def cell_losses(model: CellEncoder, out: CellOutput, crops, counts, patch_mask) -> dict:
+    """SPATIA's representation losses: ZINB reconstruction of ``counts`` over every gene (masked
+    ones included: imputation) at their own library size, and MSE of the masked patches'
+    pixels. Training gives thinned counts as input and the full counts here (denoising)."""
+    library = torch.log1p(counts.sum(dim=1, keepdim=True))
+    expression = zinb_nll(counts, library + out.log_rate, model.log_theta, out.dropout_logit)
+    target = model.patches(crops)
+    err = ((out.pixels - target) ** 2).mean(dim=-1)
+    weight = patch_mask.float()
+    image = (err * weight).sum() / weight.sum().clamp_min(1.0)
+    return {"expression": expression, "image": image}
+
+
+# -- niche and tissue ---------------------------------------------------------------------------
+def fourier(pos: torch.Tensor, bands: int = 3) -> torch.Tensor:
+    """Sin/cos features of positions in [-1, 1]: (..., 3) -> (..., 6 * bands)."""
+    freq = math.pi * 2.0 ** torch.arange(bands, dtype=pos.dtype, device=pos.device)
+    args = pos[..., None] * freq
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1).flatten(-2)
+
+
+class ContextEncoder(nn.Module):
+    """A transformer over a set of member embeddings with positions (cells of a niche, or
+    niches of a tissue tile) and a summary token: contextual members and a pooled embedding.
+    Heads predict a hidden member's expression and the set's mean expression."""
+
+    def __init__(self, cfg: SpatiaConfig) -> None:
+        super().__init__()
+        d, e = cfg.dim, cfg.embed_dim
+        self.inp = nn.Linear(e, d)
+        self.pos = nn.Linear(18, d)
+        self.summary = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.hidden = nn.Parameter(torch.zeros(d))
+        self.layers = nn.ModuleList(Layer(d, cfg.heads) for _ in range(cfg.context_layers))
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, e)
+        self.member_expression = nn.Linear(e, cfg.genes)
+        self.set_expression = nn.Linear(e, cfg.genes)
+
+    def forward(self, x, pos, valid, hidden=None):
+        """``x`` (B, N, E), ``pos`` (B, N, 3) in [-1, 1], ``valid`` (B, N) bool, ``hidden``
+        (B, N) bool: members replaced by a learned token. Returns ((B, N, E), (B, E))."""
+        h = self.inp(x)
+        if hidden is not None:
+            h = torch.where(hidden[..., None], self.hidden.expand_as(h), h)
+        h = h + self.pos(fourier(pos))
+        h = torch.cat([self.summary.expand(len(h), -1, -1), h], dim=1)
+        keys = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
+        for layer in self.layers:
+            h = layer(h, key_mask=keys)
+        h = self.out(self.norm(h))
+        return h[:, 1:], h[:, 0]
+
+
+# -- generator ----------------------------------------------------------------------------------
+def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def _norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(8, c), c)
+
+
+class ResBlock2D(nn.Module):
+    def __init__(self, cin: int, cout: int, cond: int) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.film = nn.Linear(cond, 2 * cout)
+        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, c):
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.film(c)[:, :, None, None].chunk(2, dim=1)
+        h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
+        return h + self.skip(x)
+
+
+class FlowGenerator(nn.Module):
+    """Velocity field v(x_t, t | expression) of a rectified flow from noise (t = 0) to cell
+    crops (t = 1), a UNet with FiLM from the time and expression embeddings."""
+
+    def __init__(self, cfg: SpatiaConfig) -> None:
+        super().__init__()
+        td = cfg.time_dim
+        self.time_dim = td
+        self.time = nn.Sequential(nn.Linear(td, td), nn.SiLU(), nn.Linear(td, td))
+        self.expression = nn.Sequential(
+            nn.Linear(cfg.genes + 1, 2 * td), nn.SiLU(), nn.Linear(2 * td, td)
+        )
+        self.null = nn.Parameter(torch.zeros(td))
+        chans = [cfg.gen_channels * m for m in cfg.gen_mults]
+        self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        self.pool = nn.ModuleList()
+        cin = chans[0]
+        for i, c in enumerate(chans):
+            self.down.append(ResBlock2D(cin, c, td))
+            cin = c
+            if i < len(chans) - 1:
+                self.pool.append(nn.Conv2d(c, c, 4, stride=2, padding=1))
+        self.mid = ResBlock2D(cin, cin, td)
+        self.up = nn.ModuleList()
+        for c in reversed(chans):
+            self.up.append(ResBlock2D(cin + c, c, td))
+            cin = c
+        self.norm_out = _norm(cin)
+        self.conv_out = nn.Conv2d(cin, cfg.in_channels, 3, padding=1)
+
+    def condition(self, counts: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """The expression embedding; rows in ``drop`` get the learned unconditional one."""
+        values, log_total = expression_values(counts)
+        c = self.expression(torch.cat([values, log_total], dim=1))
+        if drop is not None:
+            c = torch.where(drop[:, None], self.null.expand_as(c), c)
+        return c
+
+    def forward(self, x, t, cond):
+        c = F.silu(self.time(time_embedding(t, self.time_dim)) + cond)
+        h = self.conv_in(x)
+        skips = []
+        for i, block in enumerate(self.down):
+            h = block(h, c)
+            skips.append(h)
+            if i < len(self.pool):
+                h = self.pool[i](h)
+        h = self.mid(h, c)
+        for block, skip in zip(self.up, reversed(skips), strict=True):
+            if h.shape[-2:] != skip.shape[-2:]:
+                h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
+            h = block(torch.cat([h, skip], dim=1), c)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def loss(self, x1, counts, gen: torch.Generator, drop_rate: float = 0.1) -> torch.Tensor:
+        """Conditional flow-matching MSE: x_t = (1 - t) x0 + t x1, target x1 - x0."""
+        x0 = torch.randn(x1.shape, generator=gen)
+        t = torch.rand(len(x1), generator=gen)
+        drop = torch.rand(len(x1), generator=gen) < drop_rate
+        xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * x1
+        return F.mse_loss(self(xt, t, self.condition(counts, drop)), x1 - x0)
+
+    @torch.no_grad()
+    def sample(self, counts, noise, steps: int = 16, guidance: float = 1.0) -> torch.Tensor:
+        """Euler integration from ``noise`` (t = 0) to images (t = 1) given ``counts``;
+        ``guidance`` > 1 is classifier-free guidance against the unconditional field."""
+        cond = self.condition(counts)
+        null = self.null.expand_as(cond)
+        x = noise
+        for k in range(steps):
+            t = torch.full((len(x),), k / steps)
+            v = self(x, t, cond)
+            if guidance != 1.0:
+                v = self(x, t, null) + guidance * (v - self(x, t, null))
+            x = x + v / steps
+        return x.clamp(-1.0, 1.0)
+
+
+class Spatia(nn.Module):
+    """The whole model: cell encoder, niche and tissue transformers, and the generator."""
+
+    def __init__(self, cfg: SpatiaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.cell = CellEncoder(cfg)
+        self.niche = ContextEncoder(cfg)
+        self.tissue = ContextEncoder(cfg)
+        self.generator = FlowGenerator(cfg)
+
+
+def load_spatia(path: Path) -> tuple[Spatia, dict[str, Any]]:
+    """Load a SPATIA checkpoint and its metadata; the model is in eval mode on the CPU."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from models.checkpoint import CheckpointError, read_metadata
+
+    meta = read_metadata(path)
+    if meta.get("kind") != "spatia":
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, not a SPATIA model")
+    if "config" not in meta:
+        raise CheckpointError(f"{path} has no model config in its metadata")
+    model = Spatia(SpatiaConfig.from_dict(meta["config"]))
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (SafetensorError, RuntimeError, OSError) as err:
+        raise CheckpointError(f"checkpoint {path} does not match its config: {err}") from err
+    return model.eval(), meta

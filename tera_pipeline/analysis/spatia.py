@@ -1,0 +1,461 @@
+"""SPATIA over the chunk grid: cell embeddings, types, imputed genes, niche and tissue embeddings.
+
+Block tasks (``engine.run_blocks``) on the job's block grid: a cell belongs to the block that
+holds its centroid voxel; the block reads the image over its core grown by the crop's halo (fill
+0 beyond the volume), crops every cell, runs the cell encoder in fixed-size batches, then the
+niche transformer over each niche of its core. Niches are boxes of a fixed global grid (from the
+checkpoint's niche size in µm), so a niche's cells and its embedding do not depend on the block
+size; the block grid is coarsened to whole niches when the job's block is not a multiple of one.
+A second pass of tasks runs the tissue transformer over tissue tiles of niches.
+
+Outputs: ``<store stem>.spatia.h5ad`` next to the store (X = counts, obsm ``X_spatia`` the fused
+cell embedding, ``X_spatia_niche`` the cell in its niche, ``spatial`` (x, y, z) µm; layer
+``imputed``; obs predicted type and probability, niche index, crop inside fraction), and in the
+store ``spatia_niche`` (zniche, yniche, xniche, feature), ``spatia_niche_cells`` and
+``spatia_tissue`` (ztissue, ytissue, xtissue, feature), with µm coordinates.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.checkpoint import file_digest, read_metadata
+from models.spatia import DEFAULT_SPATIA, Spatia, load_spatia
+from tera_pipeline import engine, store
+from tera_pipeline.analysis.cells import (
+    cell_voxels,
+    centred,
+    check_crop,
+    crop_halo,
+    extract_crops,
+    inside_fraction,
+    niche_positions,
+    to_unit,
+)
+from tera_pipeline.config import JobConfig
+from tera_pipeline.geometry import Box, ChunkGrid, Shape
+from tera_pipeline.runtime import keep_freed_memory
+from tera_pipeline.synthetic import CellTable
+
+NICHE_ARRAY = "spatia_niche"
+NICHE_CELLS = "spatia_niche_cells"
+TISSUE_ARRAY = "spatia_tissue"
+H5AD_SUFFIX = ".spatia.h5ad"
+BATCH = 64
+"""Cells per encoder call; every call is padded to this many, so results do not depend on
+which block or batch a cell comes in."""
+
+
+class SpatiaError(ValueError):
+    """SPATIA cannot run on this store with this checkpoint; the message says why."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a SPATIA block task needs (picklable)."""
+
+    job: JobConfig
+    checkpoint: str
+    genes: tuple[str, ...]
+    crop: Shape
+    niche: Shape
+    tissue: Shape
+    block: Shape
+    parts: str
+    masked: tuple[str, ...] = ()
+    uns: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def grid(self) -> ChunkGrid:
+        """The analysis block grid: the job's blocks, coarsened to whole niches if needed."""
+        return ChunkGrid(self.job.volume.shape, self.block, self.job.lattice_obj())
+
+    @property
+    def niche_grid(self) -> Shape:
+        return tuple(-(-v // n) for v, n in zip(self.job.volume.shape, self.niche, strict=True))
+
+    @property
+    def tissue_grid(self) -> Shape:
+        return tuple(-(-n // t) for n, t in zip(self.niche_grid, self.tissue, strict=True))
+
+
+def niche_voxels(meta: dict, spacing_um: Sequence[float]) -> Shape:
+    """The checkpoint's niche size (µm) in voxels of this volume."""
+    return tuple(max(1, round(u / s)) for u, s in zip(meta["niche_um"], spacing_um, strict=True))
+
+
+def plan(
+    root: Path,
+    checkpoint: Path | None = None,
+    masked: Sequence[str] = (),
+    block: Shape | None = None,
+) -> tuple[Plan, object]:
+    """Check everything that can fail before any task runs; returns (plan, cell source).
+    ``block`` overrides the job's block (voxels) for this analysis."""
+    from models.checkpoint import CheckpointError
+    from tera_pipeline.conditioning import open_source
+    from tera_pipeline.report import job_of
+
+    root = Path(root)
+    if not (root / "zarr.json").is_file():
+        raise SpatiaError(f"{root} is not a zarr store")
+    job = job_of(root)
+    if not (root / engine.IMAGE / "zarr.json").is_file():
+        raise SpatiaError(f"{root} has no image array to crop cells from")
+    genes = tuple(store.group_attrs(root)["tera_pipeline"]["genes"])
+    ckpt = Path(checkpoint or DEFAULT_SPATIA)
+    meta = read_metadata(ckpt)
+    if meta.get("kind") != "spatia":
+        raise CheckpointError(f"{ckpt} holds a {meta.get('kind')!r} model, not a SPATIA model")
+    check_panel(meta, genes, ckpt)
+    source = open_source(job, genes)
+    if not hasattr(source, "cells"):
+        raise SpatiaError(
+            f"{root} has no cells: it was conditioned on a transcript table "
+            f"({job.conditioning.source}); SPATIA needs a cell table (positions and counts per "
+            "cell: .h5ad or cell .csv) or the synthetic brain"
+        )
+    cfg = meta["config"]
+    crop = tuple(cfg["crop"])
+    check_crop(crop, job.volume.shape)
+    niche = niche_voxels(meta, job.volume.spacing_um)
+    block = tuple(math.lcm(b, n) for b, n in zip(block or job.storage.block, niche, strict=True))
+    unknown = [g for g in masked if g not in genes]
+    if unknown:
+        raise SpatiaError(f"genes to impute {unknown} are not in the panel")
+    uns = {
+        "checkpoint": str(ckpt),
+        "checkpoint_sha256": file_digest(ckpt),
+        "store": str(root),
+        "crop_voxels": list(crop),
+        "niche_voxels": list(niche),
+        "tissue_niches": list(meta["tissue_niches"]),
+        "masked_genes": list(masked),
+        "cell_types": list(meta.get("cell_types", [])),
+    }
+    parts = root.parent / f".{root.stem}.spatia-parts"
+    p = Plan(job, str(ckpt), genes, crop, niche, tuple(meta["tissue_niches"]), block,
+             str(parts), tuple(masked), uns)  # fmt: skip
+    return p, source
+
+
+def check_panel(meta: dict, genes: Sequence[str], path: Path) -> None:
+    from models.checkpoint import CheckpointError
+
+    panel = list(meta.get("genes", []))
+    if panel != list(genes):
+        differ = sorted(set(panel) ^ set(genes))
+        raise CheckpointError(
+            f"SPATIA checkpoint {path} was trained on another gene panel ({len(panel)} genes) "
+            f"than the store's ({len(genes)} genes); differing: {differ[:8] or 'the order'}"
+        )
+
+
+# -- per-cell and per-set computations (shared with training and the benchmark) -----------------
+@torch.no_grad()
+def encode_cells(
+    model: Spatia, crops: np.ndarray, counts: np.ndarray, gene_mask: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Fused embeddings, imputed expression (ZINB mean) and type probabilities of cells, in
+    fixed batches of ``BATCH`` (padded)."""
+    n = len(counts)
+    out: dict[str, list] = {"embedding": [], "imputed": [], "type_prob": []}
+    for s in range(0, n, BATCH):
+        k = min(BATCH, n - s)
+        x = np.zeros((BATCH, *crops.shape[1:]), np.float32)
+        c = np.zeros((BATCH, counts.shape[1]), np.float32)
+        x[:k], c[:k] = to_unit(crops[s : s + k]), counts[s : s + k]
+        m = None
+        if gene_mask is not None:
+            m = torch.zeros(BATCH, counts.shape[1], dtype=torch.bool)
+            m[:k] = torch.from_numpy(gene_mask[s : s + k])
+        o = model.cell(torch.from_numpy(x), torch.from_numpy(c), m)
+        out["embedding"].append(o.embedding[:k].numpy())
+        out["imputed"].append(o.mean[:k].numpy())
+        if o.type_logits is not None:
+            out["type_prob"].append(torch.softmax(o.type_logits[:k], dim=1).numpy())
+    return {k: np.concatenate(v) if v else None for k, v in out.items()}
+
+
+@torch.no_grad()
+def contextualise(
+    encoder, features: np.ndarray, positions: np.ndarray, groups: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run a context transformer over each group (one set at a time: a set's result depends on
+    its members only). Returns (member embeddings (N, E), set embeddings (K, E))."""
+    members = np.zeros_like(features)
+    pooled = np.zeros((len(groups), features.shape[1]), np.float32)
+    for k, idx in enumerate(groups):
+        x = torch.from_numpy(features[idx][None])
+        pos = torch.from_numpy(positions[idx][None].astype(np.float32))
+        out, summary = encoder(x, pos, torch.ones(1, len(idx), dtype=torch.bool))
+        members[idx] = out[0].numpy()
+        pooled[k] = summary[0].numpy()
+    return members, pooled
+
+
+def group_by(index: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Unique rows of ``index`` (lexicographic) and the member indices of each."""
+    keys, inverse = np.unique(index, axis=0, return_inverse=True)
+    order = np.argsort(inverse.ravel(), kind="stable")
+    bounds = np.cumsum(np.bincount(inverse.ravel(), minlength=len(keys)))[:-1]
+    return keys, np.split(order, bounds)
+
+
+# -- block tasks ----------------------------------------------------------------------------------
+@lru_cache(maxsize=2)
+def get_model(checkpoint: str) -> Spatia:
+    """The worker's cached model (loaded once per process)."""
+    keep_freed_memory()
+    threads = int(os.environ.get("TERA_TORCH_THREADS", "0"))
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return load_spatia(Path(checkpoint))[0]
+
+
+def cells_in(source, box: Box, spacing_um: Sequence[float]) -> CellTable:
+    """Cells whose centroid voxel lies in ``box``, sorted by id (row numbers of a user table
+    without ids)."""
+    from tera_pipeline.conditioning import TableSource
+
+    if isinstance(source, TableSource):
+        table = source.table
+        if table.cell_id is None:
+            table = replace(table, cell_id=np.arange(len(table), dtype=np.int64))
+        v = cell_voxels(table.position_um, spacing_um)
+        inside = np.all((v >= np.asarray(box.begin)) & (v < np.asarray(box.end)), axis=1)
+        cells = table.select(inside)
+    else:
+        cells = source.cells(box)
+        v = cell_voxels(cells.position_um, spacing_um)
+        cells = cells.select(np.all((v >= np.asarray(box.begin)) & (v < np.asarray(box.end)), 1))
+    return cells.select(np.argsort(cells.cell_id, kind="stable"))
+
+
+def spatia_block(p: Plan, index: tuple[int, ...]) -> engine.BlockStats:
+    """Embed every cell whose centroid is in the block, and every niche of its core."""
+    import time
+
+    from tera_pipeline.conditioning import open_source
+
+    t0 = time.perf_counter()
+    model = get_model(p.checkpoint)
+    job, root = p.job, Path(p.job.out)
+    sp = job.volume.spacing_um
+    core = p.grid.block(index).core
+    niches = Box(
+        tuple(b // n for b, n in zip(core.begin, p.niche, strict=True)),
+        tuple(-(-s // n) for s, n in zip(core.shape, p.niche, strict=True)),
+    )
+    cells = cells_in(open_source(job, p.genes), core, sp)
+    e = model.cfg.embed_dim
+    niche_emb = np.full((*niches.shape, e), np.nan, np.float32)
+    niche_count = np.zeros(niches.shape, np.int32)
+    if len(cells):
+        voxels = cell_voxels(cells.position_um, sp)
+        below, above = crop_halo(p.crop)
+        frame = core.grow(below, above)
+        image = store.read_box(store.open_array(root, engine.IMAGE), frame)
+        crops = extract_crops(image, frame, voxels, p.crop)
+        mask = None
+        if p.masked:
+            mask = np.zeros((len(cells), len(p.genes)), bool)
+            mask[:, [p.genes.index(g) for g in p.masked]] = True
+        enc = encode_cells(model, crops, cells.counts, mask)
+        index3, pos = niche_positions(voxels, p.niche)
+        keys, groups = group_by(index3)
+        context, pooled = contextualise(model.niche, enc["embedding"], pos, groups)
+        local = keys - np.asarray(niches.begin)
+        niche_emb[tuple(local.T)] = pooled
+        niche_count[tuple(local.T)] = [len(g) for g in groups]
+        _write_part(p, index, cells, voxels, index3, enc, context)
+    store.write_box(_fresh(root, NICHE_ARRAY), niches, np.moveaxis(niche_emb, -1, 0))
+    store.write_box(_fresh(root, NICHE_CELLS), niches, niche_count)
+    return engine.BlockStats(patches=len(cells), total_s=time.perf_counter() - t0)
+
+
+def _fresh(root: Path, name: str):
+    """An uncached handle: SPATIA's arrays are recreated by every run (their shards follow the
+    analysis blocks), so a worker's cached handle from an earlier run would be stale."""
+    import tensorstore as ts
+
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(Path(root) / name)}}
+    return ts.open(spec, open=True).result()
+
+
+def tissue_block(p: Plan, index: tuple[int, ...]) -> engine.BlockStats:
+    """The tissue transformer over the non-empty niches of one tissue tile."""
+    model = get_model(p.checkpoint)
+    root = Path(p.job.out)
+    tile = Box(tuple(i * t for i, t in zip(index, p.tissue, strict=True)), p.tissue).intersect(
+        Box((0, 0, 0), p.niche_grid)
+    )
+    emb = store.read_box(_fresh(root, NICHE_ARRAY), tile)  # (E, *tile)
+    count = store.read_box(_fresh(root, NICHE_CELLS), tile)
+    present = np.argwhere(count > 0)
+    out = np.full((emb.shape[0], 1, 1, 1), np.nan, np.float32)
+    if len(present):
+        features = np.ascontiguousarray(emb[(slice(None), *present.T)].T)
+        niche_idx = present + np.asarray(tile.begin)
+        pos = centred(niche_idx + 0.5, np.asarray(index), p.tissue)
+        _, pooled = contextualise(model.tissue, features, pos, [np.arange(len(present))])
+        out[:, 0, 0, 0] = pooled[0]
+    store.write_box(_fresh(root, TISSUE_ARRAY), Box(index, (1, 1, 1)), out)
+    return engine.BlockStats(patches=len(present))
+
+
+def _write_part(p: Plan, index, cells: CellTable, voxels, niche_index, enc, context) -> None:
+    """One block's cells as an AnnData file (concatenated into the final .h5ad)."""
+    import anndata
+    import pandas as pd
+
+    obs = pd.DataFrame(
+        {
+            "cell_id": cells.cell_id.astype(np.int64),
+            "z_um": cells.position_um[:, 0],
+            "y_um": cells.position_um[:, 1],
+            "x_um": cells.position_um[:, 2],
+            "zniche": niche_index[:, 0],
+            "yniche": niche_index[:, 1],
+            "xniche": niche_index[:, 2],
+            "crop_inside": inside_fraction(voxels, p.crop, p.job.volume.shape),
+        },
+        index=[str(i) for i in cells.cell_id],
+    )
+    names = p.uns["cell_types"]
+    if enc["type_prob"] is not None and names:
+        best = enc["type_prob"].argmax(axis=1)
+        obs["predicted_type"] = pd.Categorical.from_codes(best, categories=names)
+        obs["predicted_type_prob"] = enc["type_prob"].max(axis=1)
+    if cells.cell_type is not None and names:
+        obs["cell_type"] = pd.Categorical.from_codes(cells.cell_type, categories=names)
+    adata = anndata.AnnData(
+        X=cells.counts.astype(np.float32),
+        obs=obs,
+        var=pd.DataFrame({"masked": [g in p.masked for g in p.genes]}, index=list(p.genes)),
+        obsm={
+            "X_spatia": enc["embedding"],
+            "X_spatia_niche": context,
+            "spatial": np.ascontiguousarray(cells.position_um[:, ::-1]),
+        },
+        layers={"imputed": enc["imputed"].astype(np.float32)},
+    )
+    Path(p.parts).mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(Path(p.parts) / f"{'-'.join(f'{i:06d}' for i in index)}.h5ad")
+
+
+# -- the run ------------------------------------------------------------------------------------
+def prepare(p: Plan) -> None:
+    """Create the niche and tissue arrays (replacing earlier ones) and their coordinates."""
+    root = Path(p.job.out)
+    e = read_metadata(Path(p.checkpoint))["config"]["embed_dim"]
+    per_block = tuple(b // n for b, n in zip(p.block, p.niche, strict=True))
+    specs = [
+        store.ArraySpec(NICHE_ARRAY, (e, *p.niche_grid), "float32",
+                        ("feature", "zniche", "yniche", "xniche"), (e, *per_block),
+                        (e, *per_block), fill=float("nan"),
+                        attributes={"long_name": "SPATIA niche embedding (NaN: no cells)"}),
+        store.ArraySpec(NICHE_CELLS, p.niche_grid, "int32", ("zniche", "yniche", "xniche"),
+                        per_block, per_block, attributes={"long_name": "cells per niche"}),
+        store.ArraySpec(TISSUE_ARRAY, (e, *p.tissue_grid), "float32",
+                        ("feature", "ztissue", "ytissue", "xtissue"), (e, 1, 1, 1), (e, 1, 1, 1),
+                        fill=float("nan"), attributes={"long_name": "SPATIA tissue embedding"}),
+    ]  # fmt: skip
+    for spec in specs:
+        store.create_array(root, spec)
+    sp, org = p.job.volume.spacing_um, p.job.volume.origin_um
+    um = {"units": "micrometer"}
+    coords = {"feature": (np.arange(e), {})}
+    for axis, name in enumerate("zyx"):
+        n = p.niche[axis]
+        coords[f"{name}niche"] = (
+            org[axis] + (np.arange(p.niche_grid[axis]) + 0.5) * n * sp[axis],
+            um,
+        )
+        t = n * p.tissue[axis]
+        centres = org[axis] + (np.arange(p.tissue_grid[axis]) + 0.5) * t * sp[axis]
+        coords[f"{name}tissue"] = (centres, um)
+    _add_coords(root, coords)
+    shutil.rmtree(p.parts, ignore_errors=True)
+
+
+def _add_coords(root: Path, coords: dict) -> None:
+    import xarray as xr
+
+    for name in coords:
+        store.remove(root, name)
+    attrs = store.group_attrs(root)  # xarray's append rewrites the group's attributes
+    variables = {n: xr.Variable((n,), v, attrs=a) for n, (v, a) in coords.items()}
+    xr.Dataset(coords=variables, attrs=attrs).to_zarr(
+        root, zarr_format=3, mode="a", consolidated=False
+    )
+
+
+def h5ad_path(root: Path) -> Path:
+    root = Path(root)
+    return root.parent / f"{root.stem}{H5AD_SUFFIX}"
+
+
+def assemble(p: Plan) -> Path:
+    """Concatenate the blocks' AnnData parts (on disk) into the final .h5ad; remove the parts."""
+    from anndata.experimental import concat_on_disk
+
+    parts = sorted(Path(p.parts).glob("*.h5ad"))
+    if not parts:
+        raise SpatiaError(f"{p.job.out}: the cell source has no cells in the volume")
+    out = h5ad_path(Path(p.job.out))
+    out.unlink(missing_ok=True)
+    concat_on_disk(parts, out, merge="same")
+    import h5py
+    from anndata.io import write_elem
+
+    info = {**p.uns, "spacing_um": list(p.job.volume.spacing_um)}
+    with h5py.File(out, "a") as f:  # run-level facts, written once
+        if "uns" in f:
+            write_elem(f["uns"], "spatia", info)
+        else:
+            write_elem(f, "uns", {"spatia": info})
+    shutil.rmtree(p.parts, ignore_errors=True)
+    return out
+
+
+def run(
+    root: Path,
+    client,
+    checkpoint: Path | None = None,
+    masked: Sequence[str] = (),
+    progress=None,
+    block: Shape | None = None,
+) -> dict:
+    """SPATIA over every block, then every tissue tile; writes the .h5ad and the store arrays."""
+    root = Path(root)
+    p, _ = plan(root, checkpoint, masked, block)
+    prepare(p)
+    flight = engine.in_flight(p.job, client)
+    grid = p.grid
+    cells = engine.run_blocks(client, spatia_block, (p,), np.ndindex(*grid.shape),
+                              grid.num_blocks, "spatia cells", flight, progress)  # fmt: skip
+    tiles = p.tissue_grid
+    engine.run_blocks(client, tissue_block, (p,), np.ndindex(*tiles), math.prod(tiles),
+                      "spatia tissue", flight, progress)  # fmt: skip
+    out = assemble(p)
+    attrs = {"h5ad": str(out), "cells": cells.stats.patches, **p.uns}
+    store.update_attrs(root, {"spatia": attrs})
+    store.consolidate(root)
+    return {
+        "h5ad": str(out),
+        "store": str(root),
+        "cells": cells.stats.patches,
+        "blocks": grid.num_blocks,
+        "block": list(p.block),
+        "niches": list(p.niche_grid),
+    }
