@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_image_artifact
 
+from flows.artifacts import artifact_key, png_data_uri
 from tera_pipeline.analysis import attention
 from tera_pipeline.cluster import cluster_client
 from tera_pipeline.report import job_of
@@ -21,4 +23,9 @@ def attention_flow(store: str, pairs: str | None = None, workers: int | None = N
         get_run_logger().info("Dask dashboard: %s", client.dashboard_link)
         result = attention.run(root, client, pairs)
     png = attention.heatmap_png(result, root, root.parent / f"{root.stem}.attention.png")
+    create_image_artifact(
+        png_data_uri(png),
+        key=artifact_key(root, "attention"),
+        description=f"Gene-gene attention of {root} ({png})",
+    )
     return str(png)

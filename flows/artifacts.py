@@ -49,12 +49,11 @@ def publish_run_artifacts(store: str) -> dict:
         key=artifact_key(root, "orthoslices"),
         description=f"Orthogonal slices through the centre of {root} ({png})",
     )
+    measured = {k: figures.get(k) for k in ("time_per_step_s", "fidelity_r", "seam_score")}
     get_run_logger().info(
-        "figures: %s voxels, %.2f s per step, fidelity r %s, seam score %s; slices %s",
+        "figures: %s voxels; per step %s s; fidelity r %s; seam score %s; slices %s",
         f"{figures['voxels']:,}",
-        figures.get("time_per_step_s", float("nan")),
-        figures.get("fidelity_r", "not measured"),
-        figures.get("seam_score", "not measured"),
+        *("-" if v is None else f"{v:.3g}" for v in measured.values()),
         png,
     )
     return {"figures": str(table), "orthoslices": str(image), "png": str(png)}

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from tera_pipeline import engine, store
+from tera_pipeline.cluster import gpu_task
 from tera_pipeline.conditioning import patch_bins
 from tera_pipeline.config import JobConfig
 from tera_pipeline.geometry import Box
@@ -116,6 +117,7 @@ def _add_coords(root: Path, coords: dict) -> None:
     )
 
 
+@gpu_task
 def attention_block(
     job: JobConfig, checkpoint: str, pairs: tuple, index: tuple[int, ...]
 ) -> engine.BlockStats:
