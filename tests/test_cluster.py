@@ -85,12 +85,31 @@ def test_existing_scheduler_address():
 
 
 @pytest.mark.skipif(gpu_count() == 0, reason="needs an NVIDIA GPU")
-def test_gpu_cluster_has_one_worker_per_gpu():
+def test_gpu_recipe_has_one_worker_per_gpu_and_runs_a_job(tmp_path, tiny_checkpoint):
     from dask_cuda import LocalCUDACluster
 
-    with cluster_client(ClusterSpec(dashboard_address=":0")) as c:
+    from tera_pipeline import engine
+
+    spec = ClusterSpec(recipe="local-gpu", dashboard_address=":0")
+    with cluster_client(spec) as c:
         assert isinstance(c.cluster, LocalCUDACluster)
-        assert len(c.scheduler_info(n_workers=-1)["workers"]) == gpu_count()
+        workers = c.scheduler_info(n_workers=-1)["workers"].values()
+        assert len(workers) == gpu_count()
+        assert all(w["resources"].get(GPU) == 1 for w in workers)
+        assert block_resources(c, engine.denoise_block) == {GPU: 1}
+        job = JobConfig.model_validate(
+            {
+                "out": str(tmp_path / "gpu.zarr"),
+                "volume": {"shape": (4, 64, 64)},
+                "storage": {"block": (4, 32, 32)},
+                "diffusion": {"steps": 2},
+                "checkpoint": str(tiny_checkpoint),
+            }
+        )
+        engine.generate(job, c)
+    ds = xr.open_zarr(job.out)
+    assert ds.attrs["tera_pipeline"]["status"] == "complete"
+    assert np.asarray(ds["image"]).std() > 0
 
 
 # -- recipes ------------------------------------------------------------------------------------

@@ -191,3 +191,40 @@ def test_bad_parameters_fail_at_once_with_the_field_named(server, deployed, tmp_
         run.state.message
     )
     assert not out.exists()
+
+
+def test_pipeline_deployment_generates_then_analyses(server, deployed, tmp_path, tiny_checkpoint):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    out = tmp_path / "piped.zarr"
+    with temporary_settings({PREFECT_API_URL: server["url"]}):
+        # an analysis that does not exist fails the run before anything is generated
+        bad = run_deployment(
+            "pipeline/tera",
+            parameters={"config": _job(out, tiny_checkpoint), "analyses": ["nope"]},
+            timeout=120,
+            poll_interval=1,
+        )
+        assert bad.state.is_failed() and "unknown analyses ['nope']" in bad.state.message
+        assert not out.exists()
+        run = run_deployment(
+            "pipeline/tera",
+            parameters={"config": _job(out, tiny_checkpoint), "analyses": ["attention"]},
+            timeout=240,
+            poll_interval=1,
+        )
+        with get_client(sync_client=True) as client:
+            children = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])
+                )
+            )
+            flows = {client.read_flow(c.flow_id).name: c.state.type.value for c in children}
+    assert run.state.is_completed(), run.state
+    assert flows == {"generate": "COMPLETED", "attention": "COMPLETED"}
+    ds = xr.open_zarr(out)
+    assert ds.attrs["tera_pipeline"]["status"] == "complete"
+    assert "attention_pairs" in ds
