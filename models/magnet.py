@@ -5,8 +5,9 @@ tile that contain it (coarser levels of the same image). The bin feature queries
 features by cross-attention (``x = x + CA(spot) + CA(region)``); graph attention over the k = 8
 nearest neighbours on each level's grid (the 3 x 3 neighbourhood of a regular grid) mixes
 neighbouring bins, spots and regions; a transformer over the three level tokens, mean-pooled
-and joined with the bin level's token, feeds a shared head predicting G genes (log1p counts). Tile heads predict each tile's mean
-expression for the paper's tile-level and cross-resolution losses.
+and joined with the bin level's token, feeds a shared head predicting G genes (log1p counts).
+Tile heads predict each tile's mean expression for the paper's tile-level and cross-resolution
+losses.
 
 Everything is laid out on dense grids of one bin slab: ``(S, H, W, ...)`` with S independent slabs
 (z slabs at inference, training samples in a batch), so block-wise and whole-volume runs compute
@@ -164,6 +165,10 @@ class LevelInputs:
     region_valid: torch.Tensor
     spot_of_bin: torch.Tensor
     region_of_bin: torch.Tensor
+
+    def to(self, device: torch.device | str) -> LevelInputs:
+        """The same inputs on ``device``."""
+        return LevelInputs(**{k: v.to(device) for k, v in vars(self).items()})
 
 
 class MagNet(nn.Module):

@@ -132,6 +132,7 @@ def test_metrics_at_three_resolutions():
     assert set(perfect) == {"1x1", "2x2", "4x4"}
     assert perfect["1x1"]["pcc_gene"] == pytest.approx(1.0) and perfect["4x4"]["mse"] == 0
     assert perfect["2x2"]["bins"] == 2 * 4 * 4
+    assert set(expression_metrics(truth[:, :, :2, :4], truth[:, :, :2, :4])) == {"1x1", "2x2"}
     noisy = expression_metrics(rng.poisson(3.0, truth.shape), truth)
     assert noisy["1x1"]["pcc_gene"] < 0.5 and noisy["1x1"]["mae"] > 0
 

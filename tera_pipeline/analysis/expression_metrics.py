@@ -27,7 +27,8 @@ def _pcc(p: xr.DataArray, t: xr.DataArray, dim) -> xr.DataArray:
 
 
 def expression_metrics(pred, truth, factors: tuple[int, ...] = (1, 2, 4)) -> dict[str, dict]:
-    """{"1x1": {pcc_bin, pcc_gene, mse, mae, bins}, "2x2": ..., ...}."""
+    """{"1x1": {pcc_bin, pcc_gene, mse, mae, bins}, "2x2": ..., ...}; a resolution coarser than
+    the volume in-plane is left out."""
     pred, truth = _as_array(pred), _as_array(truth)
     if pred.shape != truth.shape:
         raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in shape")
@@ -35,6 +36,8 @@ def expression_metrics(pred, truth, factors: tuple[int, ...] = (1, 2, 4)) -> dic
     truth = truth.drop_vars(list(truth.coords), errors="ignore")
     results = {}
     for f in factors:
+        if min(pred.sizes["ybin"], pred.sizes["xbin"]) < f:
+            continue  # the volume is smaller than one group of f x f bins
         p, t = pred, truth
         if f > 1:
             window = {"ybin": f, "xbin": f}

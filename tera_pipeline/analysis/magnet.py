@@ -19,6 +19,7 @@ from models.magnet import MagNet, MagNetConfig
 from tera_pipeline import engine, store
 from tera_pipeline.analysis.attention import AnalysisError
 from tera_pipeline.analysis.magnet_levels import Reader, array_reader, level_inputs
+from tera_pipeline.cluster import gpu_task
 from tera_pipeline.conditioning import bin_box
 from tera_pipeline.config import JobConfig
 from tera_pipeline.geometry import Box, Shape
@@ -37,12 +38,14 @@ def load_magnet(path: Path) -> tuple[MagNet, dict]:
 
 @lru_cache(maxsize=2)
 def _cached_magnet(path: str) -> tuple[MagNet, dict]:
-    return load_magnet(Path(path))
+    """The worker's MagNet, on its GPU when it has one."""
+    model, meta = load_magnet(Path(path))
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), meta
 
 
 def to_counts(log_expression: torch.Tensor) -> np.ndarray:
     """Model output (log1p counts) -> counts, never negative."""
-    return np.expm1(log_expression.float().clamp_min(0).numpy())
+    return np.expm1(log_expression.float().clamp_min(0).cpu().numpy())
 
 
 @torch.inference_mode()
@@ -55,7 +58,8 @@ def predict_bins(
         z1 = min(z0 + SLABS_PER_BATCH, core.end[0])
         part = Box.from_bounds((z0, *core.begin[1:]), (z1, *core.end[1:]))
         inputs = level_inputs(read, part, volume, bin_shape, model.config)
-        out.append(to_counts(model(inputs)["bin"]))  # (S, Y, X, G)
+        device = next(model.parameters()).device
+        out.append(to_counts(model(inputs.to(device))["bin"]))  # (S, Y, X, G)
     return np.concatenate(out).transpose(3, 0, 1, 2)
 
 
@@ -128,6 +132,7 @@ def prepare(root: Path, checkpoint: Path | None = None) -> tuple[JobConfig, str]
     return job, str(path)
 
 
+@gpu_task
 def magnet_block(job: JobConfig, checkpoint: str, index: tuple[int, ...]) -> engine.BlockStats:
     """Predict the expression of one block's bins from the image and write it."""
     import time
