@@ -12,19 +12,24 @@ from tera_pipeline.cluster import cluster_client
 from tera_pipeline.report import job_of
 
 
-@task(name="magnet-blocks")
-def predict(store: str, workers: int | None, checkpoint: str | None) -> dict:
-    job = job_of(Path(store))
+@task(name="magnet")
+def predict_and_score(
+    store: str, workers: int | None, checkpoint: str | None, metrics: bool
+) -> dict:
+    """Block tasks on the job's cluster, then the metrics as dask reductions on that cluster."""
+    root = Path(store)
+    job = job_of(root)
     spec = job.cluster.model_copy(update={"workers": workers or job.cluster.workers})
     with cluster_client(spec) as client:
         get_run_logger().info("Dask dashboard: %s", client.dashboard_link)
-        report = magnet.run(Path(store), client, Path(checkpoint) if checkpoint else None)
-    return {"blocks": report.blocks, "wall_s": round(report.wall_s, 2)}
-
-
-@task(name="magnet-cycle-consistency")
-def score(store: str) -> dict:
-    return magnet.cycle_consistency(Path(store))
+        report = magnet.run(root, client, Path(checkpoint) if checkpoint else None)
+        result = {
+            "store": store,
+            "run": {"blocks": report.blocks, "wall_s": round(report.wall_s, 2)},
+        }
+        if metrics:
+            result["cycle_consistency"] = magnet.cycle_consistency(root)
+    return result
 
 
 @flow(name="analyze_magnet")
@@ -33,9 +38,9 @@ def analyze_magnet(
 ) -> dict:
     """Predict expression from the image into ``magnet_expression``; with ``metrics``, compare it
     with the conditioning (cycle consistency) and write ``<store>.magnet.json``."""
-    result = {"store": store, "run": predict(store, workers, checkpoint)}
+    magnet.check(Path(store), Path(checkpoint) if checkpoint else None, metrics)
+    result = predict_and_score(store, workers, checkpoint, metrics)
     if metrics:
-        result["cycle_consistency"] = score(store)
         out = Path(store).with_suffix(".magnet.json")
         out.write_text(json.dumps(result, indent=2))
         result["report"] = str(out)
