@@ -179,13 +179,22 @@ def test_every_cell_once_and_same_embeddings_for_two_block_sizes(store, tiny_spa
     assert np.isfinite(small["tissue"]).all()
 
 
-def test_outputs_open_with_anndata_and_xarray(store, tiny_spatia, client):
+def test_outputs_open_with_anndata_and_xarray(store, tiny_spatia, client, tmp_path):
+    """Run on a copy of the store (moved since generation): outputs go beside the copy."""
+    original = sorted(p.name for p in store.parent.iterdir()), (store / "zarr.json").read_bytes()
+    moved = tmp_path / "moved.zarr"
+    shutil.copytree(store, moved)
     result = runner.invoke(
         app,
-        ["analyze", "spatia", str(store), "--checkpoint", str(tiny_spatia), "--workers", "1",
+        ["analyze", "spatia", str(moved), "--checkpoint", str(tiny_spatia), "--workers", "1",
          "--impute", f"{SIZE_DRIVER_GENE},Gfap"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert original == (
+        sorted(p.name for p in store.parent.iterdir()),
+        (store / "zarr.json").read_bytes(),
+    )
+    store = moved
     adata = anndata.read_h5ad(spatia.h5ad_path(store))
     assert list(adata.var_names) == list(GENE_PANEL)
     assert adata.var["masked"].sum() == 2
@@ -259,7 +268,7 @@ def test_committed_checkpoint_generates_larger_nuclei_when_the_driver_rises():
 
     model, meta = load_spatia(DEFAULT_SPATIA)
     assert meta["genes"] == list(GENE_PANEL)
-    cells = synthetic_cells(5, (4, 96, 96), model.cfg.crop)
+    cells = synthetic_cells(5, (4, 64, 96), model.cfg.crop)
     ids = np.arange(len(cells), dtype=np.int64)
     change = parse_changes(f"{SIZE_DRIVER_GENE}=+20", GENE_PANEL)
     summary = perturb(model, cells.counts, ids, GENE_PANEL, change, seed=0)["summary"]

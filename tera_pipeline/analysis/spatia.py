@@ -105,10 +105,11 @@ def plan(
     from tera_pipeline.conditioning import open_source
     from tera_pipeline.report import job_of
 
-    root = Path(root)
+    root = Path(root).resolve()
     if not (root / "zarr.json").is_file():
         raise SpatiaError(f"{root} is not a zarr store")
-    job = job_of(root)
+    # the store where it is now (it may have been moved or copied since it was generated)
+    job = job_of(root).model_copy(update={"out": root.resolve()})
     if not (root / engine.IMAGE / "zarr.json").is_file():
         raise SpatiaError(f"{root} has no image array to crop cells from")
     genes = tuple(store.group_attrs(root)["tera_pipeline"]["genes"])
