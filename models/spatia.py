@@ -389,7 +389,7 @@ class FlowGenerator(nn.Module):
         null = self.null.expand_as(cond)
         x = noise
         for k in range(steps):
-            t = torch.full((len(x),), k / steps)
+            t = torch.full((len(x),), k / steps, device=x.device)
             v = self(x, t, cond)
             if guidance != 1.0:
                 v = self(x, t, null) + guidance * (v - self(x, t, null))

@@ -101,16 +101,18 @@ def generate(
 ) -> np.ndarray:
     """Cell crops (N, C * crop_z, Y, X) uint8 generated from expression."""
     cfg = model.cfg
+    dev = next(model.parameters()).device
     noise = cell_noise(seed, ids, (cfg.in_channels, *cfg.crop[1:]))
     out = []
     for s in range(0, len(counts), batch):
         x = model.generator.sample(
-            torch.from_numpy(np.asarray(counts[s : s + batch], np.float32)),
-            torch.from_numpy(noise[s : s + batch]),
+            torch.from_numpy(np.asarray(counts[s : s + batch], np.float32)).to(dev),
+            torch.from_numpy(noise[s : s + batch]).to(dev),
             steps,
             guidance,
         )
-        out.append(np.clip(np.rint((x.numpy() + 1.0) * 127.5), 0, 255).astype(np.uint8))
+        x = x.cpu().numpy()
+        out.append(np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8))
     return np.concatenate(out) if out else np.zeros((0, *noise.shape[1:]), np.uint8)
 
 

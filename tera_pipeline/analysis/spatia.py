@@ -41,6 +41,7 @@ from tera_pipeline.analysis.cells import (
     niche_positions,
     to_unit,
 )
+from tera_pipeline.cluster import gpu_task
 from tera_pipeline.config import JobConfig
 from tera_pipeline.geometry import Box, ChunkGrid, Shape
 from tera_pipeline.runtime import keep_freed_memory
@@ -168,6 +169,7 @@ def encode_cells(
 ) -> dict[str, np.ndarray]:
     """Fused embeddings, imputed expression (ZINB mean) and type probabilities of cells, in
     fixed batches of ``BATCH`` (padded)."""
+    dev = device_of(model)
     n = len(counts)
     out: dict[str, list] = {"embedding": [], "imputed": [], "type_prob": []}
     for s in range(0, n, BATCH):
@@ -179,11 +181,13 @@ def encode_cells(
         if gene_mask is not None:
             m = torch.zeros(BATCH, counts.shape[1], dtype=torch.bool)
             m[:k] = torch.from_numpy(gene_mask[s : s + k])
-        o = model.cell(torch.from_numpy(x), torch.from_numpy(c), m)
-        out["embedding"].append(o.embedding[:k].numpy())
-        out["imputed"].append(o.mean[:k].numpy())
+        if m is not None:
+            m = m.to(dev)
+        o = model.cell(torch.from_numpy(x).to(dev), torch.from_numpy(c).to(dev), m)
+        out["embedding"].append(o.embedding[:k].cpu().numpy())
+        out["imputed"].append(o.mean[:k].cpu().numpy())
         if o.type_logits is not None:
-            out["type_prob"].append(torch.softmax(o.type_logits[:k], dim=1).numpy())
+            out["type_prob"].append(torch.softmax(o.type_logits[:k], dim=1).cpu().numpy())
     return {k: np.concatenate(v) if v else None for k, v in out.items()}
 
 
@@ -193,15 +197,20 @@ def contextualise(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run a context transformer over each group (one set at a time: a set's result depends on
     its members only). Returns (member embeddings (N, E), set embeddings (K, E))."""
+    dev = device_of(encoder)
     members = np.zeros_like(features)
     pooled = np.zeros((len(groups), features.shape[1]), np.float32)
     for k, idx in enumerate(groups):
-        x = torch.from_numpy(features[idx][None])
-        pos = torch.from_numpy(positions[idx][None].astype(np.float32))
-        out, summary = encoder(x, pos, torch.ones(1, len(idx), dtype=torch.bool))
-        members[idx] = out[0].numpy()
-        pooled[k] = summary[0].numpy()
+        x = torch.from_numpy(features[idx][None]).to(dev)
+        pos = torch.from_numpy(positions[idx][None].astype(np.float32)).to(dev)
+        out, summary = encoder(x, pos, torch.ones(1, len(idx), dtype=torch.bool, device=dev))
+        members[idx] = out[0].cpu().numpy()
+        pooled[k] = summary[0].cpu().numpy()
     return members, pooled
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def group_by(index: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -215,12 +224,13 @@ def group_by(index: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
 # -- block tasks ----------------------------------------------------------------------------------
 @lru_cache(maxsize=2)
 def get_model(checkpoint: str) -> Spatia:
-    """The worker's cached model (loaded once per process)."""
+    """The worker's cached model (loaded once per process), on the worker's GPU if it has one."""
     keep_freed_memory()
     threads = int(os.environ.get("TERA_TORCH_THREADS", "0"))
     if threads > 0:
         torch.set_num_threads(threads)
-    return load_spatia(Path(checkpoint))[0]
+    model = load_spatia(Path(checkpoint))[0]
+    return model.to("cuda") if torch.cuda.is_available() else model
 
 
 def cells_in(source, box: Box, spacing_um: Sequence[float]) -> CellTable:
@@ -242,6 +252,7 @@ def cells_in(source, box: Box, spacing_um: Sequence[float]) -> CellTable:
     return cells.select(np.argsort(cells.cell_id, kind="stable"))
 
 
+@gpu_task
 def spatia_block(p: Plan, index: tuple[int, ...]) -> engine.BlockStats:
     """Embed every cell whose centroid is in the block, and every niche of its core."""
     import time
@@ -293,6 +304,7 @@ def _fresh(root: Path, name: str):
     return ts.open(spec, open=True).result()
 
 
+@gpu_task
 def tissue_block(p: Plan, index: tuple[int, ...]) -> engine.BlockStats:
     """The tissue transformer over the non-empty niches of one tissue tile."""
     model = get_model(p.checkpoint)
