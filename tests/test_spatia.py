@@ -171,6 +171,8 @@ def test_every_cell_once_and_same_embeddings_for_two_block_sizes(store, tiny_spa
         assert len(ids) == len(np.unique(ids))  # each cell exactly once
         np.testing.assert_array_equal(np.sort(ids), expected)
     a, b = small["adata"], large["adata"][small["adata"].obs_names]
+    diff = {k: float(np.abs(a.obsm[k] - b.obsm[k]).max()) for k in ("X_spatia", "X_spatia_niche")}
+    print(f"{a.n_obs} cells, 12 blocks vs 1 block: max |difference| {diff}")
     for key in ("X_spatia", "X_spatia_niche"):
         np.testing.assert_allclose(a.obsm[key], b.obsm[key], atol=1e-5, rtol=0)
     np.testing.assert_allclose(a.layers["imputed"], b.layers["imputed"], atol=1e-5, rtol=1e-5)
