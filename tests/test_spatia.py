@@ -210,14 +210,14 @@ def test_outputs_open_with_anndata_and_xarray(store, tiny_spatia, client, tmp_pa
     assert list(adata.uns["spatia"]["masked_genes"]) == [SIZE_DRIVER_GENE, "Gfap"]
     ds = xr.open_zarr(store)
     niche = ds[spatia.NICHE_ARRAY]
-    assert niche.dims == ("feature", "zniche", "yniche", "xniche")
+    assert niche.dims == ("spatia_feature", "zniche", "yniche", "xniche")
     assert niche.shape == (TINY.embed_dim, 2, 2, 3)
     np.testing.assert_allclose(ds["yniche"].values, [16.0, 48.0])  # niche centres in µm
     np.testing.assert_allclose(ds["zniche"].values, [8.0, 24.0])
     cells = ds[spatia.NICHE_CELLS].values
     assert cells.sum() == adata.n_obs
     assert (np.isnan(niche.values).all(axis=0) == (cells == 0)).all()
-    assert ds[spatia.TISSUE_ARRAY].dims == ("feature", "ztissue", "ytissue", "xtissue")
+    assert ds[spatia.TISSUE_ARRAY].dims == ("spatia_feature", "ztissue", "ytissue", "xtissue")
 
 
 # -- errors ---------------------------------------------------------------------------------------

@@ -372,22 +372,44 @@ def prepare(p: Plan) -> None:
     root = Path(p.job.out)
     e = read_metadata(Path(p.checkpoint))["config"]["embed_dim"]
     per_block = tuple(b // n for b, n in zip(p.block, p.niche, strict=True))
+    nan = float("nan")
+    feature = "spatia_feature"
     specs = [
-        store.ArraySpec(NICHE_ARRAY, (e, *p.niche_grid), "float32",
-                        ("feature", "zniche", "yniche", "xniche"), (e, *per_block),
-                        (e, *per_block), fill=float("nan"),
-                        attributes={"long_name": "SPATIA niche embedding (NaN: no cells)"}),
-        store.ArraySpec(NICHE_CELLS, p.niche_grid, "int32", ("zniche", "yniche", "xniche"),
-                        per_block, per_block, attributes={"long_name": "cells per niche"}),
-        store.ArraySpec(TISSUE_ARRAY, (e, *p.tissue_grid), "float32",
-                        ("feature", "ztissue", "ytissue", "xtissue"), (e, 1, 1, 1), (e, 1, 1, 1),
-                        fill=float("nan"), attributes={"long_name": "SPATIA tissue embedding"}),
-    ]  # fmt: skip
+        store.ArraySpec(
+            NICHE_ARRAY,
+            (e, *p.niche_grid),
+            "float32",
+            (feature, "zniche", "yniche", "xniche"),
+            (e, *per_block),
+            (e, *per_block),
+            fill=nan,
+            attributes={"long_name": "SPATIA niche embedding (NaN: no cells)"},
+        ),
+        store.ArraySpec(
+            NICHE_CELLS,
+            p.niche_grid,
+            "int32",
+            ("zniche", "yniche", "xniche"),
+            per_block,
+            per_block,
+            attributes={"long_name": "cells per niche"},
+        ),
+        store.ArraySpec(
+            TISSUE_ARRAY,
+            (e, *p.tissue_grid),
+            "float32",
+            (feature, "ztissue", "ytissue", "xtissue"),
+            (e, 1, 1, 1),
+            (e, 1, 1, 1),
+            fill=nan,
+            attributes={"long_name": "SPATIA tissue embedding"},
+        ),
+    ]
     for spec in specs:
         store.create_array(root, spec)
     sp, org = p.job.volume.spacing_um, p.job.volume.origin_um
     um = {"units": "micrometer"}
-    coords = {"feature": (np.arange(e), {})}
+    coords = {feature: (np.arange(e), {})}
     for axis, name in enumerate("zyx"):
         n = p.niche[axis]
         coords[f"{name}niche"] = (
