@@ -43,7 +43,7 @@ from tera_pipeline.analysis.cells import (
 )
 from tera_pipeline.cluster import gpu_task
 from tera_pipeline.config import JobConfig
-from tera_pipeline.geometry import Box, ChunkGrid, Shape
+from tera_pipeline.geometry import Box, ChunkGrid, PatchLattice, Shape
 from tera_pipeline.runtime import keep_freed_memory
 from tera_pipeline.synthetic import CellTable
 
@@ -77,8 +77,9 @@ class Plan:
 
     @property
     def grid(self) -> ChunkGrid:
-        """The analysis block grid: the job's blocks, coarsened to whole niches if needed."""
-        return ChunkGrid(self.job.volume.shape, self.block, self.job.lattice_obj())
+        """The analysis block grid: the job's blocks, coarsened to whole niches if needed (only
+        cores are used: no patch lattice constrains it)."""
+        return ChunkGrid(self.job.volume.shape, self.block, PatchLattice((1, 1, 1), (1, 1, 1)))
 
     @property
     def niche_grid(self) -> Shape:
