@@ -25,10 +25,12 @@ MAX_NUCLEI_VOXELS = 64 * 1024 * 1024  # larger volumes: nuclei measured on the c
 
 
 def job_of(root: Path) -> JobConfig:
+    """The job that wrote the store at ``root``, with ``out`` pointing at it."""
     attrs = store.group_attrs(root)
     if "tera_pipeline" not in attrs:
         raise store.StoreError(f"{root} is not a tera-pipeline store (no tera_pipeline attributes)")
-    return JobConfig.model_validate(attrs["tera_pipeline"]["config"])
+    job = JobConfig.model_validate(attrs["tera_pipeline"]["config"])
+    return job.model_copy(update={"out": Path(root)})  # the store may have moved or been copied
 
 
 def naive_tiling_job(job: JobConfig, out: Path) -> JobConfig:

@@ -141,7 +141,7 @@ def _cli(*args):
     return CliRunner().invoke(app, ["analyze", "magnet", *map(str, args)])
 
 
-def test_clear_errors(stores, magnet_checkpoint, tmp_path):
+def test_clear_errors(stores, magnet_checkpoint, tmp_path, client):
     src = next(iter(stores.values()))
     other = write_magnet(tmp_path / "other.safetensors", genes=tuple(reversed(GENE_PANEL))[:20])
     result = _cli(src, "--checkpoint", other)
@@ -156,6 +156,10 @@ def test_clear_errors(stores, magnet_checkpoint, tmp_path):
     result = _cli(no_cond, "--checkpoint", magnet_checkpoint)
     assert result.exit_code == 2 and "no conditioning array" in result.output
     magnet.check(no_cond, magnet_checkpoint, metrics=False)  # predicting alone is fine
+    stamp = [(p, p.stat().st_mtime_ns) for p in Path(src).rglob("*") if p.is_file()]
+    magnet.run(no_cond, client, magnet_checkpoint)  # a copied store is written where it is
+    assert (no_cond / magnet.EXPRESSION / "zarr.json").is_file()
+    assert all(p.stat().st_mtime_ns == t for p, t in stamp)  # the original is untouched
 
     no_image = tmp_path / "no_image.zarr"
     shutil.copytree(src, no_image)

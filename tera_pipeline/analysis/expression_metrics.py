@@ -23,7 +23,7 @@ def _pcc(p: xr.DataArray, t: xr.DataArray, dim) -> xr.DataArray:
     pc, tc = p - p.mean(dim), t - t.mean(dim)
     cov = (pc * tc).sum(dim)
     den = np.sqrt((pc**2).sum(dim) * (tc**2).sum(dim))
-    return (cov / den).where(den > 0)
+    return cov / den.where(den > 0)  # NaN, silently, where a side is constant
 
 
 def expression_metrics(pred, truth, factors: tuple[int, ...] = (1, 2, 4)) -> dict[str, dict]:
