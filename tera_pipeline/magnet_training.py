@@ -10,7 +10,6 @@ transcripts works too (``tera_pipeline.training.user_training_data``).
 from __future__ import annotations
 
 import logging
-import math
 import shlex
 import sys
 import time
@@ -26,7 +25,7 @@ from models.magnet import BinCNN, MagNet, MagNetConfig, magnet_loss, pearson
 from tera_pipeline.analysis.magnet_levels import array_reader, concat, level_inputs
 from tera_pipeline.geometry import Box, Shape
 from tera_pipeline.runtime import keep_freed_memory
-from tera_pipeline.training import TrainingData, synthetic_training_data
+from tera_pipeline.training import TrainingData, synthetic_training_data, warmup_cosine
 
 log = logging.getLogger("tera_pipeline.magnet_training")
 
@@ -162,14 +161,7 @@ def train_magnet(
     model = KINDS[kind](cfg)
     sampler, val_sampler = WindowSampler(train, cfg), WindowSampler(val, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    warmup = min(50, steps // 10 + 1)
-
-    def lr_at(i: int) -> float:
-        if i < warmup:
-            return (i + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    schedule = warmup_cosine(opt, steps, warmup_cap=50)
     history: list[dict] = []
     t0, running = time.perf_counter(), 0.0
     model.train()

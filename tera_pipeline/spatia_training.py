@@ -14,7 +14,6 @@ Three stages, each with its own loss, so that each fits in minutes on a CPU:
 from __future__ import annotations
 
 import logging
-import math
 import shlex
 import sys
 import time
@@ -38,6 +37,7 @@ from tera_pipeline.analysis.cells import (
 from tera_pipeline.geometry import Box, Shape
 from tera_pipeline.runtime import keep_freed_memory
 from tera_pipeline.synthetic import CELL_TYPES, SyntheticBrain
+from tera_pipeline.training import warmup_cosine
 
 log = logging.getLogger("tera_pipeline.spatia_training")
 
@@ -182,17 +182,6 @@ def flip_rotate(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 # -- stage 1: cells --------------------------------------------------------------------------------
-def _cosine(opt, steps: int):
-    warmup = min(100, steps // 10 + 1)
-
-    def at(i: int) -> float:
-        if i < warmup:
-            return (i + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, at)
-
-
 def _masks(cfg: SpatiaConfig, n: int, gen: torch.Generator, genes: float, patches: float):
     gene_mask = torch.rand(n, cfg.genes, generator=gen) < genes
     patch_mask = torch.rand(n, cfg.tokens, generator=gen) < patches
@@ -215,7 +204,7 @@ def train_cells(
     enc = model.cell
     cfg = model.cfg
     opt = torch.optim.AdamW(enc.parameters(), lr=lr, weight_decay=1e-4)
-    sched = _cosine(opt, steps)
+    sched = warmup_cosine(opt, steps)
     running: dict[str, float] = {}
     t0 = time.perf_counter()
     for i in range(steps):
@@ -346,7 +335,7 @@ def train_context(
     extent = np.asarray(train.volume) * spacing
     size = np.asarray(niche_um)
     opt = torch.optim.AdamW(model.niche.parameters(), lr=lr, weight_decay=1e-4)
-    sched = _cosine(opt, steps)
+    sched = warmup_cosine(opt, steps)
     t0 = time.perf_counter()
     for i in range(steps):
         sets = [s for s in _windows(points, extent, size, batch, rng) if len(s[0])]
@@ -363,7 +352,7 @@ def train_context(
     # tissue: niches on a grid at a random offset each step, pooled by the trained niche model
     tile = size * np.asarray(tissue_niches)
     opt = torch.optim.AdamW(model.tissue.parameters(), lr=lr, weight_decay=1e-4)
-    sched = _cosine(opt, steps // 2)
+    sched = warmup_cosine(opt, steps // 2)
     for i in range(steps // 2):
         niche_emb, niche_pts, niche_val = _grid_niches(
             model, emb, points, values, size, extent, rng
@@ -418,7 +407,7 @@ def train_generator(
     """Stage 3: flow matching of crops given (full-depth) expression."""
     g = model.generator
     opt = torch.optim.AdamW(g.parameters(), lr=lr, weight_decay=1e-4)
-    sched = _cosine(opt, steps)
+    sched = warmup_cosine(opt, steps)
     running, t0 = 0.0, time.perf_counter()
     for i in range(steps):
         idx = rng.integers(0, len(train), batch)

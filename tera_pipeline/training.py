@@ -142,6 +142,21 @@ def _read_image(path: Path) -> np.ndarray:
     return array.read().result()
 
 
+def warmup_cosine(
+    opt: torch.optim.Optimizer, steps: int, warmup_cap: int = 100
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over min(``warmup_cap``, steps / 10 + 1) steps, then a cosine decay to 0
+    (the schedule every model of the project trains with)."""
+    warmup = min(warmup_cap, steps // 10 + 1)
+
+    def factor(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def train_denoiser(
     out: Path,
     steps: int = 2000,
@@ -189,14 +204,7 @@ def train_denoiser(
         model = ConditionalUNet3D(cfg)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    warmup = min(100, steps // 10 + 1)
-
-    def lr_at(i: int) -> float:
-        if i < warmup:
-            return (i + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup)))
-
-    sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched_lr = warmup_cosine(opt, steps)
     sched = DDIMSchedule(prediction=prediction)
     history: list[dict] = []
     t0 = time.perf_counter()
