@@ -16,6 +16,7 @@ call; ``run_blocks`` feeds them to a Dask client with a bounded number in flight
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,6 +41,8 @@ from tera_pipeline.seams import fetch as fetch_seams
 from tera_pipeline.seams import plan as plan_seams
 from tera_pipeline.seams import publish as publish_seams
 from tera_pipeline.status import record_error
+
+log = logging.getLogger("tera_pipeline")
 
 IMAGE = "image"
 CONDITIONING = "conditioning"
@@ -402,10 +405,13 @@ def run_blocks(
     """Run ``fn(*args, index)`` for every block on the Dask client, at most ``in_flight`` at once.
 
     Blocks are drawn lazily from ``indices``, so the grid is never materialised as a task list.
-    The first failing block raises with its coordinates.
+    The first failing block raises with its coordinates. Workers get a block only when they have
+    a free thread (the rest wait in the scheduler's queue), so blocks of unequal cost (seam
+    sharing makes them so) balance over the workers instead of being dealt out in advance.
     """
     from distributed import as_completed
 
+    in_flight = _assign_on_demand(client, total, in_flight)
     report = StepReport(phase, total, 0.0)
     t0 = time.perf_counter()
     it = iter(indices)
@@ -438,6 +444,27 @@ def run_blocks(
             pending.add(submit(nxt))
     report.wall_s = time.perf_counter() - t0
     return report
+
+
+def _assign_on_demand(client, total: int, in_flight: int) -> int:
+    """Have each block go to the first worker with a free thread; returns the in-flight bound.
+
+    Dask deals tasks out to workers in advance: a group of more than twice the threads is queued
+    but each worker still gets ``ceil(1.1 x threads)`` (its default worker-saturation), and a
+    smaller group is assigned entirely at submission. On the demo's 4 blocks of 448, 392, 392 and
+    343 patch evaluations that left one worker idle 11 % of each step. Saturation 1.0, and no
+    more blocks in flight than threads for a small group, fix both.
+    """
+    try:
+        client.run_on_scheduler(
+            lambda dask_scheduler: setattr(dask_scheduler, "WORKER_SATURATION", 1.0)
+        )
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        threads = sum(w.get("nthreads", 1) for w in workers) or 1
+    except Exception as err:  # a scheduler that refuses: keep its own policy
+        log.warning("could not set the scheduler's worker-saturation: %s", err)
+        return in_flight
+    return min(in_flight, threads) if total <= 2 * threads else in_flight
 
 
 def in_flight(config: JobConfig, client) -> int:
