@@ -17,7 +17,9 @@ one run, each method in its own child process and at two volume sizes:
 Timed: the sampling steps (initial noise included), not model loading, cluster start or the
 conditioning raster. Reported per method and size: output voxels/s (stains x volume / time),
 patch evaluations per step, peak RSS (the process; for cluster methods the largest worker), and
-the uint8 images compared between methods.
+the uint8 images compared between methods. On a shared machine, the small size runs ``--repeat``
+times, the methods interleaved, and each method's fastest run counts; the load average is
+printed.
 
     python benchmarks/baselines.py [--small 16,256,256] [--large 16,512,512] [--steps 2]
 """
@@ -90,8 +92,9 @@ def run_ours(job: JobConfig) -> dict:
 
     spec = ClusterSpec(kind="local", workers=WORKERS, dashboard_address=":0")
     with cluster_client(spec) as client:
+        client.run(_warm, str(engine.resolve_checkpoint(job)), job.batch_size)  # as for dask
         t0 = time.perf_counter()
-        reports = engine.generate(job, client)
+        reports = engine.generate(job, client, overwrite=True)
         end_to_end = time.perf_counter() - t0
         workers = client.run(_peak_rss_mib)
     steps = [r for r in reports if r.phase.startswith("step")]
@@ -301,6 +304,7 @@ def main() -> None:
     p.add_argument("--block", default="16,128,128")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=3, help="interleaved runs at the small size")
     p.add_argument("--methods", default="ours,monai,dask")
     p.add_argument("--child", choices=("ours", "monai", "dask"))
     p.add_argument("--shape")
@@ -318,8 +322,9 @@ def main() -> None:
         if not shape:
             continue
         results: dict = {}
+        runs = args.repeat if name == "small" else 1
         with tempfile.TemporaryDirectory() as tmp:
-            for m in methods:
+            for m in [m for _ in range(runs) for m in methods]:  # interleaved repeats
                 cmd = [
                     sys.executable,
                     __file__,
@@ -340,11 +345,18 @@ def main() -> None:
                 if out.returncode:
                     raise SystemExit(f"{m} at {shape} failed:\n{out.stderr[-4000:]}")
                 r = json.loads(out.stdout.strip().splitlines()[-1])
+                r["seconds"] = round(r["seconds"], 2)
+                before = results.get(m)
+                seconds = [*(before["seconds_each"] if before else []), r["seconds"]]
+                peak = max(r["peak_rss_mib"], before["peak_rss_mib"] if before else 0.0)
+                if before and before["seconds"] <= r["seconds"]:
+                    r = before  # the least disturbed run of a shared machine counts
                 dims = [int(v) for v in shape.split(",")]
                 voxels = 2 * int(np.prod(dims))
+                r["seconds_each"] = seconds
+                r["peak_rss_mib"] = round(peak, 1)
                 r["output_voxels_per_s"] = round(voxels / r["seconds"], 1)
                 r["voxel_steps_per_s"] = round(voxels * args.steps / r["seconds"], 1)
-                r["seconds"] = round(r["seconds"], 2)
                 results[m] = r
             images = {m: np.load(Path(tmp) / f"{m}.npy") for m in methods}
         entry = {"shape": [int(v) for v in shape.split(",")], "methods": results}
