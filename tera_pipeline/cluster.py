@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import dask
 import yaml
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -218,6 +219,12 @@ def kubernetes_cluster(spec: ClusterSpec, workers: int):
 
 
 # -- the client ---------------------------------------------------------------------------------
+# Dask's statistical profiler samples every worker thread's stack each 10 ms; with the denoiser's
+# deep torch stacks that cost 3-6 % of a CPU worker's throughput (docs/PERFORMANCE.md). Local
+# workers take the config of the process that starts them: off for the clusters started here.
+_WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
+
+
 @contextmanager
 def cluster_client(spec: ClusterSpec, quiet: bool = True) -> Iterator[Client]:
     """A connected Dask client for ``spec``; a cluster it started is closed on exit."""
@@ -233,14 +240,15 @@ def cluster_client(spec: ClusterSpec, quiet: bool = True) -> Iterator[Client]:
     elif plan.kind == "cuda":
         from dask_cuda import LocalCUDACluster
 
-        cluster = LocalCUDACluster(
-            n_workers=plan.workers,
-            threads_per_worker=1,
-            dashboard_address=spec.dashboard_address,
-            silence_logs=logging.WARNING if quiet else None,
-            env=threads_env,
-            resources={GPU: 1},
-        )
+        with dask.config.set(_WORKER_CONFIG):
+            cluster = LocalCUDACluster(
+                n_workers=plan.workers,
+                threads_per_worker=1,
+                dashboard_address=spec.dashboard_address,
+                silence_logs=logging.WARNING if quiet else None,
+                env=threads_env,
+                resources={GPU: 1},
+            )
         client = Client(cluster)
     elif plan.kind == "slurm":
         cluster = slurm_cluster(spec, quiet)
@@ -250,14 +258,15 @@ def cluster_client(spec: ClusterSpec, quiet: bool = True) -> Iterator[Client]:
         cluster = kubernetes_cluster(spec, plan.workers)
         client = Client(cluster)
     else:
-        cluster = LocalCluster(
-            n_workers=plan.workers,
-            threads_per_worker=plan.threads_per_worker,
-            processes=True,
-            dashboard_address=spec.dashboard_address,
-            env=threads_env,
-            silence_logs=logging.WARNING if quiet else logging.INFO,
-        )
+        with dask.config.set(_WORKER_CONFIG):
+            cluster = LocalCluster(
+                n_workers=plan.workers,
+                threads_per_worker=plan.threads_per_worker,
+                processes=True,
+                dashboard_address=spec.dashboard_address,
+                env=threads_env,
+                silence_logs=logging.WARNING if quiet else logging.INFO,
+            )
         client = Client(cluster)
     if plan.gpu is not None:
         _GPU_CLIENTS[client] = plan.gpu
