@@ -1,7 +1,8 @@
 """SPATIA on held-out synthetic cells against expression-only and image-only baselines.
 
-Prints one JSON object: the annotation / clustering / imputation table per capture rate (binomial
-thinning of the counts), and the generator's faithfulness to the synthetic brain's
+Prints one JSON object: the annotation / clustering / imputation table per measurement of the
+true counts (capture rate, and the fraction of transcripts misassigned to neighbouring cells; see
+``spatia_eval.observed``), and the generator's faithfulness to the synthetic brain's
 expression -> morphology rule (nucleus size driven by Ccnd1), including the perturbation test.
 
     .venv/bin/python benchmarks/spatia_benchmark.py [--checkpoint PATH] [--seed 2]
@@ -17,7 +18,12 @@ import torch
 
 from models.spatia import DEFAULT_SPATIA, load_spatia
 from tera_pipeline.analysis.spatia import niche_voxels
-from tera_pipeline.analysis.spatia_eval import generation_scores, representation_table, summary
+from tera_pipeline.analysis.spatia_eval import (
+    MEASUREMENTS,
+    generation_scores,
+    representation_table,
+    summary,
+)
 from tera_pipeline.spatia_training import synthetic_cells
 
 
@@ -26,7 +32,11 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=str(DEFAULT_SPATIA))
     ap.add_argument("--seed", type=int, default=2, help="held-out synthetic brain (training: 1)")
     ap.add_argument("--shape", default="16,512,512", help="held-out volume Z,Y,X (voxels)")
-    ap.add_argument("--captures", default="1.0,0.1,0.05,0.02")
+    ap.add_argument(
+        "--measurements",
+        default=",".join(f"{c}:{s}" for c, s in MEASUREMENTS),
+        help="capture:spill pairs, comma-separated",
+    )
     ap.add_argument("--generated", type=int, default=512, help="cells generated and perturbed")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -38,7 +48,10 @@ def main() -> None:
     cells = synthetic_cells(args.seed, shape, model.cfg.crop, spacing)
     niche = niche_voxels(meta, spacing)
     table = representation_table(
-        model, cells, niche, tuple(float(c) for c in args.captures.split(","))
+        model,
+        cells,
+        niche,
+        [tuple(float(v) for v in m.split(":")) for m in args.measurements.split(",")],
     )
     generation = generation_scores(model, cells, args.generated, seed=args.seed)
     print(

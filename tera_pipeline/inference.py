@@ -3,7 +3,9 @@
 One ``PatchPredictor`` is built per worker process and kept (``get_predictor``), so the model is
 loaded once, not once per block. On CPUs the model runs channels-last (NDHWC): oneDNN's 3-D
 convolutions, 87 % of a block's time, are 1.24x faster so, and a patch's prediction stays bitwise
-the same whichever batch, position or thread count it is computed with (docs/PERFORMANCE.md).
+the same whichever batch, position or thread count it is computed with (docs/PERFORMANCE.md),
+for any batch of at least ``MIN_CPU_BATCH`` patches: a block's last, partial batch is padded
+only up to that, not to a whole batch.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ import torch
 
 from models.checkpoint import load_denoiser
 from tera_pipeline.runtime import keep_freed_memory
+
+MIN_CPU_BATCH = 8
+"""Smallest batch the CPU kernels see. Measured: batches of 4 to 64 give every patch bitwise
+the prediction it has in a batch of 32; batches of 1 or 2 differ by 2e-6."""
 
 
 class PatchPredictor:
@@ -49,15 +55,18 @@ class PatchPredictor:
     def __call__(self, x: np.ndarray, t: int, cond: np.ndarray) -> np.ndarray:
         """Noise predictions for ``x`` (N, C, *patch) and ``cond`` (N, G, *window), float32.
 
-        Every call to the model has exactly ``batch_size`` patches (the last batch is padded):
-        kernels then see one shape, so a patch's prediction is bitwise the same whichever
-        block, batch or position it comes in, which keeps outputs independent of block size.
+        The model sees batches of ``batch_size`` patches; the last is padded to ``batch_size``
+        on GPUs (one shape for the kernels) and to ``MIN_CPU_BATCH`` on CPUs. A patch's
+        prediction is then bitwise the same whichever block, batch or position it comes in,
+        which keeps outputs independent of block size.
         """
         out = np.empty_like(x, dtype=np.float32)
         for start in range(0, len(x), self.batch_size):
             sl = slice(start, start + self.batch_size)
-            xb = torch.from_numpy(_padded(x[sl], self.batch_size))
-            cb = torch.from_numpy(_padded(cond[sl], self.batch_size))
+            rows = len(x[sl])
+            size = self.batch_size if self.device.type != "cpu" else max(rows, MIN_CPU_BATCH)
+            xb = torch.from_numpy(_padded(x[sl], size))
+            cb = torch.from_numpy(_padded(cond[sl], size))
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last_3d)
             if self.device.type == "cuda":
@@ -66,13 +75,13 @@ class PatchPredictor:
             tb = torch.full((len(xb),), t, dtype=torch.long, device=self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 eps = self.model(xb, tb, cb)
-            out[sl] = eps[: len(x[sl])].float().cpu().numpy()
+            out[sl] = eps[:rows].float().cpu().numpy()
         return out
 
 
 def _padded(a: np.ndarray, size: int) -> np.ndarray:
-    """``a`` as contiguous float32 with zero rows appended up to ``size`` rows."""
-    out = np.zeros((size, *a.shape[1:]), dtype=np.float32)
+    """``a`` as contiguous float32 with zero rows appended up to ``size`` rows (at least)."""
+    out = np.zeros((max(size, len(a)), *a.shape[1:]), dtype=np.float32)
     out[: len(a)] = a
     return out
 
