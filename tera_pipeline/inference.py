@@ -4,8 +4,8 @@ One ``PatchPredictor`` is built per worker process and kept (``get_predictor``),
 loaded once, not once per block. On CPUs the model runs channels-last (NDHWC): oneDNN's 3-D
 convolutions, 87 % of a block's time, are 1.24x faster so, and a patch's prediction stays bitwise
 the same whichever batch, position or thread count it is computed with (docs/PERFORMANCE.md),
-for any batch of at least ``MIN_CPU_BATCH`` patches: a block's last, partial batch is padded
-only up to that, not to a whole batch.
+given the batch's shape. With one thread (a worker's default) that holds for any batch of at
+least ``MIN_CPU_BATCH`` patches, so a block's last, partial batch is padded only up to that.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from models.checkpoint import load_denoiser
 from tera_pipeline.runtime import keep_freed_memory
 
 MIN_CPU_BATCH = 8
-"""Smallest batch the CPU kernels see. Measured: batches of 4 to 64 give every patch bitwise
-the prediction it has in a batch of 32; batches of 1 or 2 differ by 2e-6."""
+"""Smallest batch the CPU kernels see on one thread. Measured: on one thread, batches of 4 to 64
+give every patch bitwise the prediction it has in a batch of 32 (batches of 1 or 2 differ by
+2e-6); on two threads odd batches (7, 25, 31) differ by 2e-6, so there every batch is padded to
+``batch_size``."""
 
 
 class PatchPredictor:
@@ -48,6 +50,10 @@ class PatchPredictor:
             self.model.to(memory_format=torch.channels_last_3d)
 
     @property
+    def single_thread_cpu(self) -> bool:
+        return self.device.type == "cpu" and torch.get_num_threads() == 1
+
+    @property
     def config(self):
         return self.model.cfg
 
@@ -56,7 +62,8 @@ class PatchPredictor:
         """Noise predictions for ``x`` (N, C, *patch) and ``cond`` (N, G, *window), float32.
 
         The model sees batches of ``batch_size`` patches; the last is padded to ``batch_size``
-        on GPUs (one shape for the kernels) and to ``MIN_CPU_BATCH`` on CPUs. A patch's
+        (one shape for the kernels), or only to ``MIN_CPU_BATCH`` on a CPU running one
+        intra-op thread. A patch's
         prediction is then bitwise the same whichever block, batch or position it comes in,
         which keeps outputs independent of block size.
         """
@@ -64,7 +71,7 @@ class PatchPredictor:
         for start in range(0, len(x), self.batch_size):
             sl = slice(start, start + self.batch_size)
             rows = len(x[sl])
-            size = self.batch_size if self.device.type != "cpu" else max(rows, MIN_CPU_BATCH)
+            size = max(rows, MIN_CPU_BATCH) if self.single_thread_cpu else self.batch_size
             xb = torch.from_numpy(_padded(x[sl], size))
             cb = torch.from_numpy(_padded(cond[sl], size))
             if self.channels_last:
