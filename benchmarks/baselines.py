@@ -6,9 +6,11 @@ one run, each method in its own child process and at two volume sizes:
 
 - ``ours``: ``engine.generate`` on a 2-worker LocalCluster (1 thread each); step phases timed.
 - ``monai``: MONAI's ``sliding_window_inference`` over the whole volume held in memory, once per
-  DDIM step, in one process with 2 torch threads. The gene conditioning reaches the predictor
-  through ``with_coord=True`` (MONAI passes each window's slices; the predictor cuts the gene
-  window, footprint plus context bins, from the whole-volume raster). ``roi_weight_map`` is our
+  DDIM step, in one process with 2 torch threads; its last, partial batch is not padded to a
+  whole batch (only to 8 patches), as a user calling the model would run it. The gene
+  conditioning reaches the predictor through ``with_coord=True`` (MONAI passes each window's
+  slices; the predictor cuts the gene window, footprint plus context bins, from the whole-volume
+  raster). ``roi_weight_map`` is our
   window, ``overlap`` = 1 - stride / patch, so MONAI's windows are our lattice.
 - ``dask``: ``dask.array.map_overlap`` with depth = the lattice halo and constant-0 boundary
   (the engine's fill), chunks = our blocks, on the same 2-worker cluster; each step's state is
@@ -120,6 +122,7 @@ def run_monai(job: JobConfig, checkpoint: str) -> dict:
     from tera_pipeline.inference import get_predictor
 
     predictor = get_predictor(checkpoint, job.batch_size)
+    predictor.fixed_shape = False  # MONAI's last, partial batch as a user would run it
     torch.set_num_threads(WORKERS)
     context = predictor.config.cond_context
     cond, cond_box = whole_conditioning(job, context)

@@ -36,11 +36,15 @@ class PatchPredictor:
         batch_size: int = 32,
         device: str | None = None,
         channels_last: bool | None = None,
+        fixed_shape: bool | None = None,
     ) -> None:
         self.model, self.meta = load_denoiser(checkpoint)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
         self.batch_size = batch_size
+        # None: one batch shape on GPUs and multi-threaded CPUs, where it keeps predictions
+        # bitwise the same; False: pad only to MIN_CPU_BATCH (one-thread CPUs, measured).
+        self.fixed_shape = fixed_shape
         # Reduced precision only on GPUs: on CPUs it changes the outputs (bf16: 0.5 % per
         # prediction), so a CPU run stays float32 and equal to whole-volume sampling.
         self.autocast = self.device.type == "cuda"
@@ -50,8 +54,11 @@ class PatchPredictor:
             self.model.to(memory_format=torch.channels_last_3d)
 
     @property
-    def single_thread_cpu(self) -> bool:
-        return self.device.type == "cpu" and torch.get_num_threads() == 1
+    def pads_to_batch(self) -> bool:
+        """Whether a partial batch is padded to ``batch_size`` (else to ``MIN_CPU_BATCH``)."""
+        if self.fixed_shape is not None:
+            return self.fixed_shape
+        return not (self.device.type == "cpu" and torch.get_num_threads() == 1)
 
     @property
     def config(self):
@@ -71,7 +78,7 @@ class PatchPredictor:
         for start in range(0, len(x), self.batch_size):
             sl = slice(start, start + self.batch_size)
             rows = len(x[sl])
-            size = max(rows, MIN_CPU_BATCH) if self.single_thread_cpu else self.batch_size
+            size = self.batch_size if self.pads_to_batch else max(rows, MIN_CPU_BATCH)
             xb = torch.from_numpy(_padded(x[sl], size))
             cb = torch.from_numpy(_padded(cond[sl], size))
             if self.channels_last:
