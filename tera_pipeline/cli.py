@@ -35,6 +35,23 @@ def _triple(text: str | None, what: str) -> tuple[int, int, int] | None:
     return values  # type: ignore[return-value]
 
 
+def _spacing(text: str) -> tuple[float, float, float]:
+    """A Z,Y,X voxel spacing in µm."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise typer.BadParameter(f"--spacing must be three numbers Z,Y,X in µm, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _echo_log(entry: dict) -> None:
+    """A training log entry as one JSON line, flushed (for tailing a long run)."""
+    typer.echo(json.dumps(entry))
+    sys.stdout.flush()
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {' '.join(str(message).splitlines())}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -292,11 +309,6 @@ def train_denoiser_cmd(
 
     torch.set_num_threads(threads)
     cfg = DenoiserConfig(base_channels=base_channels)
-
-    def show(entry: dict) -> None:
-        typer.echo(json.dumps(entry))
-        sys.stdout.flush()
-
     train_denoiser(
         out,
         steps=steps,
@@ -305,7 +317,7 @@ def train_denoiser_cmd(
         seed=seed,
         model_config=cfg,
         prediction=prediction,
-        on_log=show,
+        on_log=_echo_log,
     )
     typer.echo(f"wrote {out}")
 
@@ -382,7 +394,7 @@ def train_magnet_cmd(
         from tera_pipeline.training import user_training_data
 
         side = MagNetConfig().region_bins * 16
-        spacing_um = tuple(float(v) for v in spacing.split(","))
+        spacing_um = _spacing(spacing)
         try:
             train, val = user_training_data(
                 images, cells, spacing_um, (1, 16, 16), patch=(1, side, side)
@@ -398,7 +410,7 @@ def train_magnet_cmd(
         seed=seed,
         kind=kind,
         data=data,
-        on_log=lambda e: (typer.echo(json.dumps(e)), sys.stdout.flush()),
+        on_log=_echo_log,
     )
     typer.echo(f"wrote {out or DEFAULT_MAGNET.with_name(f'{kind}.safetensors')}: {history[-1]}")
 
@@ -547,7 +559,7 @@ def train_spatia_cmd(
     if (images is None) != (cells is None):
         _fail("--images and --cells go together")
     if images is not None:
-        spacing_um = tuple(float(v) for v in spacing.split(","))
+        spacing_um = _spacing(spacing)
         try:
             every = user_cells(images, cells, spacing_um, cfg.crop, type_key=type_key)
         except _spatia_errors() as err:
@@ -566,7 +578,7 @@ def train_spatia_cmd(
         lr=lr,
         seed=seed,
         data=data,
-        on_log=lambda e: (typer.echo(json.dumps(e)), sys.stdout.flush()),
+        on_log=_echo_log,
     )
     typer.echo(f"wrote {target}: {history[-1]}")
 

@@ -94,8 +94,8 @@ class PatchPredictor:
 
 
 def _padded(a: np.ndarray, size: int) -> np.ndarray:
-    """``a`` as contiguous float32 with zero rows appended up to ``size`` rows (at least)."""
-    out = np.zeros((max(size, len(a)), *a.shape[1:]), dtype=np.float32)
+    """``a`` as contiguous float32 with zero rows appended up to ``size`` rows."""
+    out = np.zeros((size, *a.shape[1:]), dtype=np.float32)
     out[: len(a)] = a
     return out
 

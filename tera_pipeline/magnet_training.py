@@ -25,7 +25,12 @@ from models.magnet import BinCNN, MagNet, MagNetConfig, magnet_loss, pearson
 from tera_pipeline.analysis.magnet_levels import array_reader, concat, level_inputs
 from tera_pipeline.geometry import Box, Shape
 from tera_pipeline.runtime import keep_freed_memory
-from tera_pipeline.training import TrainingData, synthetic_training_data, warmup_cosine
+from tera_pipeline.training import (
+    TrainingData,
+    optimizer_step,
+    synthetic_training_data,
+    warmup_cosine,
+)
 
 log = logging.getLogger("tera_pipeline.magnet_training")
 
@@ -168,11 +173,7 @@ def train_magnet(
     for i in range(steps):
         inputs, targets = sampler.batch(batch, rng)
         loss = loss_of(kind, model(inputs), targets, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        schedule.step()
+        optimizer_step(loss, opt, schedule)
         running += loss.item()
         if (i + 1) % log_every == 0 or i + 1 == steps:
             entry = {

@@ -37,7 +37,7 @@ from tera_pipeline.analysis.cells import (
 from tera_pipeline.geometry import Box, Shape
 from tera_pipeline.runtime import keep_freed_memory
 from tera_pipeline.synthetic import CELL_TYPES, SyntheticBrain
-from tera_pipeline.training import warmup_cosine
+from tera_pipeline.training import optimizer_step, warmup_cosine
 
 log = logging.getLogger("tera_pipeline.spatia_training")
 
@@ -218,11 +218,7 @@ def train_cells(
         if out.type_logits is not None and train.types is not None:
             losses["probe"] = F.cross_entropy(out.type_logits, torch.from_numpy(train.types[idx]))
             loss = loss + losses["probe"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(enc.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched)
         for k, v in losses.items():
             running[k] = running.get(k, 0.0) + v.item()
         if (i + 1) % log_every == 0 or i + 1 == steps:
@@ -341,10 +337,7 @@ def train_context(
         sets = [s for s in _windows(points, extent, size, batch, rng) if len(s[0])]
         x, pos, valid, members = _pad_sets(sets, emb, max_members)
         loss = _context_loss(model.niche, x, pos, valid, members, values, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, clip=None)
         if (i + 1) % 100 == 0 or i + 1 == steps:
             report({"stage": "niche", "step": i + 1, "loss": round(loss.item(), 5),
                     "elapsed_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
@@ -360,10 +353,7 @@ def train_context(
         sets = [s for s in _windows(niche_pts, extent, tile, max(2, batch // 4), rng) if len(s[0])]
         x, pos, valid, members = _pad_sets(sets, niche_emb, max_members)
         loss = _context_loss(model.tissue, x, pos, valid, members, niche_val, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, clip=None)
         if (i + 1) % 50 == 0 or i + 1 == steps // 2:
             report({"stage": "tissue", "step": i + 1, "loss": round(loss.item(), 5),
                     "elapsed_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
@@ -413,11 +403,7 @@ def train_generator(
         idx = rng.integers(0, len(train), batch)
         x1 = torch.from_numpy(to_unit(flip_rotate(train.crops[idx], rng)))
         loss = g.loss(x1, torch.from_numpy(train.counts[idx]), gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(g.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched)
         running += loss.item()
         if (i + 1) % log_every == 0 or i + 1 == steps:
             with torch.no_grad():

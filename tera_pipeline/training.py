@@ -157,6 +157,23 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def optimizer_step(
+    loss: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    clip: float | None = 1.0,
+) -> None:
+    """Backpropagate ``loss``, clip the optimizer's gradients to norm ``clip`` (None: no
+    clipping), step the optimizer and its learning-rate schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        params = [p for group in opt.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    schedule.step()
+
+
 def train_denoiser(
     out: Path,
     steps: int = 2000,
@@ -212,11 +229,7 @@ def train_denoiser(
     for i in range(steps):
         x, c = sample_batch(train, cfg.patch, cfg.cond_context, batch, rng)
         loss = diffusion_loss(model, torch.from_numpy(x), torch.from_numpy(c), sched, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched_lr.step()
+        optimizer_step(loss, opt, sched_lr)
         running += loss.item()
         if (i + 1) % log_every == 0 or i + 1 == steps:
             n = (i % log_every) + 1
