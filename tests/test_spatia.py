@@ -301,3 +301,19 @@ def test_train_spatia_on_user_cells_writes_a_loadable_checkpoint(store, tmp_path
     assert meta["genes"] == list(GENE_PANEL) and model.cfg.crop == (1, 16, 16)
     assert sorted(meta["cell_types"]) == sorted({CELL_TYPES[t].name for t in cells.cell_type})
     assert meta["training"]["cell_steps"] == 3
+
+
+def test_observed_counts_thin_and_misassign_to_neighbours():
+    from tera_pipeline.analysis.spatia_eval import neighbours, observed
+
+    voxels = np.array([[0, 0, 0], [0, 0, 3], [0, 0, 40], [0, 0, 44]])
+    near = neighbours(voxels, (4.0, 1.0, 1.0), k=1)
+    np.testing.assert_array_equal(near[:, 0], [1, 0, 3, 2])  # the nearest other cell
+    counts = np.zeros((4, 2), np.float32)
+    counts[:, 0] = [1000, 0, 0, 0]
+    np.testing.assert_array_equal(observed(counts, near, 1.0, 0.0), counts)
+    thin = observed(counts, near, 0.1, 0.0, seed=1)
+    assert 60 < thin[0, 0] < 140 and thin[1:].sum() == 0
+    spilt = observed(counts, near, 1.0, 0.3, seed=1)
+    assert spilt.sum() == 1000  # transcripts are moved, not made or lost
+    assert 230 < spilt[1, 0] < 370 and spilt[2:].sum() == 0  # only to the neighbour
