@@ -70,15 +70,15 @@ class PatchPredictor:
 
         The model sees batches of ``batch_size`` patches; the last is padded to ``batch_size``
         (one shape for the kernels), or only to ``MIN_CPU_BATCH`` on a CPU running one
-        intra-op thread. A patch's
-        prediction is then bitwise the same whichever block, batch or position it comes in,
-        which keeps outputs independent of block size.
+        intra-op thread. A patch's prediction is then bitwise the same whichever block, batch
+        or position it comes in, which keeps outputs independent of block size.
         """
         out = np.empty_like(x, dtype=np.float32)
         for start in range(0, len(x), self.batch_size):
             sl = slice(start, start + self.batch_size)
             rows = len(x[sl])
-            size = self.batch_size if self.pads_to_batch else max(rows, MIN_CPU_BATCH)
+            floor = self.batch_size if self.pads_to_batch else min(MIN_CPU_BATCH, self.batch_size)
+            size = max(rows, floor)
             xb = torch.from_numpy(_padded(x[sl], size))
             cb = torch.from_numpy(_padded(cond[sl], size))
             if self.channels_last:
