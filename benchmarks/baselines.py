@@ -1,13 +1,15 @@
 """Throughput and memory of the engine against two baselines a user would pick (prints JSON).
 
-Same volume, same committed denoiser (through ``tera_pipeline.inference.get_predictor``, so the
-same kernels and batch size), same patch lattice and blending window, same seed and noise, all in
-one run, each method in its own child process and at two volume sizes:
+Same volume, same committed denoiser and batch size, same patch lattice and blending window, same
+seed and noise, all in one run, each method in its own child process and at two volume sizes.
+The baselines call the model as a user would: in PyTorch's default memory layout (NCDHW), float32,
+under ``torch.inference_mode``, the last, partial batch unpadded. ``monai_same_kernels`` gives
+MONAI the engine's own predictor instead (channels-last kernels), which isolates what the engine
+adds around the model.
 
 - ``ours``: ``engine.generate`` on a 2-worker LocalCluster (1 thread each); step phases timed.
 - ``monai``: MONAI's ``sliding_window_inference`` over the whole volume held in memory, once per
-  DDIM step, in one process with 2 torch threads; its last, partial batch is not padded to a
-  whole batch (only to 8 patches), as a user calling the model would run it. The gene
+  DDIM step, in one process with 2 torch threads. The gene
   conditioning reaches the predictor through ``with_coord=True`` (MONAI passes each window's
   slices; the predictor cuts the gene window, footprint plus context bins, from the whole-volume
   raster). ``roi_weight_map`` is our
@@ -115,14 +117,25 @@ def run_ours(job: JobConfig) -> dict:
 
 
 # -- MONAI ----------------------------------------------------------------------------------
-def run_monai(job: JobConfig, checkpoint: str) -> dict:
+@lru_cache(maxsize=2)
+def user_predictor(checkpoint: str, batch_size: int, same_kernels: bool = False):
+    """The denoiser as a baseline calls it: default layout (or the engine's kernels), float32,
+    no padding of the last batch."""
+    from tera_pipeline.inference import PatchPredictor, get_predictor
+
+    if same_kernels:
+        predictor = get_predictor(checkpoint, batch_size)
+    else:
+        predictor = PatchPredictor(Path(checkpoint), batch_size, channels_last=False)
+    predictor.fixed_shape = False
+    return predictor
+
+
+def run_monai(job: JobConfig, checkpoint: str, same_kernels: bool = False) -> dict:
     import torch
     from monai.inferers import sliding_window_inference
 
-    from tera_pipeline.inference import get_predictor
-
-    predictor = get_predictor(checkpoint, job.batch_size)
-    predictor.fixed_shape = False  # MONAI's last, partial batch as a user would run it
+    predictor = user_predictor(checkpoint, job.batch_size, same_kernels)
     torch.set_num_threads(WORKERS)
     context = predictor.config.cond_context
     cond, cond_box = whole_conditioning(job, context)
@@ -181,9 +194,7 @@ def _noise_chunk(job: JobConfig, block_info=None) -> np.ndarray:
 
 def _dask_chunk(x, job: JobConfig, checkpoint: str, step: int, cond_path: str, block_info=None):
     """One DDIM step of one overlapped chunk: the engine's maths on what map_overlap hands over."""
-    from tera_pipeline.inference import get_predictor
-
-    predictor = get_predictor(checkpoint, job.batch_size)
+    predictor = user_predictor(checkpoint, job.batch_size)
     grid, b = job.grid(), job.conditioning.bin
     lat, context = grid.lattice, predictor.config.cond_context
     core = grid.block(block_info[0]["chunk-location"][1:]).core
@@ -267,9 +278,7 @@ def run_dask(job: JobConfig, checkpoint: str, work: Path) -> dict:
 
 
 def _warm(checkpoint: str, batch: int) -> None:
-    from tera_pipeline.inference import get_predictor
-
-    get_predictor(checkpoint, batch)
+    user_predictor(checkpoint, batch)
 
 
 # -- driver -----------------------------------------------------------------------------------
@@ -282,8 +291,8 @@ def child(args) -> None:
     checkpoint = str(engine.resolve_checkpoint(job))
     if args.child == "ours":
         result = run_ours(job)
-    elif args.child == "monai":
-        result = run_monai(job, checkpoint)
+    elif args.child.startswith("monai"):
+        result = run_monai(job, checkpoint, same_kernels=args.child == "monai_same_kernels")
     else:
         result = run_dask(job, checkpoint, work)
     np.save(work / f"{args.child}.npy", result.pop("image"))
@@ -308,8 +317,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3, help="interleaved runs at the small size")
-    p.add_argument("--methods", default="ours,monai,dask")
-    p.add_argument("--child", choices=("ours", "monai", "dask"))
+    p.add_argument("--methods", default="ours,monai,monai_same_kernels,dask")
+    p.add_argument("--child", choices=("ours", "monai", "monai_same_kernels", "dask"))
     p.add_argument("--shape")
     p.add_argument("--work")
     args = p.parse_args()

@@ -50,7 +50,7 @@ class SpatiaConfig:
     fusion_layers: int = 1
     embed_dim: int = 32
     context_layers: int = 2
-    cell_types: int = 7
+    cell_types: int = 9
     gen_channels: int = 16
     gen_mults: tuple[int, ...] = (1, 2, 2)
     time_dim: int = 64

@@ -2,8 +2,9 @@
 
 Cells are drawn per fixed tile of space (``CELL_TILE_UM``) from a generator keyed by
 (seed, tile index), so any box of any size regenerates exactly the same cells and pixels. Density
-and cell-type mix vary by region (cortex, white matter, deep nuclei bands along y). Each type has a
-gene-expression program over ``GENE_PANEL`` and a morphology; the nucleus radius also follows the
+and cell-type mix vary by region (upper and deep cortex, white matter, deep nuclei: bands along
+y). Each type has a gene-expression program over ``GENE_PANEL`` and a morphology; two pairs of
+subtypes share a program and differ only in morphology. The nucleus radius also follows the
 expression of ``SIZE_DRIVER_GENE`` (a known expression -> morphology rule for SPATIA's tests).
 
 Stains: DAPI-like (nuclei, brightness and texture by type) and PolyT-like (cytoplasmic mRNA, whose
@@ -67,14 +68,15 @@ class CellType:
     texture: float  # chromatin texture amplitude
 
 
+_EXN_MARKERS = {"Slc17a7": 30, "Slc17a6": 8, "Camk2a": 25, "Satb2": 12, "Snap25": 20, "Rbfox3": 15}
+_ASTRO_MARKERS = {"Aqp4": 25, "Gfap": 20, "Slc1a3": 20, "Aldh1l1": 10}
+
+# Two pairs of subtypes share their markers over the panel and differ only in morphology, as
+# upper- and deep-layer pyramidal neurons or protoplasmic and fibrous astrocytes do under a
+# targeted panel that lacks their markers: expression alone cannot tell them apart, the image can.
 CELL_TYPES: tuple[CellType, ...] = (
-    CellType(
-        "ExN",
-        {"Slc17a7": 30, "Slc17a6": 8, "Camk2a": 25, "Satb2": 12, "Snap25": 20, "Rbfox3": 15},
-        4.6,
-        0.55,
-        0.15,
-    ),
+    CellType("ExN-U", _EXN_MARKERS, 3.9, 0.62, 0.3),
+    CellType("ExN-D", _EXN_MARKERS, 5.6, 0.45, 0.08),
     CellType(
         "InN",
         {"Gad1": 30, "Gad2": 25, "Slc32a1": 12, "Pvalb": 10, "Sst": 8, "Snap25": 18, "Rbfox3": 12},
@@ -89,19 +91,22 @@ CELL_TYPES: tuple[CellType, ...] = (
         0.5,
         0.12,
     ),
-    CellType("Astro", {"Aqp4": 25, "Gfap": 20, "Slc1a3": 20, "Aldh1l1": 10}, 3.6, 0.75, 0.35),
+    CellType("AstroP", _ASTRO_MARKERS, 3.6, 0.75, 0.35),
+    CellType("AstroF", _ASTRO_MARKERS, 4.6, 0.55, 0.08),
     CellType("Oligo", {"Mbp": 35, "Plp1": 30, "Olig2": 10, "Mog": 12}, 3.1, 0.9, 0.25),
     CellType("Endo", {"Cldn5": 25, "Flt1": 15, "Pecam1": 12}, 3.0, 0.85, 0.3),
     CellType("Micro", {"Cx3cr1": 20, "P2ry12": 18, "Csf1r": 15}, 2.8, 0.88, 0.4),
 )
 
-# Regions along y (period in µm): cortex, white matter, deep nuclei. Density in cells / µm³.
+# Regions along y (period in µm): upper and deep cortex, white matter, deep nuclei. Density in
+# cells / µm³.
 REGION_PERIOD_UM = 320.0
 REGIONS = (
     # (y start, y end, density, type mix in CELL_TYPES order)
-    (0.0, 160.0, 1 / 900, (0.55, 0.15, 0.0, 0.12, 0.05, 0.06, 0.07)),
-    (160.0, 224.0, 1 / 1400, (0.02, 0.02, 0.0, 0.14, 0.68, 0.07, 0.07)),
-    (224.0, 320.0, 1 / 1100, (0.15, 0.25, 0.35, 0.1, 0.05, 0.05, 0.05)),
+    (0.0, 80.0, 1 / 900, (0.40, 0.15, 0.15, 0.0, 0.10, 0.02, 0.05, 0.06, 0.07)),
+    (80.0, 160.0, 1 / 900, (0.15, 0.40, 0.15, 0.0, 0.10, 0.02, 0.05, 0.06, 0.07)),
+    (160.0, 224.0, 1 / 1400, (0.01, 0.01, 0.02, 0.0, 0.03, 0.11, 0.68, 0.07, 0.07)),
+    (224.0, 320.0, 1 / 1100, (0.08, 0.07, 0.25, 0.35, 0.08, 0.02, 0.05, 0.05, 0.05)),
 )
 
 

@@ -33,6 +33,20 @@ def test_cells_have_regions_types_and_programs():
     assert exn.counts[:, g].mean() > 10 * cells.select(cells.cell_type == oligo).counts[:, g].mean()
 
 
+def test_subtypes_share_expression_and_differ_in_morphology():
+    """ExN-U/ExN-D and AstroP/AstroF: the same panel program, different nuclei (what the image
+    adds to expression in SPATIA's benchmark)."""
+    cells = SyntheticBrain(0).cells(Box((0, 0, 0), (16, 640, 256)))
+    names = [t.name for t in CELL_TYPES]
+    for a, b in (("ExN-U", "ExN-D"), ("AstroP", "AstroF")):
+        ca = cells.select(cells.cell_type == names.index(a))
+        cb = cells.select(cells.cell_type == names.index(b))
+        assert len(ca) > 20 and len(cb) > 20
+        profile_a, profile_b = ca.counts.mean(0), cb.counts.mean(0)
+        assert np.abs(profile_a - profile_b).max() < 0.25 * profile_a.max()
+        assert cb.nucleus_radius_um.mean() > 1.2 * ca.nucleus_radius_um.mean()
+
+
 def test_dapi_follows_cells_in_ground_truth():
     brain = SyntheticBrain(0)
     box = Box((0, 0, 0), (16, 256, 256))
