@@ -8,8 +8,9 @@ orchestration.
   through a transformer; cross-attention fuses them in both directions (genes query image
   tokens, image tokens query genes); the vector token and the mean image token give the cell
   embedding. Decoders read only the embedding: a zero-inflated negative binomial (ZINB) over
-  every gene (expression reconstruction, and imputation of masked genes) and the pixels of the
-  masked patches (masked image reconstruction).
+  every gene (expression reconstruction, and imputation of masked genes), and every patch's
+  pixels and texture (the spread of its pixels per stain) from an input with half of the patches
+  masked (masked image reconstruction), weighted towards the crop's centre, where the cell is.
 - Niche and tissue level: one transformer over the cells of a grid niche (cell embeddings plus
   their position in the niche), one over the niches of a tissue tile; each gives contextual
   member embeddings and a pooled embedding.
@@ -136,6 +137,7 @@ class CellOutput:
     dropout_logit: torch.Tensor  # (B, G)
     log_library: torch.Tensor  # (B, 1) log1p(observed total)
     pixels: torch.Tensor  # (B, T, in_channels * patch * patch) reconstructed patches
+    texture: torch.Tensor  # (B, T, in_channels) reconstructed std of each patch's pixels
     type_logits: torch.Tensor | None
 
     @property
@@ -179,9 +181,9 @@ class CellEncoder(nn.Module):
         self.log_theta = nn.Parameter(torch.zeros(cfg.genes))
         self.pixel_position = nn.Parameter(torch.randn(1, cfg.tokens, d) * 0.02)
         self.pixel_embed = nn.Linear(e, d)
-        self.pixels = nn.Sequential(
-            nn.GELU(), nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.in_channels * cfg.patch**2)
-        )
+        self.pixel_decoder = nn.Sequential(nn.GELU(), nn.Linear(d, d), nn.GELU())
+        self.pixels = nn.Linear(d, cfg.in_channels * cfg.patch**2)
+        self.texture = nn.Linear(d, cfg.in_channels)
         self.type_head = nn.Linear(cfg.embed_dim, cfg.cell_types) if cfg.cell_types else None
 
     def forward(self, crops, counts, gene_mask=None, patch_mask=None) -> CellOutput:
@@ -206,10 +208,11 @@ class CellEncoder(nn.Module):
             g, m = genes_q(g, m), images_q(m, g)
         embedding = self.embed(torch.cat([g[:, -1], m.mean(dim=1)], dim=1))
         log_rate, dropout = self.expression(embedding).chunk(2, dim=1)
-        pixels = self.pixels(self.pixel_embed(embedding)[:, None] + self.pixel_position)
+        hidden = self.pixel_decoder(self.pixel_embed(embedding)[:, None] + self.pixel_position)
         # the type head is a probe: it reads the embedding without shaping it
         types = None if self.type_head is None else self.type_head(embedding.detach())
-        return CellOutput(embedding, log_rate, dropout, log_total, pixels, types)
+        pixels, texture = self.pixels(hidden), self.texture(hidden)
+        return CellOutput(embedding, log_rate, dropout, log_total, pixels, texture, types)
 
     def patches(self, crops: torch.Tensor) -> torch.Tensor:
         """Crops as the ViT's patch pixel vectors (B, T, in_channels * patch * patch)."""
@@ -237,16 +240,55 @@ def zinb_nll(x, log_mu, log_theta, pi_logit, eps: float = 1e-8) -> torch.Tensor:
     return -torch.where(x < 0.5, zero, nonzero).mean()
 
 
-def cell_losses(model: CellEncoder, out: CellOutput, crops, counts, patch_mask) -> dict:
+@dataclass(frozen=True)
+class CellLossWeights:
+    """Weights of the cell-level losses. The image terms are weighted up against the ZINB, and
+    towards the crop's centre by a Gaussian of ``centre_sigma_px`` over the patch centres
+    (neighbours fill the crop's rim; the niche level models them). The texture term (the std of
+    a patch's pixels per stain) keeps the chromatin texture, whose random phase pixel MSE
+    cannot reconstruct and so averages away. Chosen by measurement (docs/ARCHITECTURE.md)."""
+
+    image: float = 4.0
+    texture: float = 16.0
+    centre_sigma_px: float = 6.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+CELL_LOSS_WEIGHTS = CellLossWeights()
+
+
+def centre_weights(cfg: SpatiaConfig, sigma_px: float) -> torch.Tensor:
+    """A Gaussian weight per ViT patch (T,) by its centre's distance to the crop's centre,
+    with mean 1 (all ones for ``sigma_px`` <= 0)."""
+    p = cfg.patch
+    y = (torch.arange(cfg.crop[1] // p) + 0.5) * p - cfg.crop[1] / 2
+    x = (torch.arange(cfg.crop[2] // p) + 0.5) * p - cfg.crop[2] / 2
+    d2 = y[:, None] ** 2 + x[None, :] ** 2
+    w = torch.exp(-d2 / (2 * sigma_px**2)) if sigma_px > 0 else torch.ones_like(d2)
+    return (w / w.mean()).reshape(-1)
+
+
+def cell_losses(
+    model: CellEncoder,
+    out: CellOutput,
+    crops: torch.Tensor,
+    counts: torch.Tensor,
+    weights: CellLossWeights = CELL_LOSS_WEIGHTS,
+) -> dict:
     """SPATIA's representation losses: ZINB reconstruction of ``counts`` over every gene (masked
-    ones included: imputation) at their own library size, and MSE of the masked patches'
-    pixels. Training gives thinned counts as input and the full counts here (denoising)."""
+    ones included: imputation) at their own library size, and reconstruction of every patch's
+    pixels and texture (the input had patches masked), weighted towards the centre. Training
+    gives thinned counts as input and the full counts here (denoising)."""
     library = torch.log1p(counts.sum(dim=1, keepdim=True))
     expression = zinb_nll(counts, library + out.log_rate, model.log_theta, out.dropout_logit)
     target = model.patches(crops)
-    err = ((out.pixels - target) ** 2).mean(dim=-1)
-    weight = patch_mask.float()
-    image = (err * weight).sum() / weight.sum().clamp_min(1.0)
+    texture = target.reshape(*target.shape[:-1], model.cfg.in_channels, -1).std(dim=-1)
+    pixel_err = ((out.pixels - target) ** 2).mean(dim=-1)
+    texture_err = ((out.texture - texture) ** 2).mean(dim=-1)
+    w = centre_weights(model.cfg, weights.centre_sigma_px).to(pixel_err.device)
+    image = weights.image * ((pixel_err + weights.texture * texture_err) * w).mean()
     return {"expression": expression, "image": image}
 
 

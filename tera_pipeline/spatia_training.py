@@ -26,7 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from models.checkpoint import save_checkpoint
-from models.spatia import Spatia, SpatiaConfig, cell_losses, expression_values
+from models.spatia import (
+    CELL_LOSS_WEIGHTS,
+    CellLossWeights,
+    Spatia,
+    SpatiaConfig,
+    cell_losses,
+    expression_values,
+)
 from tera_pipeline.analysis.cells import (
     cell_voxels,
     centred,
@@ -199,6 +206,7 @@ def train_cells(
     gen: torch.Generator,
     report: Callable[[dict], None],
     log_every: int = 100,
+    weights: CellLossWeights = CELL_LOSS_WEIGHTS,
 ) -> None:
     """Stage 1: the cell encoder (and its type probe where types are known)."""
     enc = model.cell
@@ -213,7 +221,7 @@ def train_cells(
         full = train.counts[idx]
         gene_mask, patch_mask = _masks(cfg, batch, gen, 0.25, 0.5)
         out = enc(crops, torch.from_numpy(thin(full, rng)), gene_mask, patch_mask)
-        losses = cell_losses(enc, out, crops, torch.from_numpy(full), patch_mask)
+        losses = cell_losses(enc, out, crops, torch.from_numpy(full), weights)
         loss = losses["expression"] + losses["image"]
         if out.type_logits is not None and train.types is not None:
             losses["probe"] = F.cross_entropy(out.type_logits, torch.from_numpy(train.types[idx]))
@@ -225,14 +233,14 @@ def train_cells(
             n = i % log_every + 1
             entry = {"stage": "cells", "step": i + 1}
             entry.update({f"train_{k}": round(v / n, 5) for k, v in running.items()})
-            entry.update(_validate_cells(model, val))
+            entry.update(_validate_cells(model, val, weights))
             entry["elapsed_s"] = round(time.perf_counter() - t0, 1)
             running = {}
             report(entry)
 
 
 @torch.no_grad()
-def _validate_cells(model: Spatia, val: CellSet, n: int = 512) -> dict:
+def _validate_cells(model: Spatia, val: CellSet, weights: CellLossWeights, n: int = 512) -> dict:
     model.eval()
     rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)
@@ -241,7 +249,7 @@ def _validate_cells(model: Spatia, val: CellSet, n: int = 512) -> dict:
     counts = torch.from_numpy(val.counts[idx])
     gene_mask, patch_mask = _masks(model.cfg, len(idx), gen, 0.25, 0.5)
     out = model.cell(crops, counts, gene_mask, patch_mask)
-    losses = cell_losses(model.cell, out, crops, counts, patch_mask)
+    losses = cell_losses(model.cell, out, crops, counts, weights)
     entry = {f"val_{k}": round(v.item(), 5) for k, v in losses.items()}
     if out.type_logits is not None and val.types is not None:
         entry["val_probe_acc"] = round(
@@ -445,6 +453,7 @@ def train_spatia(
     tissue_niches: Shape = TISSUE_NICHES,
     data: tuple[CellSet, CellSet] | None = None,
     on_log: Callable[[dict], None] | None = None,
+    loss_weights: CellLossWeights = CELL_LOSS_WEIGHTS,
 ) -> list[dict]:
     """Train SPATIA and save it to ``out``; returns the training log.
 
@@ -473,7 +482,7 @@ def train_spatia(
         (on_log or (lambda e: log.info("%s", e)))(entry)
 
     t0 = time.perf_counter()
-    train_cells(model, train, val, cell_steps, batch, lr, rng, gen, report)
+    train_cells(model, train, val, cell_steps, batch, lr, rng, gen, report, weights=loss_weights)
     train_context(model, train, context_steps, 16, lr, rng, gen, report, niche_um, tissue_niches)
     train_generator(model, train, val, generator_steps, batch, lr, rng, gen, report)
     meta = {
@@ -490,6 +499,7 @@ def train_spatia(
             "generator_steps": generator_steps,
             "batch": batch,
             "lr": lr,
+            "cell_loss_weights": loss_weights.to_dict(),
             "seed": seed,
             "volume": list(train.volume),
             "wall_s": round(time.perf_counter() - t0, 1),

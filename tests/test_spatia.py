@@ -14,7 +14,16 @@ import xarray as xr
 from typer.testing import CliRunner
 
 from models.checkpoint import save_checkpoint
-from models.spatia import DEFAULT_SPATIA, Spatia, SpatiaConfig, load_spatia, zinb_nll
+from models.spatia import (
+    DEFAULT_SPATIA,
+    CellLossWeights,
+    Spatia,
+    SpatiaConfig,
+    cell_losses,
+    centre_weights,
+    load_spatia,
+    zinb_nll,
+)
 from tera_pipeline import engine
 from tera_pipeline.analysis import spatia
 from tera_pipeline.analysis.cells import (
@@ -98,8 +107,38 @@ def test_model_shapes_2d_and_3d_crops():
         assert out.embedding.shape == (5, cfg.embed_dim)
         assert out.mean.shape == (5, cfg.genes) and bool((out.mean >= 0).all())
         assert out.pixels.shape == (5, cfg.tokens, cfg.in_channels * cfg.patch**2)
+        assert out.texture.shape == (5, cfg.tokens, cfg.in_channels)
         img = model.generator.sample(counts, torch.randn(5, cfg.in_channels, 16, 16), steps=2)
         assert img.shape == crops.shape and float(img.abs().max()) <= 1.0
+
+
+def test_image_loss_reads_every_patch_weighted_to_the_centre_and_the_texture():
+    """The image loss is zero for a perfect reconstruction of every patch (masked or not) and
+    its texture (per-stain std of the patch), and an error costs more at the centre than at
+    the rim."""
+    enc = Spatia(TINY).cell.eval()
+    crops = torch.rand(3, TINY.in_channels, 16, 16) * 2 - 1
+    counts = torch.poisson(torch.full((3, TINY.genes), 3.0))
+    out = enc(crops, counts)
+    target = enc.patches(crops)
+    texture = target.reshape(3, TINY.tokens, TINY.in_channels, -1).std(dim=-1)
+    np.testing.assert_allclose(  # texture = std of each stain's pixels in the patch
+        texture[0, 5, 1].item(), crops[0, 1, 4:8, 4:8].std().item(), rtol=1e-5
+    )
+    weights = CellLossWeights(image=1.0, texture=1.0, centre_sigma_px=6.0)
+
+    def image_loss(pixels, tex):
+        out.pixels, out.texture = pixels, tex
+        return cell_losses(enc, out, crops, counts, weights)["image"].item()
+
+    assert image_loss(target, texture) == pytest.approx(0.0, abs=1e-12)
+    w = centre_weights(TINY, 6.0)  # 4 x 4 patches of 4 px: 5, 6, 9, 10 are central
+    assert w.mean().item() == pytest.approx(1.0) and w[5] > w[0] and w[5] == w[10]
+    centre, rim = target.clone(), target.clone()
+    centre[:, 5] += 0.5
+    rim[:, 0] += 0.5
+    assert image_loss(centre, texture) > 2 * image_loss(rim, texture) > 0
+    assert image_loss(target, texture + 0.1) > 0  # the texture is a target of its own
 
 
 def test_zinb_prefers_the_true_mean():
