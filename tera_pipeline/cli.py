@@ -529,7 +529,7 @@ def perturb(
 @train_app.command("spatia")
 def train_spatia_cmd(
     out: Annotated[Path | None, typer.Option(help="Checkpoint to write.")] = None,
-    cell_steps: Annotated[int, typer.Option(help="Steps of the cell encoder.")] = 1500,
+    cell_steps: Annotated[int, typer.Option(help="Steps of the cell encoder.")] = 3000,
     context_steps: Annotated[int, typer.Option(help="Steps of the niche transformer.")] = 300,
     generator_steps: Annotated[int, typer.Option(help="Steps of the generator.")] = 1500,
     batch: Annotated[int, typer.Option(help="Cells per step.")] = 64,

@@ -441,7 +441,7 @@ def train_generator(
 def train_spatia(
     out: Path,
     model_config: SpatiaConfig | None = None,
-    cell_steps: int = 1500,
+    cell_steps: int = 3000,
     context_steps: int = 300,
     generator_steps: int = 1500,
     batch: int = 64,
