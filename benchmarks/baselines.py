@@ -57,12 +57,14 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def make_job(shape, steps: int, block, out: Path, batch: int) -> JobConfig:
+def make_job(
+    shape, steps: int, block, out: Path, batch: int, scratch: str = "float16"
+) -> JobConfig:
     return JobConfig.model_validate(
         {
             "out": str(out),
             "volume": {"shape": shape},
-            "storage": {"block": block},
+            "storage": {"block": block, "scratch_dtype": scratch},
             "diffusion": {"steps": steps, "seed": 0},
             "batch_size": batch,
         }
@@ -286,7 +288,7 @@ def child(args) -> None:
     shape = tuple(int(v) for v in args.shape.split(","))
     block = tuple(int(v) for v in args.block.split(","))
     work = Path(args.work)
-    job = make_job(shape, args.steps, block, work / "ours.zarr", args.batch)
+    job = make_job(shape, args.steps, block, work / "ours.zarr", args.batch, args.scratch)
     _check_lattice(job)
     checkpoint = str(engine.resolve_checkpoint(job))
     if args.child == "ours":
@@ -317,6 +319,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3, help="interleaved runs at the small size")
+    p.add_argument(
+        "--scratch",
+        default="float16",
+        choices=("float16", "float32"),
+        help="the engine's state between steps (float32: outputs equal to the same kernels')",
+    )
     p.add_argument("--methods", default="ours,monai,monai_same_kernels,dask")
     p.add_argument("--child", choices=("ours", "monai", "monai_same_kernels", "dask"))
     p.add_argument("--shape")
@@ -352,6 +360,8 @@ def main() -> None:
                     args.block,
                     "--batch",
                     str(args.batch),
+                    "--scratch",
+                    args.scratch,
                 ]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if out.returncode:
@@ -399,6 +409,7 @@ def main() -> None:
                 "steps": args.steps,
                 "block": [int(v) for v in args.block.split(",")],
                 "batch": args.batch,
+                "scratch": args.scratch,
                 "cores": WORKERS,
                 "load_average_at_start": [round(v, 2) for v in load],
                 "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
