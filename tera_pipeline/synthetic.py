@@ -57,6 +57,9 @@ GENE_PANEL: tuple[str, ...] = (
 SIZE_DRIVER_GENE = "Ccnd1"
 STAINS: tuple[str, ...] = ("DAPI", "PolyT")
 CELL_TILE_UM = 64.0
+RANK_BITS = 15
+"""A cell's id is its tile's index (16 bits per axis) followed by its rank in the tile
+(``RANK_BITS`` bits): unique, non-negative, and the same from any box."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,15 @@ def _region_params(y_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return density, mix
 
 
+def _texture_phase(cell_id: int) -> float:
+    """The phase of a cell's chromatin texture. It is the one cells had when their id was
+    ``tile * 100_000 + rank`` in wrapping int64 arithmetic (ids that overflowed to negative
+    values), so renders, and the checkpoints trained on them, stay bitwise the same."""
+    legacy = (cell_id >> RANK_BITS) * 100_000 + (cell_id & ((1 << RANK_BITS) - 1))
+    legacy = (legacy + 2**63) % 2**64 - 2**63
+    return (legacy % 997) * 0.37
+
+
 def _density_modulation(pos: np.ndarray) -> np.ndarray:
     """Smooth spatial variation of density (0.4 .. 1.0) so bins hold varied cell counts."""
     z, y, x = pos[:, 0], pos[:, 1], pos[:, 2]
@@ -201,10 +213,12 @@ class SyntheticBrain:
             0.9, 1.1, size=m
         )
         texture = np.array([ct.texture for ct in CELL_TYPES])[types]
+        if m >> RANK_BITS:
+            raise ValueError(f"{m} cells in one tile: ids hold {1 << RANK_BITS}")
         tile_index = np.ravel_multi_index(
             [np.full(m, t + 2**15, dtype=np.int64) for t in tile], (2**16,) * 3
         )
-        ids = tile_index * 100_000 + np.arange(m)
+        ids = (tile_index << RANK_BITS) + np.arange(m)
         return CellTable(pos, counts, self.genes, types, ids, radius, brightness, texture)
 
     def cells(self, box: Box, margin_um: float = 0.0) -> CellTable:
@@ -258,7 +272,7 @@ class SyntheticBrain:
             d2 = dz[:, None, None] ** 2 + dy[None, :, None] ** 2 + dx[None, None, :] ** 2
             d = np.sqrt(d2) / r
             nucleus = 1.0 / (1.0 + np.exp((d - 1.0) * 8.0))
-            phase = (cells.cell_id[i] % 997) * 0.37
+            phase = _texture_phase(int(cells.cell_id[i]))
             tex = (
                 np.sin(dz[:, None, None] * 1.9 + phase)
                 * np.sin(dy[None, :, None] * 2.3 + 2 * phase)

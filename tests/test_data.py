@@ -20,6 +20,16 @@ def test_render_is_deterministic_for_any_box():
     assert not np.array_equal(whole, SyntheticBrain(4).render(Box((0, 0, 0), (8, 96, 96))))
 
 
+def test_cell_ids_are_unique_non_negative_and_the_same_from_any_box():
+    brain = SyntheticBrain(5)
+    whole = brain.cells(Box((-20, -150, -150), (40, 300, 300)))  # tiles on both sides of 0
+    ids = whole.cell_id
+    assert len(ids) > 1000 and (ids >= 0).all() and len(np.unique(ids)) == len(ids)
+    part = brain.cells(Box((0, 0, 0), (10, 100, 100)))
+    inside = np.all((whole.position_um >= 0) & (whole.position_um < [40, 100, 100]), axis=1)
+    np.testing.assert_array_equal(np.sort(part.cell_id), np.sort(ids[inside]))
+
+
 def test_cells_have_regions_types_and_programs():
     brain = SyntheticBrain(0)
     cells = brain.cells(Box((0, 0, 0), (16, 320, 256)))
