@@ -213,7 +213,7 @@ class SyntheticBrain:
             0.9, 1.1, size=m
         )
         texture = np.array([ct.texture for ct in CELL_TYPES])[types]
-        if m >> RANK_BITS:
+        if m >= 1 << RANK_BITS:
             raise ValueError(f"{m} cells in one tile: ids hold {1 << RANK_BITS}")
         tile_index = np.ravel_multi_index(
             [np.full(m, t + 2**15, dtype=np.int64) for t in tile], (2**16,) * 3
