@@ -140,7 +140,7 @@ def _bytes(folder: Path) -> tuple[int, int]:
 def scratch_run(shape, block, share: bool, client) -> dict:
     """One real step (the first) of the demo model: patch evaluations, and the bytes of scratch
     it wrote (state shards and seam files, on disk) against the state's own bytes."""
-    from tera_pipeline import engine, ledger, seams, store
+    from tera_pipeline import engine, seams, store
 
     with tempfile.TemporaryDirectory() as tmp:
         job = JobConfig.model_validate(
@@ -159,7 +159,6 @@ def scratch_run(shape, block, share: bool, client) -> dict:
         wall = time.perf_counter() - t0
         shards, state_bytes = _bytes(Path(job.out) / engine.STATES[1])
         seam_files, seam_bytes = _bytes(Path(job.out) / seams.SEAMS)
-        ledger.release(job.out)
         store.forget_handles()
     voxels = CHANNELS * math.prod(shape)
     grid = job.grid()

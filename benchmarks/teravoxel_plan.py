@@ -52,7 +52,6 @@ def main() -> None:
             ]
             timings["submit_first_wave_s"] = time.perf_counter() - t2
             c.cancel(futures)
-        ledger.release(job.out)
     total = sum(timings.values())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(

@@ -27,7 +27,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flows.artifacts import StepProgress, publish_run_artifacts
-from tera_pipeline import engine, pyramid
+from tera_pipeline import engine, integrity, pyramid
 from tera_pipeline.cluster import cluster_client
 from tera_pipeline.config import JobConfig
 from tera_pipeline.progress import BlockProgress
@@ -56,8 +56,20 @@ _phase = task(
 
 
 @_task
-def prepare_store(config: JobConfig, overwrite: bool, resume: bool) -> Path:
-    return engine.prepare_store(config, overwrite=overwrite, resume=resume)
+def prepare_store(config: JobConfig, overwrite: bool, resume: bool, break_lock: bool) -> Path:
+    return engine.prepare_store(config, overwrite, resume, break_lock)
+
+
+@_task
+def repair_blocks(config: JobConfig, client, checkpoint: Path, repair: bool, progress) -> str:
+    """Before a resume continues: refuse a damaged store, or with ``repair`` restore it."""
+    if not repair:
+        integrity.check_before_resume(config, repair=False)
+        return "intact"
+    damage = integrity.repair(config, client, checkpoint, progress)
+    text = damage.describe(config.diffusion.steps) if damage else "nothing to repair"
+    get_run_logger().info("repair: %s", text)
+    return text
 
 
 @_phase
@@ -98,14 +110,20 @@ def generate_flow(
     show_progress: bool = True,
     resume: bool = False,
     artifacts: bool = True,
+    break_lock: bool = False,
+    repair: bool = False,
+    verified: bool = False,
 ) -> str:
     """Generate the volume described by ``config`` (a JobConfig; a bad field fails the run at once,
-    named) into its store; with ``resume``, continue a stopped run from its ledger."""
+    named) into its store; with ``resume``, continue a stopped run from its ledger (refused if a
+    finished block is missing or corrupt, unless ``repair``: then exactly those are recomputed;
+    ``verified``: the caller has just checked).
+    The store's lock is held from before the cluster starts until after it has closed."""
     job = config if isinstance(config, JobConfig) else JobConfig.model_validate(config)
     logger = get_run_logger()
-    with cluster_client(job.cluster) as client:
+    with engine.writing(job, resume, break_lock), cluster_client(job.cluster) as client:
         logger.info("Dask dashboard: %s", client.dashboard_link)
-        checkpoint = prepare_store(job, overwrite, resume)
+        checkpoint = prepare_store(job, overwrite, resume, break_lock)
         grid = job.grid()
         logger.info(
             "volume %s, %d blocks of %s, %d DDIM steps",
@@ -117,6 +135,8 @@ def generate_flow(
         steps = StepProgress(job.out, job.diffusion.steps) if artifacts else None
         bar = BlockProgress() if show_progress else nullcontext()
         with engine.holding(job), bar as progress:
+            if resume and (repair or not verified):
+                repair_blocks(job, client, checkpoint, repair, progress)
             reports = [rasterize_conditioning(job, client, progress)]
             for step in range(job.diffusion.steps):
                 reports.append(denoise_step(job, checkpoint, step, client, progress))

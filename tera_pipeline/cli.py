@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -87,6 +89,13 @@ def generate(
     address: Annotated[str | None, typer.Option(help="Existing Dask scheduler address.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output store.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue a stopped run of the same job.")] = False,
+    repair: Annotated[
+        bool, typer.Option(help="With --resume: recompute blocks found missing or corrupt.")
+    ] = False,
+    break_lock: Annotated[
+        bool,
+        typer.Option(help="Take the store from another host's run even if it looks alive."),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Generate a volume from a YAML config, with command-line overrides."""
@@ -115,9 +124,11 @@ def generate(
             if config
             else JobConfig().with_overrides(**overrides)
         )
-    except (ValidationError, OSError) as err:
+    except (ValidationError, OSError, ValueError) as err:
         _fail(_one_line(err))
-    _run(job, overwrite, resume)
+    if repair and not resume:
+        _fail("--repair goes with --resume")
+    _run(job, overwrite, resume, break_lock, repair)
 
 
 def _one_line(err: Exception) -> str:
@@ -130,24 +141,81 @@ def _one_line(err: Exception) -> str:
     return str(err)
 
 
-def _run(job, overwrite: bool, resume: bool = False) -> None:
-    from flows.generate import generate_flow
+def _generation_errors() -> tuple[type[Exception], ...]:
+    from flows.api_server import ApiServerError
     from models.checkpoint import CheckpointError
-    from tera_pipeline.engine import GenerationError, preflight
+    from tera_pipeline.engine import GenerationError
     from tera_pipeline.inputs import InputError
-    from tera_pipeline.ledger import LockError, ResumeError
+    from tera_pipeline.integrity import IntegrityError
+    from tera_pipeline.ledger import ResumeError
+    from tera_pipeline.lock import LockError
+    from tera_pipeline.ownership import OwnershipError
     from tera_pipeline.store import StoreError
 
-    errors = (GenerationError, StoreError, CheckpointError, InputError, LockError, ResumeError)
+    return (GenerationError, StoreError, CheckpointError, InputError, LockError, ResumeError,
+            OwnershipError, IntegrityError, ApiServerError)  # fmt: skip
+
+
+def _run(
+    job, overwrite: bool, resume: bool = False, break_lock: bool = False, repair: bool = False
+) -> None:
+    """Check, take the store's lock, then run the flow; the lock goes only once the run (its
+    cluster and its Prefect server) has stopped. Ctrl-C and SIGTERM stop it the same way."""
+    from flows.api_server import prefect_api
+    from flows.generate import generate_flow
+    from tera_pipeline.engine import preflight, writing
+    from tera_pipeline.integrity import check_before_resume
+
+    errors = _generation_errors()
     try:
-        preflight(job, overwrite, resume)  # fail fast, in one line, before Prefect starts
+        with _interrupts_as_keyboard_interrupt():
+            preflight(job, overwrite, resume, break_lock)  # fast, in one line, before Prefect
+            with writing(job, resume, break_lock):
+                if resume:
+                    check_before_resume(job, repair)
+                with prefect_api():
+                    generate_flow(
+                        job.model_dump(mode="json"),
+                        overwrite=overwrite,
+                        resume=resume,
+                        break_lock=break_lock,
+                        repair=repair,
+                        verified=resume,
+                    )
     except errors as err:
         _fail(str(err))
-    try:
-        generate_flow(job.model_dump(mode="json"), overwrite=overwrite, resume=resume)
-    except errors as err:
-        _fail(str(err))
+    except KeyboardInterrupt:
+        typer.secho(
+            f"stopped: {job.out} is kept as it was; continue it with --resume",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+        raise typer.Exit(130) from None
     typer.echo(f"wrote {job.out}")
+
+
+@contextmanager
+def _interrupts_as_keyboard_interrupt():
+    """SIGTERM stops a run as Ctrl-C does; a second signal while it stops is ignored (so the
+    lock is never left behind by an impatient second Ctrl-C)."""
+    import signal
+
+    def stop(signum, frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @app.command()
@@ -198,18 +266,23 @@ def evaluate(
 ) -> None:
     """Fidelity, seam score (engine vs naive tiling), SSIM/PSNR, nuclei: JSON and PNG."""
     from tera_pipeline.cluster import cluster_client
+    from tera_pipeline.report import EvaluateError, check_finished, check_outputs, job_of
     from tera_pipeline.report import evaluate as run_evaluation
-    from tera_pipeline.report import job_of
     from tera_pipeline.store import StoreError
 
     _setup_logging(verbose)
-    try:
+    try:  # every refusal before a cluster starts: an unfinished store, a path not ours
         job = job_of(store_path)
-    except (StoreError, OSError) as err:
-        _fail(f"cannot evaluate {store_path}: {err}")
+        check_finished(store_path)
+        json_path, png_path = check_outputs(store_path, out)
+    except (EvaluateError, StoreError, OSError, ValueError) as err:
+        _fail(err if isinstance(err, EvaluateError) else f"cannot evaluate {store_path}: {err}")
     spec = job.cluster.model_copy(update={"workers": workers or job.cluster.workers})
-    with cluster_client(spec) as client:
-        report = run_evaluation(store_path, client, out)
+    try:
+        with cluster_client(spec) as client:
+            report = run_evaluation(store_path, client, out)
+    except (EvaluateError, OSError) as err:
+        _fail(err if isinstance(err, EvaluateError) else f"cannot evaluate {store_path}: {err}")
     seams = report["seams"]
     typer.echo(f"fidelity r = {report['fidelity']['pearson_r']:.3f}")
     typer.echo(
@@ -224,7 +297,7 @@ def evaluate(
         f"ground truth {n.get('ground_truth', {}).get('count', '-')}, "
         f"cells {n['cells_in_conditioning']}"
     )
-    typer.echo(f"report: {(out or store_path.parent) / 'evaluation.json'} and evaluation.png")
+    typer.echo(f"report: {json_path} and {png_path}")
 
 
 @analyze_app.command("attention")

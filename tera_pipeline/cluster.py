@@ -13,6 +13,7 @@ it (``gpu_task`` and ``block_resources``), so on a mixed cluster they land on GP
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -235,6 +236,7 @@ def cluster_client(spec: ClusterSpec, quiet: bool = True) -> Iterator[Client]:
         "TERA_TORCH_THREADS": str(plan.threads_per_worker),
     }
     cluster = None
+    before = _child_pids()
     if plan.kind == "address":
         client = Client(plan.address)
     elif plan.kind == "cuda":
@@ -284,6 +286,50 @@ def cluster_client(spec: ClusterSpec, quiet: bool = True) -> Iterator[Client]:
         )
         yield client
     finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        close(client, cluster, before)
+
+
+CLOSE_TIMEOUT_S = 30.0
+"""How long closing a cluster may take before its remaining processes are killed."""
+
+
+def _child_pids() -> set[int]:
+    import psutil
+
+    try:
+        return {p.pid for p in psutil.Process().children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
+def close(client: Client, cluster, before: set[int], timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+    """Close the client and a cluster we started, each within ``timeout_s``; then end every
+    process the cluster left (children of this process that were not there before it)."""
+    import psutil
+
+    for what in (client, cluster):
+        if what is None:
+            continue
+        try:
+            what.close(timeout=timeout_s)
+        except Exception as err:  # a hung or broken cluster must not hang the run
+            log.warning("closing %s timed out or failed: %s", type(what).__name__, err)
+    if cluster is None:
+        return
+    left = []
+    for pid in _child_pids() - before:
+        try:
+            proc = psutil.Process(pid)
+            if "resource_tracker" not in " ".join(proc.cmdline()):  # multiprocessing's, shared
+                left.append(proc)
+        except psutil.Error:
+            continue
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(left, timeout=5)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    if left:
+        log.warning("ended %d process(es) the cluster left behind", len(left))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -12,18 +12,67 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tera_pipeline.geometry import ChunkGrid, GeometryError, PatchLattice
 
 Triple = tuple[int, int, int]
+Positive = Annotated[int, Field(gt=0)]
+PositiveTriple = tuple[Positive, Positive, Positive]
+"""Voxel counts (z, y, x): each at least 1."""
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+"""A random seed: a non-negative 64-bit signed integer."""
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read as a job config; the message is one line naming it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).splitlines()))
+
+
+_KINDS = {list: "list", tuple: "list", str: "string", int: "number", float: "number"}
+
+
+def read_yaml_mapping(path: Path, what: str = "job config") -> dict:
+    """The top-level mapping of a YAML file (an empty file is ``{}``). Binary or non-UTF-8 data,
+    malformed YAML and a top level that is not a mapping raise a ``ConfigError`` naming the
+    file; a missing or unreadable file raises ``OSError``."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not a YAML {what}: not UTF-8 text "
+            f"(byte 0x{raw[err.start]:02x} at offset {err.start})"
+        ) from None
+    if "\0" in text:
+        raise ConfigError(f"{path}: not a YAML {what}: binary data (NUL bytes)")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        kind = "boolean" if isinstance(data, bool) else _KINDS.get(type(data), type(data).__name__)
+        raise ConfigError(
+            f"{path}: a {what} must be a mapping of sections (volume:, storage:, ...), "
+            f"not a YAML {kind}"
+        )
+    return data
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class VolumeSpec(_Section):
     shape: Triple = (16, 256, 256)
     """Voxels (z, y, x) per stain."""
     spacing_um: tuple[float, float, float] = (4.0, 1.0, 1.0)
+    """Voxel size (z, y, x) in µm: positive, finite."""
     origin_um: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    stains: tuple[str, ...] = ("DAPI", "PolyT")
+    stains: tuple[str, ...] = Field(("DAPI", "PolyT"), min_length=1)
 
     @field_validator("shape")
     @classmethod
@@ -32,19 +81,33 @@ class VolumeSpec(_Section):
             raise ValueError(f"volume shape must be positive, got {v}")
         return v
 
+    @field_validator("spacing_um")
+    @classmethod
+    def _positive_spacing(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(s <= 0 for s in v):
+            raise ValueError(f"voxel spacing must be positive µm, got {v}")
+        return v
+
+    @field_validator("stains")
+    @classmethod
+    def _stain_names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not s.strip() for s in v) or len(set(v)) != len(v):
+            raise ValueError(f"stain names must be distinct and not blank, got {list(v)}")
+        return v
+
 
 class LatticeSpec(_Section):
-    patch: Triple = (4, 32, 32)
-    stride: Triple = (2, 16, 16)
+    patch: PositiveTriple = (4, 32, 32)
+    stride: PositiveTriple = (2, 16, 16)
     window: Literal["cosine", "gaussian", "constant"] = "cosine"
 
 
 class StorageSpec(_Section):
-    block: Triple = (16, 128, 128)
+    block: PositiveTriple = (16, 128, 128)
     """Block core (z, y, x): the unit of scheduling and of writing; whole shards and strides."""
-    shard: Triple | None = None
+    shard: PositiveTriple | None = None
     """Shard shape; defaults to the block, so each block writes exactly one shard."""
-    chunk: Triple | None = None
+    chunk: PositiveTriple | None = None
     """Inner (read) chunk of a shard; defaults to the largest divisor of the shard up to
     (4, 64, 64) per axis."""
     compression_level: int = Field(3, ge=0, le=22)
@@ -64,7 +127,7 @@ class StorageSpec(_Section):
 class ConditioningSpec(_Section):
     source: str = "synthetic"
     """'synthetic' (the embedded brain) or a path: .h5ad, transcript .parquet/.csv, cell .csv."""
-    bin: Triple = (1, 16, 16)
+    bin: PositiveTriple = (1, 16, 16)
     """Voxels per gene bin (z, y, x); Tera-MIND sums transcripts per 16 x 16 px per slice."""
     gene_panel: Path | None = None
     """Optional panel file (one gene per line); must equal the checkpoint's panel."""
@@ -73,11 +136,20 @@ class ConditioningSpec(_Section):
     drop_outside: bool = False
     """Drop cells outside the volume instead of refusing the input."""
 
+    @field_validator("affine")
+    @classmethod
+    def _affine_4x4(cls, v: tuple[tuple[float, ...], ...] | None):
+        if v is not None and (len(v) != 4 or any(len(row) != 4 for row in v)):
+            raise ValueError("affine must be 4 x 4, acting on (z, y, x, 1)")
+        return v
+
 
 class DiffusionSpec(_Section):
     steps: int = Field(15, ge=1, le=1000)
-    eta: float = Field(0.0, ge=0.0)
-    seed: int = 0
+    """DDIM steps, at most the schedule's 1000 training steps."""
+    eta: float = Field(0.0, ge=0.0, le=1.0)
+    """DDIM noise: 0 deterministic, 1 as DDPM."""
+    seed: Seed = 0
 
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "infra" / "clusters"
@@ -140,9 +212,13 @@ class ClusterSpec(_Section):
             # a stored config carries every field (kind included): it needs no recipe file
             recipe = find_recipe(str(data["recipe"]), required="kind" not in data)
             if recipe is not None:
-                base = yaml.safe_load(recipe.read_text()) or {}
+                base = read_yaml_mapping(recipe, "cluster recipe")
                 k8s = base.get("kubernetes") or {}
-                if k8s.get("manifest") and not Path(k8s["manifest"]).is_absolute():
+                if (
+                    isinstance(k8s, dict)
+                    and k8s.get("manifest")
+                    and not Path(k8s["manifest"]).is_absolute()
+                ):
                     k8s["manifest"] = str((recipe.parent / k8s["manifest"]).resolve())
                 data = merge_nested(base, data)
         return data
@@ -193,7 +269,7 @@ class JobConfig(_Section):
     cluster: ClusterSpec = ClusterSpec()
     checkpoint: Path | None = None
     """Denoiser checkpoint; None uses the committed default."""
-    synthetic_seed: int = 0
+    synthetic_seed: Seed = 0
     """Seed of the synthetic brain that provides the cells (conditioning source 'synthetic')."""
     batch_size: int = Field(32, ge=1)
     """Patches per denoiser call."""
@@ -241,8 +317,15 @@ class JobConfig(_Section):
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: object) -> JobConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        return cls.model_validate(merge(data, overrides))
+        """The config in YAML file ``path`` with dotted-key ``overrides``; an unreadable file
+        raises ``OSError``, a file that is not a YAML mapping of sections ``ConfigError``, and
+        bad fields pydantic's ``ValidationError``."""
+        data = read_yaml_mapping(path)
+        try:
+            merged = merge(data, overrides)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        return cls.model_validate(merged)
 
     def with_overrides(self, **overrides: object) -> JobConfig:
         return type(self).model_validate(merge(self.model_dump(mode="json"), overrides))
@@ -250,13 +333,20 @@ class JobConfig(_Section):
 
 def merge(data: dict, overrides: dict) -> dict:
     """Merge dotted-key overrides ("storage.block": (8, 64, 64)) into nested config data."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    out = dict(data)
     for key, value in overrides.items():
         if value is None:
             continue
         *parents, leaf = key.split(".")
         node = out
-        for p in parents:
-            node = node.setdefault(p, {})
+        for depth, p in enumerate(parents):
+            child = node.get(p, {})
+            if not isinstance(child, dict):
+                section = ".".join(parents[: depth + 1])
+                raise ConfigError(
+                    f"config section {section!r} must be a mapping of fields, got {child!r}"
+                )
+            node[p] = dict(child)  # copied: the caller's data is left as it was
+            node = node[p]
         node[leaf] = value
     return out

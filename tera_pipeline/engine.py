@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from models.checkpoint import DEFAULT_DENOISER, file_digest, read_metadata
-from tera_pipeline import ledger, store
+from tera_pipeline import ledger, lock, ownership, store
 from tera_pipeline.blending import Accumulator, patch_window
 from tera_pipeline.cluster import block_resources, gpu_task
 from tera_pipeline.conditioning import CELLS_DIR, bin_box, open_source, patch_bins
@@ -70,6 +70,8 @@ class BlockStats:
     read_s: float = 0.0
     write_s: float = 0.0
     total_s: float = 0.0
+    digest: int | None = None
+    """CRC-32 of the bytes the block wrote (kept in the ledger's digests)."""
 
 
 @dataclass
@@ -196,26 +198,33 @@ def coordinates(config: JobConfig, genes: Sequence[str]) -> dict:
     return coords
 
 
-def preflight(config: JobConfig, overwrite: bool = False, resume: bool = False):
-    """Every check that can fail before anything is written: the checkpoint, the conditioning
-    input against its panel, the output store and its lock, and for a resume, that the job is
-    the same. Returns (cell source, checkpoint metadata)."""
+def preflight(
+    config: JobConfig, overwrite: bool = False, resume: bool = False, break_lock: bool = False
+):
+    """Every check that can fail before anything is written: the output (only a store of ours
+    is ever replaced, and only with ``overwrite``), its lock, the checkpoint, the conditioning
+    input against its panel, and for a resume, that the job is the same. Returns (cell source,
+    checkpoint metadata)."""
     checkpoint = resolve_checkpoint(config)
     meta = read_metadata(checkpoint)
     panel = tuple(meta.get("genes", ())) or None
     root = Path(config.out)
-    exists = root.exists() and any(root.iterdir())
+    exists = ownership.has_content(root)
     if resume:
         if not exists:
             raise ledger.ResumeError(f"nothing to resume: {root} does not exist")
-        ledger.check_lock(root, resume=True)
+        if not ownership.is_our_store(root):
+            raise ledger.ResumeError(f"cannot resume {root}: it is not a tera-pipeline store")
+        lock.check(root, resume=True, break_lock=break_lock)
         ledger.check_identity(root, ledger.output_identity(config, file_digest(checkpoint)))
     elif exists:
         if not overwrite:
             raise store.StoreError(
                 f"{root} already exists; continue it with --resume, or replace it with --overwrite"
             )
-        ledger.check_lock(root, resume=False)
+        if root.is_dir() and not root.is_symlink():
+            lock.check(root, break_lock=break_lock)
+        ownership.check_replaceable(root)
     cells_dir = root / CELLS_DIR if resume else _staging(config)
     source = open_source(config, panel, cells_dir=cells_dir)
     if isinstance(source, PartitionedSource) and not resume:  # partition a transcript table once
@@ -230,45 +239,67 @@ def _staging(config: JobConfig) -> Path:
     return out.parent / f".{out.name}.cells-staging"
 
 
-def prepare_store(config: JobConfig, overwrite: bool = False, resume: bool = False) -> Path:
-    """Run the preflight checks, then create the job's store (or, resuming, take it over) and
-    hold its lock; returns the checkpoint path."""
-    source, meta = preflight(config, overwrite, resume)
+@contextmanager
+def writing(config: JobConfig, resume: bool = False, break_lock: bool = False):
+    """Hold the output store's lock (creating its folder if needed) for the whole run: taken
+    before anything is written, released once the run has stopped. A folder this made and left
+    empty is removed again. Re-entrant within a process."""
     root = Path(config.out)
-    checkpoint = resolve_checkpoint(config)
-    if resume:
-        ledger.acquire(root, resume=True)
-        attrs = store.group_attrs(root)["tera_pipeline"]
-        attrs.update(status="running", resumed=time.strftime("%Y-%m-%d %H:%M:%S"))
-        store.update_attrs(root, {"tera_pipeline": attrs})
-        return checkpoint
-    if root.exists():
-        store.remove(root.parent, root.name)
-    digest = file_digest(checkpoint)
-    attrs = {
-        "tera_pipeline": {
-            "config": config.model_dump(mode="json"),
-            "seed": config.diffusion.seed,
-            "spacing_um": list(config.volume.spacing_um),
-            "checkpoint": {
-                "path": str(checkpoint),
-                "sha256": digest,
-                "trained_with": meta.get("command"),
-            },
-            "genes": list(source.genes),
-            "version": _version(),
-            "status": "running",
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    made = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        with lock.held(root, resume=resume, break_lock=break_lock) as lease:
+            yield lease
+    finally:
+        if made and root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
+
+
+def prepare_store(
+    config: JobConfig, overwrite: bool = False, resume: bool = False, break_lock: bool = False
+) -> Path:
+    """Run the preflight checks, then create the job's store (or, resuming, continue it) under
+    its lock; returns the checkpoint path. The ledger is written first: a store whose creation
+    was cut short is recognised as ours, and a resume creates it again."""
+    with writing(config, resume, break_lock):
+        source, meta = preflight(config, overwrite, resume, break_lock)
+        root = Path(config.out)
+        checkpoint = resolve_checkpoint(config)
+        if resume and ledger.created(root):
+            attrs = store.group_attrs(root)["tera_pipeline"]
+            attrs.update(status="running", resumed=time.strftime("%Y-%m-%d %H:%M:%S"))
+            attrs.pop("last_error", None)
+            store.update_attrs(root, {"tera_pipeline": attrs})
+            return checkpoint
+        if resume:  # creation was cut short: nothing was computed, start it again
+            source, meta = preflight(config, overwrite=True, break_lock=break_lock)
+        ownership.clear_store(root)  # only entries of a store of ours; keeps the lock
+        store.forget_handles()
+        digest = file_digest(checkpoint)
+        ledger.create(root, config, ledger.output_identity(config, digest))
+        attrs = {
+            "tera_pipeline": {
+                "config": config.model_dump(mode="json"),
+                "seed": config.diffusion.seed,
+                "spacing_um": list(config.volume.spacing_um),
+                "checkpoint": {
+                    "path": str(checkpoint),
+                    "sha256": digest,
+                    "trained_with": meta.get("command"),
+                },
+                "genes": list(source.genes),
+                "version": _version(),
+                "status": "running",
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
         }
-    }
-    store.create_group(root, coordinates(config, source.genes), attrs)
-    for spec in array_specs(config, source.genes):
-        store.create_array(root, spec)
-    if isinstance(source, PartitionedSource):
-        source.folder.rename(root / CELLS_DIR)
-    ledger.create(root, config, ledger.output_identity(config, digest))
-    ledger.acquire(root)
-    return checkpoint
+        store.create_group(root, coordinates(config, source.genes), attrs)
+        for spec in array_specs(config, source.genes):
+            store.create_array(root, spec)
+        if isinstance(source, PartitionedSource):
+            source.folder.rename(root / CELLS_DIR)
+        ledger.set_created(root)
+        return checkpoint
 
 
 @lru_cache(maxsize=8)
@@ -295,9 +326,9 @@ def rasterize_block(config: JobConfig, index: tuple[int, ...]) -> BlockStats:
     root = Path(config.out)
     bins = bin_box(core, b)
     genes, counts = open_source(config, job_genes(root)).rasters(core, bins, sp, b)
-    store.write_box(store.open_array(root, CONDITIONING), bins, genes)
-    store.write_box(store.open_array(root, CELL_COUNT), bins, counts)
-    return BlockStats(total_s=time.perf_counter() - t0)
+    crc = store.write_box(store.open_array(root, CONDITIONING), bins, genes)
+    crc = store.write_box(store.open_array(root, CELL_COUNT), bins, counts, crc)
+    return BlockStats(total_s=time.perf_counter() - t0, digest=crc)
 
 
 @gpu_task
@@ -376,9 +407,10 @@ def denoise_block(
     x_next = sched.ddim_update(x[(slice(None), *core.slices(span))], acc.result(), step, noise)
     tw = time.perf_counter()
     if step == sched.steps - 1:
-        store.write_box(store.open_array(root, IMAGE), core, to_uint8(x_next))
+        stats.digest = store.write_box(store.open_array(root, IMAGE), core, to_uint8(x_next))
     else:
-        store.write_box(store.open_array(root, STATES[(step + 1) % 2]), core, x_next)
+        state = store.open_array(root, STATES[(step + 1) % 2])
+        stats.digest = store.write_box(state, core, x_next)
     stats.write_s += time.perf_counter() - tw
     stats.total_s = time.perf_counter() - t0
     return stats
@@ -390,6 +422,10 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 # -- scheduling ---------------------------------------------------------------------------
+WORKERS_LOST_S = 120.0
+"""A phase fails when the cluster has had no worker for this long (``workers_lost_s``)."""
+
+
 def run_blocks(
     client,
     fn: Callable[..., BlockStats],
@@ -399,22 +435,26 @@ def run_blocks(
     phase: str,
     in_flight: int,
     progress: Progress | None = None,
-    on_done: Callable[[tuple[int, ...]], None] | None = None,
+    on_done: Callable[[tuple[int, ...], BlockStats], None] | None = None,
     retries: int = 0,
+    workers_lost_s: float = WORKERS_LOST_S,
 ) -> StepReport:
     """Run ``fn(*args, index)`` for every block on the Dask client, at most ``in_flight`` at once.
 
     Blocks are drawn lazily from ``indices``, so the grid is never materialised as a task list.
-    The first failing block raises with its coordinates. Workers get a block only when they have
-    a free thread (the rest wait in the scheduler's queue), so blocks of unequal cost (seam
-    sharing makes them so) balance over the workers instead of being dealt out in advance.
+    The first failing block raises with its coordinates, and so does a cluster left without any
+    worker for ``workers_lost_s`` (a run never hangs on a dead cluster). Workers get a block
+    only when they have a free thread (the rest wait in the scheduler's queue), so blocks of
+    unequal cost (seam sharing makes them so) balance over the workers instead of being dealt
+    out in advance.
     """
-    from distributed import as_completed
+    from distributed import wait
 
     in_flight = _assign_on_demand(client, total, in_flight)
     report = StepReport(phase, total, 0.0)
     t0 = time.perf_counter()
     it = iter(indices)
+    watchdog = _WorkerWatchdog(client, workers_lost_s, phase)
 
     where: dict[str, tuple[int, ...]] = {}
 
@@ -426,24 +466,61 @@ def run_blocks(
             fn, *args, index, key=key, pure=False, retries=retries, resources=resources
         )
 
-    pending = as_completed([submit(i) for i in itertools.islice(it, in_flight)])
-    for done, fut in enumerate(pending, start=1):
+    pending = {submit(i) for i in itertools.islice(it, in_flight)}
+    done = 0
+    while pending:
         try:
-            report.add(fut.result())
-        except Exception as err:
-            raise GenerationError(
-                f"{phase}: block {where[fut.key]} failed after {retries} retries: {err}"
-            ) from err
-        if on_done:
-            on_done(where[fut.key])
-        del where[fut.key]
-        if progress:
-            progress(phase, done, total)
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.add(submit(nxt))
+            finished, pending = wait(pending, timeout=1.0, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            watchdog.check()
+            continue
+        for fut in finished:
+            try:
+                stats = fut.result()
+            except Exception as err:
+                for other in pending:
+                    other.cancel()
+                raise GenerationError(
+                    f"{phase}: block {where[fut.key]} failed after {retries} retries: {err}"
+                ) from err
+            report.add(stats)
+            if on_done:
+                on_done(where[fut.key], stats)
+            del where[fut.key]
+            done += 1
+            if progress:
+                progress(phase, done, total)
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.add(submit(nxt))
+        watchdog.check()
     report.wall_s = time.perf_counter() - t0
     return report
+
+
+class _WorkerWatchdog:
+    """Raises once the cluster has had no worker for longer than its limit."""
+
+    def __init__(self, client, limit_s: float, phase: str) -> None:
+        self.client, self.limit_s, self.phase = client, limit_s, phase
+        self.since: float | None = None
+        self.last_check = 0.0
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now - self.last_check < 1.0:
+            return
+        self.last_check = now
+        workers = len(self.client.scheduler_info(n_workers=-1)["workers"])
+        if workers:
+            self.since = None
+            return
+        self.since = self.since or now
+        if now - self.since > self.limit_s:
+            raise GenerationError(
+                f"{self.phase}: every Dask worker was lost and none came back within "
+                f"{self.limit_s:.0f} s; the finished blocks are kept: continue with --resume"
+            )
 
 
 def _assign_on_demand(client, total: int, in_flight: int) -> int:
@@ -510,8 +587,7 @@ def _run_phase(config, client, row, phase, fn, args, progress, indices) -> StepR
     """Run one phase's blocks; the ledger records each finished block (and skips done ones)."""
     root = Path(config.out)
     if indices is None:
-        flags = ledger.done(root, row)
-        todo, total = ledger.pending(root, row), int((~flags).sum())
+        todo, total = ledger.pending(root, row), ledger.count_pending(root, row)
     else:
         todo = [tuple(i) for i in indices]
         total = len(todo)
@@ -524,8 +600,9 @@ def _run_phase(config, client, row, phase, fn, args, progress, indices) -> StepR
         phase,
         in_flight(config, client),
         progress,
-        on_done=lambda index: ledger.mark(root, row, index),
+        on_done=lambda index, stats: ledger.mark(root, row, index, stats.digest),
         retries=config.retries,
+        workers_lost_s=getattr(config, "workers_lost_s", WORKERS_LOST_S),
     )
 
 
@@ -551,7 +628,6 @@ def finalize_store(config: JobConfig, reports: Sequence[StepReport]) -> None:
     }
     store.update_attrs(root, {"tera_pipeline": attrs})
     store.consolidate(root)
-    ledger.release(root)
 
 
 def generate(
@@ -565,24 +641,26 @@ def generate(
     With ``resume``, only blocks the ledger does not record as done are computed."""
     from tera_pipeline.pyramid import build as build_pyramid
 
-    checkpoint = prepare_store(config, overwrite=overwrite, resume=resume)
-    with holding(config):
-        reports = [conditioning_pass(config, client, progress)]
-        for step in range(config.diffusion.steps):
-            reports.append(denoise_step(config, checkpoint, step, client, progress))
-        build_pyramid(config, client, progress)  # multiscale levels + OME-NGFF metadata
-        finalize_store(config, reports)
+    with writing(config, resume):
+        checkpoint = prepare_store(config, overwrite=overwrite, resume=resume)
+        with holding(config):
+            reports = [conditioning_pass(config, client, progress)]
+            for step in range(config.diffusion.steps):
+                reports.append(denoise_step(config, checkpoint, step, client, progress))
+            build_pyramid(config, client, progress)  # multiscale levels + OME-NGFF metadata
+            finalize_store(config, reports)
     return reports
 
 
 @contextmanager
 def holding(config: JobConfig) -> Iterator[None]:
-    """While a prepared job runs: an error is kept in the store, and the lock is released."""
+    """While a prepared job runs: an error, or an interruption, is kept in the store."""
     root = Path(config.out)
     try:
         yield
     except Exception as err:
         record_error(root, err)
         raise
-    finally:
-        ledger.release(root)
+    except BaseException:  # Ctrl-C, SIGTERM: stopped, to be resumed
+        record_error(root, None)
+        raise

@@ -3,8 +3,8 @@ conditioning fidelity and seam score, as a dict and as a markdown table (the flo
 
 Times come from the store's run record. Fidelity and the seam score read the whole image slice by
 slice, so they are measured here only for volumes up to ``MEASURE_VOXELS``; for larger ones they
-come from ``tera evaluate``'s ``evaluation.json`` beside the store when it has measured this
-store, and are reported as not measured otherwise.
+come from ``tera evaluate``'s ``<store name>.evaluation.json`` beside the store when it has
+measured this store, and are reported as not measured otherwise.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def run_figures(root: Path, measure_voxels: int = MEASURE_VOXELS) -> dict:
 
 def _evaluation(root: Path) -> dict | None:
     """``tera evaluate``'s report beside the store, when it is about this store."""
-    path = root.parent / "evaluation.json"
+    path = root.parent / f"{root.stem}.evaluation.json"  # as tera_pipeline.report names it
     try:
         report = json.loads(path.read_text())
     except (OSError, ValueError):

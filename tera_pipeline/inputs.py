@@ -11,6 +11,11 @@ Formats (all positions in µm; our tables hold them as (z, y, x)):
   ``y``, ``z`` and the metadata columns (``METADATA_COLUMNS`` by default) is a gene and must be
   numeric; an integer ``cell_id`` column is kept as ``CellTable.cell_id``.
 
+CSVs are comma-separated UTF-8 text with '.' as the decimal point (a BOM and CRLF line endings
+are fine), read strictly and streamed with Arrow: binary or non-UTF-8 data, another separator, a
+row with the wrong number of fields, a coordinate or count that is not a number (a decimal
+comma, text) and a cell count that is not a whole number are refused naming the file and line.
+
 Every problem raises ``InputError`` with a one-line message, before anything is written.
 """
 
@@ -18,12 +23,14 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from tera_pipeline.config import VolumeSpec
 from tera_pipeline.synthetic import CellTable
@@ -142,12 +149,168 @@ def _requested(genes: Sequence[str]) -> tuple[str, ...]:
     return genes
 
 
-def _csv_header(path: Path) -> list[str]:
-    with path.open(newline="") as f:
-        header = next(csv.reader(f), None)
-    if not header:
+HEADER_LIMIT = 8 << 20
+"""Longest first line read as a CSV header (bytes)."""
+_SEPARATORS = {";": "';'", "\t": "tabs", "|": "'|'"}
+_COORD_HINT = "coordinates are numbers in µm"
+_GENE_HINT = "every column but x, y, z and metadata is a gene; list it in metadata= to skip it"
+_GENE_TYPE = pa.dictionary(pa.int32(), pa.string())
+_PARSE_ERROR = re.compile(r"Row #(\d+): Expected (\d+) columns, got (\d+)")
+_CONVERSION_ERROR = re.compile(
+    r"In CSV column #(\d+): Row #(\d+): CSV conversion error to \w+: (.*)"
+)
+
+
+def csv_header(path: PathLike) -> list[str]:
+    """The column names of a comma-separated UTF-8 file (a BOM is skipped; CRLF is fine).
+
+    Binary or non-UTF-8 data, an empty first line and ';'- or tab-separated fields are an
+    ``InputError`` naming the file and line 1.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            raw = f.readline(HEADER_LIMIT)
+    except OSError as err:
+        raise InputError(f"{path}: cannot read: {err.strerror or err}") from err
+    if not raw:
         raise InputError(f"{path}: empty file (no header line)")
-    return [h.strip() for h in header]
+    if b"\0" in raw:
+        raise InputError(f"{path}: line 1: binary data (NUL bytes), not a CSV text file")
+    if len(raw) >= HEADER_LIMIT and not raw.endswith(b"\n"):
+        raise InputError(f"{path}: line 1 is over {HEADER_LIMIT >> 20} MiB: not a CSV text file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(
+            f"{path}: line 1: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+            "save the file as UTF-8 CSV"
+        ) from None
+    line = re.split(r"\r\n|\r|\n", text, maxsplit=1)[0]
+    if not line.strip():
+        raise InputError(f"{path}: line 1 is blank; the first line must name the columns")
+    try:
+        header = [h.strip() for h in next(csv.reader([line]))]
+    except csv.Error as err:
+        raise InputError(f"{path}: line 1: not a CSV header: {err}") from None
+    for sep, name in _SEPARATORS.items():
+        if len(header) == 1 and sep in line:
+            raise InputError(
+                f"{path}: line 1: fields separated by {name}; need comma-separated values, "
+                "with '.' as the decimal point"
+            )
+    return header
+
+
+_csv_header = csv_header
+
+
+def _line_of_row(path: Path, row: int) -> int:
+    """The line of CSV record ``row`` as Arrow numbers them (from 1, the header included, blank
+    lines skipped); streams the file (called on errors only). Falls back to ``row``."""
+    try:
+        with path.open(encoding="utf-8", errors="replace", newline="") as f:
+            reader = csv.reader(f)
+            seen = 0
+            for record in reader:
+                seen += bool(record)
+                if seen == row:
+                    return reader.line_num
+    except (csv.Error, OSError):
+        pass
+    return row
+
+
+def _csv_stream(
+    path: Path,
+    header: Sequence[str],
+    types: dict[int, pa.DataType],
+    hints: dict[int, str],
+    block_size: int = 64 << 20,
+) -> Iterator[pa.RecordBatch]:
+    """Record batches of the columns ``types`` (by position, named ``str(position)``) of a CSV,
+    strictly: each row has one field per header column and each value converts, else an
+    ``InputError`` naming the file and line. Memory stays at one block of ``block_size`` bytes."""
+    import pyarrow.csv as pcsv
+
+    names = [str(i) for i in range(len(header))]  # by position: duplicated names stay distinct
+    read = pcsv.ReadOptions(
+        use_threads=False,  # serial parsing: Arrow's errors then carry the row number
+        block_size=block_size,
+        column_names=names,
+        skip_rows=1,
+    )
+    convert = pcsv.ConvertOptions(
+        column_types={str(i): t for i, t in types.items()},
+        include_columns=[str(i) for i in types],
+    )
+    try:
+        yield from pcsv.open_csv(path, read_options=read, convert_options=convert)
+    except (pa.ArrowException, OSError) as err:
+        raise _csv_error(path, header, hints, err) from err
+
+
+def _csv_error(path: Path, header: Sequence[str], hints: dict[int, str], err: Exception):
+    text = " ".join(str(err).split())
+    if m := _PARSE_ERROR.search(text):
+        row, want, got = (int(g) for g in m.groups())
+        hint = (
+            "; quote values that contain ',' and use '.' as the decimal point"
+            if got > want
+            else "; every row needs a field for every column"
+        )
+        return InputError(
+            f"{path}: line {_line_of_row(path, row)}: {got} fields, the header has {want}{hint}"
+        )
+    if m := _CONVERSION_ERROR.search(text):
+        column, row, detail = int(m[1]), int(m[2]), m[3]
+        where = f"{path}: line {_line_of_row(path, row)}"
+        name = header[column] if column < len(header) else f"#{column + 1}"
+        value = re.fullmatch(r"invalid value '(.*)'", detail)
+        if "UTF8" in detail or (value and "\ufffd" in value[1]):
+            return InputError(f"{where}: not UTF-8 text (column {name!r}); save the file as UTF-8")
+        if value is None:
+            return InputError(f"{where}: column {name!r}: {detail}")
+        hints_here = [hints[column]] if column in hints else []
+        if "," in value[1]:
+            hints_here.insert(0, "use '.' as the decimal point")
+        shown = value[1] if len(value[1]) <= 40 else value[1][:40] + "..."
+        return InputError(
+            f"{where}: column {name!r} is not numeric: {shown!r}"
+            + "".join(f"; {h}" for h in hints_here)
+        )
+    return InputError(f"{path}: cannot read as CSV: {text[:300]}")
+
+
+def transcript_csv_batches(path: PathLike, block_size: int = 64 << 20) -> Iterator[pa.RecordBatch]:
+    """A transcript CSV in record batches of ``x``, ``y``, ``z`` (float64, µm) and ``gene``
+    (dictionary), checked as it streams (header, field counts, numbers, UTF-8, a gene on every
+    row); memory stays at one block whatever the file's size."""
+    path = Path(path)
+    header = csv_header(path)
+    needed = [*COORDS, GENE_COLUMN]
+    _require_columns(header, needed, str(path))
+    dup = [c for c in _duplicates(header) if c in needed]
+    if dup:
+        raise InputError(f"{path}: duplicated columns {_names(dup)}")
+    cols = [header.index(c) for c in needed]
+    types = {c: pa.float64() for c in cols[:3]} | {cols[3]: _GENE_TYPE}
+    rows = 0
+    for batch in _csv_stream(path, header, types, dict.fromkeys(cols[:3], _COORD_HINT), block_size):
+        batch = pa.RecordBatch.from_arrays([batch.column(str(c)) for c in cols], names=needed)
+        gene = batch.column(GENE_COLUMN)
+        names = gene.dictionary.to_pylist()
+        bad = [i for i, n in enumerate(names) if n is None or not n.strip()]
+        if bad or gene.null_count:
+            index = gene.indices.to_numpy(zero_copy_only=False)
+            missing = np.isin(index, bad) | ~np.asarray(gene.is_valid())
+            first = int(np.argmax(missing))
+            raise InputError(
+                f"{path}: {int(missing.sum())} transcripts have no gene "
+                f"(first at line {_line_of_row(path, rows + first + 2)})"
+            )
+        rows += len(batch)
+        yield batch
 
 
 def _require_columns(columns: Sequence[str], needed: Sequence[str], source: str) -> None:
@@ -256,8 +419,16 @@ def check_panel(genes: Sequence[str], checkpoint_genes: Sequence[str]) -> None:
 def read_gene_panel(path: PathLike) -> tuple[str, ...]:
     """Gene names, one per line; blank lines and ``#`` comments are ignored."""
     path = _existing(path)
+    raw = _read(path, "a gene panel", path.read_bytes)
+    if b"\0" in raw:
+        raise InputError(f"{path}: binary data (NUL bytes), not a gene panel text file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text; save the gene panel as UTF-8") from None
     genes: list[str] = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         name = line.split("#", 1)[0].strip()
         if not name:
             continue
@@ -306,7 +477,18 @@ def read_anndata(
     dense = selected.toarray() if hasattr(selected, "toarray") else np.asarray(selected)
     counts = np.ascontiguousarray(dense, dtype=np.float32)
     names = tuple(available[i] for i in index)
-    return validate_cells(CellTable(position, counts, names), source)
+    table = validate_cells(CellTable(position, counts, names), source)
+    fraction = dense != np.floor(dense)  # validated finite
+    if fraction.any():
+        cell, gene = (int(i) for i in np.argwhere(fraction)[0])
+        where = "X" if layer is None else f"layer {layer!r}"
+        raise InputError(
+            f"{source}: {where} holds counts that are not whole numbers in "
+            f"{int(fraction.any(axis=1).sum())} cells (first {dense[cell, gene]:g} of gene "
+            f"{names[gene]!r} in cell {str(adata.obs_names[cell])!r}); need raw counts per cell, "
+            "not normalized values"
+        )
+    return table
 
 
 def read_transcripts(path: PathLike, genes: Sequence[str] | None = None) -> CellTable:
@@ -324,8 +506,9 @@ def read_transcripts(path: PathLike, genes: Sequence[str] | None = None) -> Cell
         _require_columns(schema.names, needed, str(path))
         frame = _read(path, "parquet", lambda: pd.read_parquet(path, columns=needed))
     elif suffix == ".csv":
-        _require_columns(_csv_header(path), needed, str(path))
-        frame = _read(path, "CSV", lambda: pd.read_csv(path, usecols=needed))
+        batches = list(transcript_csv_batches(path))
+        schema = pa.schema([*((c, pa.float64()) for c in COORDS), (GENE_COLUMN, _GENE_TYPE)])
+        frame = pa.Table.from_batches(batches, schema).to_pandas()
     else:
         raise _unsupported(path)
     return _transcripts_table(frame, genes, str(path))
@@ -355,7 +538,11 @@ def read_cell_csv(
     *,
     metadata: Iterable[str] = METADATA_COLUMNS,
 ) -> CellTable:
-    """A cell CSV: x, y, z (µm) and one numeric column per gene; ``metadata`` columns ignored."""
+    """A cell CSV: x, y, z (µm) and one numeric column per gene; ``metadata`` columns ignored.
+
+    Read strictly: a row with the wrong number of fields, a value that is not a number (a
+    decimal comma, text) in a coordinate or gene column, and a count that is not a whole number
+    are refused naming the file and line."""
     path = _existing(path)
     source = str(path)
     header = _csv_header(path)
@@ -367,28 +554,52 @@ def read_cell_csv(
     gene_cols = [i for i, name in enumerate(header) if name not in skip]
     index = _gene_index([header[i] for i in gene_cols], genes, source)
     coord_cols = [header.index(c) for c in COORDS]
-    id_col = [header.index("cell_id")] if "cell_id" in header else []
+    id_col = header.index("cell_id") if "cell_id" in header else None
     chosen = [gene_cols[j] for j in index]
-    usecols = [*coord_cols, *chosen, *id_col]
-    names = list(range(len(header)))  # by position: duplicated names stay distinct
-    frame = _read(path, "CSV", lambda: pd.read_csv(path, header=0, names=names, usecols=usecols))
-    if len(frame) == 0:
+    types = {i: pa.float64() for i in (*coord_cols, *chosen)}
+    hints = dict.fromkeys(coord_cols, _COORD_HINT) | dict.fromkeys(chosen, _GENE_HINT)
+    if id_col is not None and id_col not in types:
+        types[id_col] = pa.string()
+    schema = pa.schema([(str(i), t) for i, t in types.items()])
+    frame = pa.Table.from_batches(list(_csv_stream(path, header, types, hints)), schema)
+    if frame.num_rows == 0:
         raise InputError(f"{source}: empty table (no cells)")
-    xyz = np.stack([_numeric(frame, i, header[i], source) for i in coord_cols], axis=1)
-    counts = [_numeric(frame, i, header[i], source) for i in chosen]
+
+    def column(i: int) -> np.ndarray:
+        return frame.column(str(i)).to_numpy()
+
+    xyz = np.stack([column(i) for i in coord_cols], axis=1)
+    counts = np.stack([column(i) for i in chosen], axis=1) if chosen else np.zeros((len(xyz), 0))
+    names = tuple(header[i] for i in chosen)
     table = CellTable(
         _positions_zyx(xyz, source),
-        np.stack(counts, axis=1).astype(np.float32) if counts else np.zeros((len(frame), 0)),
-        tuple(header[i] for i in chosen),
-        cell_id=_cell_ids(frame, id_col),
+        counts.astype(np.float32),
+        names,
+        cell_id=None if id_col is None else _cell_ids(column(id_col)),
     )
-    return validate_cells(table, source)
+    table = validate_cells(table, source)
+    fraction = counts != np.floor(counts)  # validated finite
+    if fraction.any():
+        row, gene = (int(i) for i in np.argwhere(fraction)[0])
+        raise InputError(
+            f"{source}: line {_line_of_row(path, row + 2)}: count {counts[row, gene]:g} of gene "
+            f"{names[gene]!r} is not a whole number; need raw counts per cell, not normalized "
+            "values"
+        )
+    return table
 
 
-def _cell_ids(frame: pd.DataFrame, id_col: list[int]) -> np.ndarray | None:
-    if not id_col or not pd.api.types.is_integer_dtype(frame[id_col[0]].dtype):
+def _cell_ids(values: np.ndarray) -> np.ndarray | None:
+    """Integer cell ids, or None when the column holds anything else."""
+    try:
+        ids = values.astype(np.int64) if values.dtype.kind in "OUS" else values
+    except (ValueError, TypeError, OverflowError):
         return None
-    return frame[id_col[0]].to_numpy(dtype=np.int64)
+    if ids.dtype.kind == "f":
+        if not np.isfinite(ids).all() or (ids != np.floor(ids)).any():
+            return None
+        ids = ids.astype(np.int64)
+    return ids if ids.dtype.kind in "iu" else None
 
 
 # -- coordinates and the entry point ------------------------------------------------------------

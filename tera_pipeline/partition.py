@@ -21,7 +21,14 @@ import pyarrow.parquet as pq
 
 from tera_pipeline.config import JobConfig
 from tera_pipeline.geometry import Box
-from tera_pipeline.inputs import COORDS, GENE_COLUMN, InputError, to_volume_frame
+from tera_pipeline.inputs import (
+    COORDS,
+    GENE_COLUMN,
+    InputError,
+    csv_header,
+    to_volume_frame,
+    transcript_csv_batches,
+)
 from tera_pipeline.synthetic import CellTable
 
 BATCH_ROWS = 1_000_000
@@ -34,9 +41,7 @@ def is_transcript_table(path: Path) -> bool:
     if path.suffix.lower() in (".parquet", ".pq"):
         return True
     if path.suffix.lower() == ".csv" and path.is_file():
-        with path.open() as f:
-            header = f.readline().strip().split(",")
-        return GENE_COLUMN in [h.strip() for h in header]
+        return GENE_COLUMN in csv_header(path)  # binary, non-UTF-8: InputError naming the file
     return False
 
 
@@ -51,14 +56,8 @@ def _batches(path: Path) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
                 raise InputError(f"{path}: missing columns {missing}; need {needed}")
             for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=needed):
                 yield _columns(batch, path)
-        else:
-            import pyarrow.csv as pcsv
-
-            reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=64 << 20))
-            missing = [c for c in needed if c not in reader.schema.names]
-            if missing:
-                raise InputError(f"{path}: missing columns {missing}; need {needed}")
-            for batch in reader:
+        else:  # checked as it streams: fields per row, numbers, UTF-8, a gene on every row
+            for batch in transcript_csv_batches(path, block_size=64 << 20):
                 yield _columns(batch, path)
     except (pa.ArrowInvalid, OSError) as err:
         first = str(err).strip().splitlines()[0]
@@ -74,6 +73,8 @@ def _columns(batch: pa.RecordBatch, path: Path) -> tuple[np.ndarray, np.ndarray,
     except (ValueError, TypeError, pa.ArrowInvalid) as err:
         raise InputError(f"{path}: coordinates x, y, z must be numbers (µm)") from err
     column = batch.column(GENE_COLUMN)
+    if column.null_count:
+        raise InputError(f"{path}: {column.null_count} transcripts have no gene")
     if not pa.types.is_dictionary(column.type):
         column = pc.dictionary_encode(column)
     names = column.dictionary.to_numpy(zero_copy_only=False).astype(str)

@@ -9,11 +9,13 @@ built out of core like the image. Level k lives in the group ``pyramid/<k>`` as 
 it. The store's root group carries the OME-NGFF 0.5 ``multiscales`` (axes c, z, y, x in
 micrometer; per level a scale and a translation to voxel centres) over ``image``,
 ``pyramid/1/image``, ...: napari (napari-ome-zarr), neuroglancer and other OME-Zarr readers open
-the root. A resume rebuilds the pyramid from the finished image.
+the root. A resume rebuilds the pyramid from the finished image: the new levels are written under
+``_pyramid_new`` and swapped in only once complete, so a pyramid is never left half-written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterator
@@ -175,6 +177,18 @@ def ome_metadata(config: JobConfig, levels: list[Level]) -> dict:
     }
 
 
+NEW, OLD = "_pyramid_new", "_pyramid_old"
+
+
+def _swap_in(root: Path) -> None:
+    """Replace ``pyramid`` with the complete ``_pyramid_new`` (two renames; the old levels go
+    only after the new ones are in place)."""
+    if (root / PYRAMID).exists():
+        (root / PYRAMID).rename(root / OLD)
+    (root / NEW).rename(root / PYRAMID)
+    store.remove(root, OLD)
+
+
 def build(config: JobConfig, client, progress=None) -> list:
     """Write every downsampled level block by block on the Dask client, then the OME-NGFF
     metadata; returns one StepReport per level."""
@@ -182,12 +196,14 @@ def build(config: JobConfig, client, progress=None) -> list:
 
     root = Path(config.out)
     levels = plan_levels(config)
-    store.remove(root, PYRAMID)  # a resume rebuilds it whole
-    store.create_group(root / PYRAMID, {}, {})
+    for leftover in (NEW, OLD):  # a build cut short: its partial levels go
+        store.remove(root, leftover)
+    store.create_group(root / NEW, {}, {})
     c = len(config.volume.stains)
     reports = []
     for prev, lvl in zip(levels, levels[1:]):
-        store.create_group(root / lvl.group, coordinates(config, lvl), {"level": lvl.index})
+        group = root / NEW / str(lvl.index)
+        store.create_group(group, coordinates(config, lvl), {"level": lvl.index})
         spec = store.ArraySpec(
             IMAGE,
             (c, *lvl.shape),
@@ -198,13 +214,15 @@ def build(config: JobConfig, client, progress=None) -> list:
             attributes={"long_name": f"generated stains, pyramid level {lvl.index}"},
             compression_level=config.storage.compression_level,
         )
-        store.create_array(root / lvl.group, spec)
+        store.create_array(group, spec)
         total = int(np.prod(lvl.grid()))
+        source = prev.path if prev.index == 0 else f"{NEW}/{prev.index}/{IMAGE}"
+        target = Level(lvl.index, f"{NEW}/{lvl.index}/{IMAGE}", *dataclasses.astuple(lvl)[2:])
         reports.append(
             engine.run_blocks(
                 client,
                 downsample_block,
-                (str(root), prev.path, lvl),
+                (str(root), source, target),
                 lvl.blocks(),
                 total,
                 f"pyramid {lvl.index}/{len(levels) - 1}",
@@ -213,6 +231,7 @@ def build(config: JobConfig, client, progress=None) -> list:
                 retries=config.retries,
             )
         )
+    _swap_in(root)
     attrs = store.group_attrs(root)
     tera = attrs.get("tera_pipeline", {})
     tera["pyramid"] = {

@@ -4,16 +4,27 @@
 denoised on its own: the same job with stride = patch, so no halo and no blending) on the same
 input and seed, (c) SSIM / PSNR per slice against the synthetic ground truth where there is one,
 (d) detected nuclei (count, sizes) against the conditioning's cells.
+
+It only measures finished stores, and it never deletes or overwrites what it did not write: the
+report is ``<store name>.evaluation.json`` and ``.evaluation.png`` (one pair per store, each
+marked as written by ``tera evaluate`` for that store), and the naive-tiling run goes to a fresh
+temporary folder inside the report folder, removed entry by entry afterwards.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
 
-from tera_pipeline import engine, store
+from tera_pipeline import engine, ledger, lock, store
 from tera_pipeline.conditioning import bin_box
 from tera_pipeline.config import JobConfig
 from tera_pipeline.evaluate import compare_to_truth, detect_nuclei, seam_score
@@ -21,7 +32,14 @@ from tera_pipeline.geometry import Box
 from tera_pipeline.quality import conditioning_fidelity
 from tera_pipeline.synthetic import SyntheticBrain
 
+log = logging.getLogger(__name__)
+
 MAX_NUCLEI_VOXELS = 64 * 1024 * 1024  # larger volumes: nuclei measured on the central block
+WRITER = "tera evaluate"  # the marker in every report file this module writes
+
+
+class EvaluateError(RuntimeError):
+    """A store that cannot be evaluated, or an output path that is not ours to write."""
 
 
 def job_of(root: Path) -> JobConfig:
@@ -33,22 +51,183 @@ def job_of(root: Path) -> JobConfig:
     return job.model_copy(update={"out": Path(root)})  # the store may have moved or been copied
 
 
+def store_name(root: Path) -> str:
+    """The name a store's outputs are named after: ``demo.zarr`` -> ``demo``."""
+    return Path(root).stem
+
+
+def report_paths(root: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
+    """Where the report on ``root`` goes: ``<name>.evaluation.json`` and ``.png`` in
+    ``out_dir`` (default: beside the store)."""
+    root = Path(root)
+    folder = Path(out_dir) if out_dir is not None else root.parent
+    name = store_name(root)
+    return folder / f"{name}.evaluation.json", folder / f"{name}.evaluation.png"
+
+
+def check_finished(root: Path) -> None:
+    """Raise unless the store's run completed: status ``complete`` and every phase done."""
+    root = Path(root)
+    attrs = store.group_attrs(root).get("tera_pipeline", {})
+    state = attrs.get("status", "unknown")
+    if state != "complete":
+        raise EvaluateError(f"cannot evaluate {root}: {_unfinished(root, state)}")
+    try:
+        phases = ledger.progress(root)
+    except store.StoreError:
+        return  # no ledger to cross-check; the status is the record
+    for phase, (done, total) in enumerate(phases):
+        if done < total:
+            name = "conditioning" if phase == 0 else f"step {phase}"
+            raise EvaluateError(
+                f"cannot evaluate {root}: its status is complete but its ledger has {name} "
+                f"at {done} of {total} blocks done"
+            )
+
+
+def _unfinished(root: Path, state: str) -> str:
+    """One clause on why a store with status ``state`` is not finished."""
+    if state == "running":
+        try:
+            owner = lock.read(root)
+        except lock.LockError:
+            owner = None
+        if owner is not None and lock.alive(owner):
+            return (f"it is still being generated (status 'running', held by "
+                    f"{lock.describe(owner)}); evaluate it once it is complete")  # fmt: skip
+        return ("its run stopped before it finished (status 'running', no live run holds it); "
+                "finish it with tera generate --resume")  # fmt: skip
+    return f"its status is {state!r}, not 'complete'; only a finished store can be evaluated"
+
+
+def identity(root: Path) -> dict:
+    """What ties a report to its store: the store's path and its run (start, config hash)."""
+    root = Path(root)
+    attrs = store.group_attrs(root).get("tera_pipeline", {})
+    run = {"started": attrs.get("started"), "seed": attrs.get("seed"),
+           "config_sha256": ledger.identity_hash(attrs.get("config", {}))}  # fmt: skip
+    return {"writer": WRITER, "store": str(root.resolve()), "run": run}
+
+
+def _ours(existing: dict | None, mine: dict) -> bool:
+    """Whether a report file's marker says this module wrote it for this store (the same path,
+    or the same run when the store and its reports were moved together)."""
+    if not isinstance(existing, dict) or existing.get("writer") != WRITER:
+        return False
+    return existing.get("store") == mine["store"] or existing.get("run") == mine["run"]
+
+
+def _json_marker(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()).get("written_by")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _png_marker(path: Path) -> dict | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return json.loads(image.text.get("tera-evaluate", ""))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_outputs(root: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
+    """The report paths, after checking that each is free or this store's own earlier report;
+    raise naming the first path that holds anything else."""
+    mine = identity(root)
+    paths = report_paths(root, out_dir)
+    for path, marker in zip(paths, (_json_marker, _png_marker), strict=True):
+        if (path.exists() or path.is_symlink()) and not (
+            path.is_file() and not path.is_symlink() and _ours(marker(path), mine)
+        ):
+            raise EvaluateError(
+                f"{path} already exists and is not tera evaluate's report on {root}; "
+                "move it away or pass another --out"
+            )
+    return paths
+
+
 def naive_tiling_job(job: JobConfig, out: Path) -> JobConfig:
-    """The same job with non-overlapping patches: every patch denoised on its own."""
-    return job.with_overrides(out=str(out), **{"lattice.stride": job.lattice.patch})
+    """The same job with non-overlapping patches: every patch denoised on its own.
+
+    A block must be a whole number of strides, and here the stride is the patch, so the block
+    becomes the least common multiple of the job's block and the patch (per axis), with the
+    default shard and chunk for it. The patch lattice does not depend on the block, so neither
+    do the output voxels."""
+    patch = job.lattice.patch
+    block = tuple(math.lcm(b, p) for b, p in zip(job.storage.block, patch, strict=True))
+    overrides: dict = {"lattice.stride": patch}
+    if block != tuple(job.storage.block):
+        overrides.update({"storage.block": block, "storage.shard": None, "storage.chunk": None})
+    return job.with_overrides(out=str(out), **overrides)
 
 
 def evaluate(root: Path, client, out_dir: Path | None = None) -> dict:
-    """Measure a store and write ``evaluation.json`` and ``evaluation.png`` next to it."""
+    """Measure a finished store and write ``<name>.evaluation.json`` and ``.png`` (in
+    ``out_dir``, default beside the store)."""
     root = Path(root)
+    check_finished(root)
     job = job_of(root)
-    out_dir = Path(out_dir or root.parent)
-    naive = naive_tiling_job(job, out_dir / f"{root.stem}.naive-tiling.zarr")
-    engine.generate(naive, client, overwrite=True)
+    json_path, png_path = check_outputs(root, out_dir)
+    out_dir = json_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mine = identity(root)
 
+    scratch = Path(tempfile.mkdtemp(prefix=f".{store_name(root)}.evaluate-", dir=out_dir))
+    naive = naive_tiling_job(job, scratch / f"{store_name(root)}.naive-tiling.zarr")
+    try:
+        engine.generate(naive, client)
+        report = _measure(root, job, naive)
+    finally:
+        _remove_scratch(scratch, naive)
+
+    report = {"written_by": mine, **report}
+    check_outputs(root, out_dir)  # again: the naive run can take long, and the folder is shared
+    _write_new(json_path, json.dumps(report, indent=2))
+    _plot(report, png_path, mine)
+    return report
+
+
+def _remove_scratch(scratch: Path, naive: JobConfig) -> None:
+    """Remove what the naive run wrote in ``scratch`` (its store, its staging folder), then the
+    folder itself, which ``tempfile.mkdtemp`` created for this run alone."""
+    out = Path(naive.out)
+    for entry in (out, out.parent / f".{out.name}.cells-staging"):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.exists() or entry.is_symlink():
+            entry.unlink()
+    store.forget_handles()
+    try:
+        scratch.rmdir()
+    except OSError as err:  # something else appeared in it: leave it
+        log.warning("left %s in place: %s", scratch, err)
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file beside it, so a failure leaves the old one."""
+    tmp = _fresh_name(path)
+    try:
+        with open(tmp, "x") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fresh_name(path: Path) -> Path:
+    """A name beside ``path`` that nothing has (hidden, random), for writing it atomically."""
+    return path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+
+
+def _measure(root: Path, job: JobConfig, naive: JobConfig) -> dict:
     stride, patch = job.lattice.stride, job.lattice.patch
     report: dict = {
-        "store": str(root),
+        "store": str(root.resolve()),
         "fidelity": conditioning_fidelity(root),
         "seams": {
             "engine": seam_score(root, (stride[1], stride[2])),
@@ -66,9 +245,6 @@ def evaluate(root: Path, client, out_dir: Path | None = None) -> dict:
 
         report["truth"] = compare_to_truth(root, truth)
     report["nuclei"] = _nuclei(root, job, truth)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "evaluation.json").write_text(json.dumps(report, indent=2))
-    _plot(report, out_dir / "evaluation.png")
     return report
 
 
@@ -93,7 +269,7 @@ def _nuclei(root: Path, job: JobConfig, truth) -> dict:
     return result
 
 
-def _plot(report: dict, path: Path) -> None:
+def _plot(report: dict, path: Path, mine: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,5 +309,14 @@ def _plot(report: dict, path: Path) -> None:
     )
     ax[3].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    tmp = _fresh_name(path)
+    try:
+        with open(tmp, "xb") as f:
+            meta = {"Software": WRITER, "tera-evaluate": json.dumps(mine)}
+            fig.savefig(f, format="png", dpi=80, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)

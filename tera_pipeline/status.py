@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tera_pipeline import ledger, store
+from tera_pipeline import ledger, lock, store
 
 
 def job_status(root: Path) -> dict:
@@ -13,8 +13,10 @@ def job_status(root: Path) -> dict:
     phase, when each phase last finished a block, the time since the start and since the last
     block, the holder and the last error."""
     root = Path(root)
+    if (root / ledger.LEDGER / "zarr.json").is_file() and not ledger.created(root):
+        return _cut_short(root)
     attrs = store.group_attrs(root).get("tera_pipeline")
-    if attrs is None:
+    if not isinstance(attrs, dict):
         raise store.StoreError(f"{root} is not a tera-pipeline store")
     steps = attrs["config"]["diffusion"]["steps"]
     names = ["conditioning", *(f"step {k + 1}/{steps}" for k in range(steps))]
@@ -24,12 +26,16 @@ def job_status(root: Path) -> dict:
         {"phase": n, "done": d, "total": t, "last_block": last[i], "wall_s": walls.get(n)}
         for i, (n, (d, t)) in enumerate(zip(names, ledger.progress(root)))
     ]
-    holder = ledger.holder(root)
+    holder, lock_problem = _holder(root)
     state = attrs.get("status", "unknown")
     if state == "running" and holder is None:
         state = "stopped (resume with --resume)"
-    elif state == "running" and not ledger.alive(holder):
+    elif state == "running" and not lock.alive(holder):
         state = "dead (resume with --resume)"
+    elif state in ("stopped", "failed"):
+        state += " (resume with --resume)"
+    if lock_problem:
+        state = f"{state}; {lock_problem}"
     now = time.time()
     started = _epoch(attrs.get("resumed") or attrs.get("started"))
     latest = max((t for t in last if t is not None), default=None)
@@ -37,12 +43,37 @@ def job_status(root: Path) -> dict:
         "store": str(root),
         "state": state,
         "phases": phases,
-        "holder": ledger.describe(holder) if holder else None,
+        "holder": lock.describe(holder) if holder else None,
         "started": attrs.get("started"),
         "resumed": attrs.get("resumed"),
         "elapsed_s": None if started is None else now - started,
         "since_last_block_s": None if latest is None else now - latest,
         "last_error": attrs.get("last_error"),
+    }
+
+
+def _holder(root: Path) -> tuple[dict | None, str | None]:
+    try:
+        return lock.read(root), None
+    except lock.LockError as err:
+        return None, str(err)
+
+
+def _cut_short(root: Path) -> dict:
+    holder, problem = _holder(root)
+    state = "creation cut short (start it again with --resume)"
+    if holder and lock.alive(holder):
+        state = "being created"
+    return {
+        "store": str(root),
+        "state": state if not problem else f"{state}; {problem}",
+        "phases": [],
+        "holder": lock.describe(holder) if holder else None,
+        "started": None,
+        "resumed": None,
+        "elapsed_s": None,
+        "since_last_block_s": None,
+        "last_error": None,
     }
 
 
@@ -102,9 +133,18 @@ def format_status(info: dict) -> list[str]:
     return lines
 
 
-def record_error(root: Path, err: BaseException) -> None:
-    """Keep the error that stopped a run in the store's attributes."""
-    attrs = store.group_attrs(root).get("tera_pipeline", {})
-    attrs["status"] = "failed"
-    attrs["last_error"] = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "message": str(err)}
+def record_error(root: Path, err: BaseException | None) -> None:
+    """Keep what stopped a run in the store's attributes: an error (status ``failed``) or, for
+    ``None``, an interruption (status ``stopped``)."""
+    try:
+        attrs = store.group_attrs(root).get("tera_pipeline", {})
+    except store.StoreError:
+        return  # the store was never created: nothing to record
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    if err is None:
+        attrs["status"] = "stopped"
+        attrs["last_error"] = {"time": stamp, "message": "interrupted; continue with --resume"}
+    else:
+        attrs["status"] = "failed"
+        attrs["last_error"] = {"time": stamp, "message": str(err)}
     store.update_attrs(root, {"tera_pipeline": attrs})

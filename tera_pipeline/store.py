@@ -9,7 +9,7 @@ use it are spawned (Dask's default for local workers).
 from __future__ import annotations
 
 import json
-import shutil
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from tera_pipeline import ownership
+from tera_pipeline.atomic import write_json
 from tera_pipeline.geometry import Box, Shape
 
 SCRATCH = "_scratch"
@@ -121,11 +123,12 @@ def read_box(array: ts.TensorStore, box: Box, fill: float = 0.0) -> np.ndarray:
     return out
 
 
-def write_box(array: ts.TensorStore, box: Box, data: np.ndarray) -> None:
-    """Write ``data`` (all leading axes, spatial ``box``) to the array."""
-    array[(Ellipsis, *box.slices())].write(
-        data.astype(array.dtype.numpy_dtype, copy=False)
-    ).result()
+def write_box(array: ts.TensorStore, box: Box, data: np.ndarray, crc: int = 0) -> int:
+    """Write ``data`` (all leading axes, spatial ``box``) to the array; returns the CRC-32 of
+    the bytes written (continuing ``crc``), the block's digest in the ledger."""
+    data = np.ascontiguousarray(data.astype(array.dtype.numpy_dtype, copy=False))
+    array[(Ellipsis, *box.slices())].write(data).result()
+    return zlib.crc32(data, crc)
 
 
 def create_group(root: Path, coords: dict[str, tuple[np.ndarray, dict]], attrs: dict) -> None:
@@ -137,32 +140,68 @@ def create_group(root: Path, coords: dict[str, tuple[np.ndarray, dict]], attrs: 
         for name, (values, coord_attrs) in coords.items()
     }
     ds = xr.Dataset(coords=variables, attrs=attrs)
-    ds.to_zarr(root, zarr_format=3, mode="w-", consolidated=False)
+    # "a": the folder may already hold the store's lock and ledger (written first)
+    ds.to_zarr(root, zarr_format=3, mode="a", consolidated=False)
 
 
 def update_attrs(root: Path, attrs: dict) -> None:
-    """Merge ``attrs`` into the group's attributes."""
-    meta_path = Path(root) / "zarr.json"
-    meta = json.loads(meta_path.read_text())
+    """Merge ``attrs`` into the group's attributes (an atomic replace of ``zarr.json``)."""
+    update_array_attrs(root, attrs)
+
+
+def update_array_attrs(node: Path, attrs: dict) -> None:
+    """Merge ``attrs`` into the attributes of the group or array at ``node``, atomically."""
+    meta_path = Path(node) / "zarr.json"
+    meta = _read_meta(meta_path)
     meta.setdefault("attributes", {}).update(attrs)
-    meta_path.write_text(json.dumps(meta, indent=2))
+    write_json(meta_path, meta)
+
+
+def _read_meta(meta_path: Path) -> dict:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{meta_path.parent} is not a zarr store (no zarr.json)") from None
+    except (OSError, ValueError) as err:
+        raise StoreError(f"{meta_path} is unreadable or truncated ({err})") from None
+    if not isinstance(meta, dict):
+        raise StoreError(f"{meta_path} is not zarr metadata")
+    return meta
 
 
 def group_attrs(root: Path) -> dict:
-    return json.loads((Path(root) / "zarr.json").read_text()).get("attributes", {})
+    """The attributes of the group at ``root`` (a one-line ``StoreError`` if unreadable)."""
+    return _read_meta(Path(root) / "zarr.json").get("attributes", {})
 
 
 def consolidate(root: Path) -> None:
-    """Write consolidated metadata so xarray opens the store in one read."""
-    import warnings
+    """Write consolidated metadata (zarr-python's inline v3 form) into the root ``zarr.json``,
+    atomically, so xarray opens the store in one read (working folders are left out)."""
+    root = Path(root)
+    nodes: dict[str, dict] = {}
 
-    import zarr
+    def walk(folder: Path, prefix: str) -> None:
+        for child in sorted(folder.iterdir()):
+            meta_path = child / "zarr.json"
+            if child.name.startswith((".", "_pyramid_")) or not meta_path.is_file():
+                continue
+            meta = _read_meta(meta_path)
+            key = f"{prefix}{child.name}"
+            nodes[key] = {k: v for k, v in meta.items() if k != "consolidated_metadata"}
+            if meta.get("node_type") == "group":
+                nodes[key]["consolidated_metadata"] = {
+                    "kind": "inline", "must_understand": False, "metadata": {}
+                }  # fmt: skip
+                walk(child, key + "/")
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # consolidated metadata is not yet in the v3 spec
-        zarr.consolidate_metadata(str(root))
+    walk(root, "")
+    meta = _read_meta(root / "zarr.json")
+    meta["consolidated_metadata"] = {"kind": "inline", "must_understand": False,
+                                     "metadata": nodes}  # fmt: skip
+    write_json(root / "zarr.json", meta)
 
 
 def remove(root: Path, name: str) -> None:
-    shutil.rmtree(Path(root) / name, ignore_errors=True)
+    """Remove one entry the project writes inside a store of ours (``ownership.remove_entry``)."""
+    ownership.remove_entry(Path(root), name)
     forget_handles()

@@ -85,8 +85,8 @@ def test_unknown_gene_pair_is_a_clear_error(generated):
 
 def test_evaluate_writes_json_and_png(generated, client, tmp_path):
     report = evaluate(generated[0].out, client, tmp_path)
-    saved = json.loads((tmp_path / "evaluation.json").read_text())
-    assert (tmp_path / "evaluation.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "seed1.evaluation.json").read_text())
+    assert (tmp_path / "seed1.evaluation.png").stat().st_size > 10_000
     for key in ("fidelity", "seams", "truth", "nuclei"):
         assert key in saved
     seams = report["seams"]

@@ -16,13 +16,13 @@ runner = CliRunner()
 def test_status_of_a_half_finished_job(small_job, client):
     """Conditioning and step 1 done, step 2 stopped after 5 of 27 blocks."""
     job = small_job
-    checkpoint = engine.prepare_store(job)  # holds the lock, as a running job does
-    engine.conditioning_pass(job, client)
-    engine.denoise_step(job, checkpoint, 0, client)
-    first_five = list(ledger.pending(job.out, 2))[:5]
-    engine.denoise_step(job, checkpoint, 1, client, indices=first_five)
-
-    running = runner.invoke(app, ["status", str(job.out)])
+    with engine.writing(job):  # holds the lock, as a running job does
+        checkpoint = engine.prepare_store(job)
+        engine.conditioning_pass(job, client)
+        engine.denoise_step(job, checkpoint, 0, client)
+        first_five = list(ledger.pending(job.out, 2))[:5]
+        engine.denoise_step(job, checkpoint, 1, client, indices=first_five)
+        running = runner.invoke(app, ["status", str(job.out)])
     assert running.exit_code == 0, running.output
     print(running.output)
     assert f"{job.out}: running (started " in running.output
@@ -37,7 +37,6 @@ def test_status_of_a_half_finished_job(small_job, client):
     assert "last error" not in running.output
 
     record_error(job.out, RuntimeError("step 2/3: block (0, 1, 2) failed: disk full"))
-    ledger.release(job.out)
     failed = runner.invoke(app, ["status", str(job.out)])
     print(failed.output)
     assert f"{job.out}: failed" in failed.output and "held by" not in failed.output
