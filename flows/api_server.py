@@ -19,13 +19,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
+from tera_pipeline.errors import TeraError
+
 log = logging.getLogger("tera_pipeline")
 
 ATTEMPTS = 3
 STARTUP_TIMEOUT_S = 60
 
 
-class ApiServerError(RuntimeError):
+class ApiServerError(TeraError):
     """The temporary Prefect server did not come up."""
 
 

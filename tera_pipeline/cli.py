@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from models.checkpoint import DEFAULT_DENOISER
+from tera_pipeline.errors import TeraError
 
 # Prefect's analytics only log a harmless "database is locked" error in ephemeral mode.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -96,6 +97,9 @@ def generate(
         bool,
         typer.Option(help="Take the store from another host's run even if it looks alive."),
     ] = False,
+    ignore_disk_space: Annotated[
+        bool, typer.Option(help="Start even if the output filesystem looks too small.")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Generate a volume from a YAML config, with command-line overrides."""
@@ -117,6 +121,7 @@ def generate(
         "conditioning.drop_outside": drop_outside,
         "cluster.address": address,
         "cluster.kind": "address" if address else None,
+        "check_disk_space": False if ignore_disk_space else None,
     }
     try:
         job = (
@@ -142,18 +147,13 @@ def _one_line(err: Exception) -> str:
 
 
 def _generation_errors() -> tuple[type[Exception], ...]:
-    from flows.api_server import ApiServerError
     from models.checkpoint import CheckpointError
     from tera_pipeline.engine import GenerationError
     from tera_pipeline.inputs import InputError
-    from tera_pipeline.integrity import IntegrityError
     from tera_pipeline.ledger import ResumeError
-    from tera_pipeline.lock import LockError
-    from tera_pipeline.ownership import OwnershipError
     from tera_pipeline.store import StoreError
 
-    return (GenerationError, StoreError, CheckpointError, InputError, LockError, ResumeError,
-            OwnershipError, IntegrityError, ApiServerError)  # fmt: skip
+    return (GenerationError, StoreError, CheckpointError, InputError, ResumeError, TeraError)
 
 
 def _run(
@@ -161,54 +161,60 @@ def _run(
 ) -> None:
     """Check, take the store's lock, then run the flow; the lock goes only once the run (its
     cluster and its Prefect server) has stopped. Ctrl-C and SIGTERM stop it the same way."""
+    from prefect.exceptions import TerminationSignal
+
     from flows.api_server import prefect_api
     from flows.generate import generate_flow
-    from tera_pipeline.engine import preflight, writing
+    from tera_pipeline.engine import RunStopped, preflight, writing
     from tera_pipeline.integrity import check_before_resume
 
     errors = _generation_errors()
     try:
-        with _interrupts_as_keyboard_interrupt():
-            preflight(job, overwrite, resume, break_lock)  # fast, in one line, before Prefect
-            with writing(job, resume, break_lock):
-                if resume:
-                    check_before_resume(job, repair)
-                with prefect_api():
-                    generate_flow(
-                        job.model_dump(mode="json"),
-                        overwrite=overwrite,
-                        resume=resume,
-                        break_lock=break_lock,
-                        repair=repair,
-                        verified=resume,
-                    )
-    except errors as err:
-        _fail(str(err))
-    except KeyboardInterrupt:
+        preflight(job, overwrite, resume, break_lock)  # fast, in one line, before Prefect
+        with _interrupts_stop_the_run(), writing(job, resume, break_lock):
+            if resume:
+                check_before_resume(job, repair)
+            with prefect_api():
+                generate_flow(
+                    job.model_dump(mode="json"),
+                    overwrite=overwrite,
+                    resume=resume,
+                    break_lock=break_lock,
+                    repair=repair,
+                    verified=resume,
+                )
+    except (RunStopped, KeyboardInterrupt, TerminationSignal):  # Prefect's form of SIGTERM
         typer.secho(
             f"stopped: {job.out} is kept as it was; continue it with --resume",
             fg=typer.colors.YELLOW,
             err=True,
         )
         raise typer.Exit(130) from None
+    except errors as err:
+        _fail(str(err))
     typer.echo(f"wrote {job.out}")
 
 
 @contextmanager
-def _interrupts_as_keyboard_interrupt():
-    """SIGTERM stops a run as Ctrl-C does; a second signal while it stops is ignored (so the
-    lock is never left behind by an impatient second Ctrl-C)."""
+def _interrupts_stop_the_run():
+    """Ctrl-C (SIGINT, to the process or its whole group) and SIGTERM ask the run to stop: the
+    engine stops between blocks, the cluster and the Prefect server are closed, and only then
+    is the lock released. Further signals while it stops are ignored (an impatient second
+    Ctrl-C must not leave the store locked by a half-stopped run)."""
     import signal
 
+    from tera_pipeline.engine import STOP
+
     def stop(signum, frame):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: None)
-        raise KeyboardInterrupt
+        if not STOP.is_set():
+            STOP.set()
+            typer.secho("stopping after the blocks in flight ...", err=True)
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    STOP.clear()
     for sig in previous:
         signal.signal(sig, stop)
     try:
@@ -216,6 +222,7 @@ def _interrupts_as_keyboard_interrupt():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        STOP.clear()
 
 
 @app.command()
@@ -318,10 +325,36 @@ def analyze_attention(
         if not genes:
             raise StoreError(f"{store_path} is not a tera-pipeline store")
         parse_pairs(pairs, genes)
-    except (AnalysisError, StoreError, OSError) as err:
+    except (AnalysisError, StoreError, OSError, TeraError) as err:
         _fail(str(err))
     png = attention_flow(str(store_path), pairs, workers)
     typer.echo(f"attention arrays written to {store_path}; heat map: {png}")
+
+
+@app.command()
+def verify(
+    store_path: Annotated[Path, typer.Argument(metavar="STORE", help="A job's store.")],
+) -> None:
+    """Read back every block the ledger calls done and compare it with its digest; exit 1 and
+    name the blocks when any is missing or corrupt."""
+    from tera_pipeline.integrity import verify as verify_store
+    from tera_pipeline.report import job_of
+    from tera_pipeline.store import StoreError
+
+    try:
+        job = job_of(store_path)
+        damage = verify_store(job)
+    except (StoreError, OSError, TeraError) as err:
+        _fail(str(err))
+    if damage:
+        typer.secho(
+            f"{store_path}: damaged: {damage.describe(job.diffusion.steps)}; restore it with "
+            "tera generate --resume --repair",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(1)
+    typer.echo(f"{store_path}: {damage.checked} finished blocks verified, all intact")
 
 
 @app.command()
@@ -415,7 +448,7 @@ def analyze_magnet_cmd(
 
     try:
         magnet.check(store_path, checkpoint, metrics)
-    except (AnalysisError, CheckpointError, StoreError, OSError) as err:
+    except (AnalysisError, CheckpointError, StoreError, OSError, TeraError) as err:
         _fail(str(err))
     checkpoint_text = str(checkpoint) if checkpoint else None
     _echo_magnet(analyze_magnet(str(store_path), workers, checkpoint_text, metrics))
@@ -497,7 +530,8 @@ def _spatia_errors() -> tuple[type[Exception], ...]:
     from tera_pipeline.inputs import InputError
     from tera_pipeline.store import StoreError
 
-    return (SpatiaError, CropError, PerturbError, CheckpointError, InputError, StoreError, OSError)
+    return (SpatiaError, CropError, PerturbError, CheckpointError, InputError, StoreError, OSError,
+            TeraError)  # fmt: skip
 
 
 def _genes_list(text: str | None) -> list[str]:

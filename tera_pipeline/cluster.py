@@ -96,10 +96,17 @@ class TorchThreads(WorkerPlugin):
         self.threads = threads
 
     def setup(self, worker) -> None:
+        import signal
+        import threading
+
         import torch
 
         torch.set_num_threads(self.threads)
         os.environ["TERA_TORCH_THREADS"] = str(self.threads)
+        if threading.current_thread() is threading.main_thread():
+            # Ctrl-C in a terminal reaches the whole process group: the driver stops the run
+            # and closes the workers in order; a worker must not die mid-block on its own.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # -- GPU resource annotation of block tasks ----------------------------------------------------

@@ -277,6 +277,10 @@ class JobConfig(_Section):
     """Blocks submitted at once per step; 0 means 4 per worker."""
     retries: int = Field(2, ge=0)
     """Retries of a failed block task before the run stops with the block and its error."""
+    check_disk_space: bool = True
+    """Refuse a job whose output filesystem lacks the bytes it will write (an upper bound)."""
+    workers_lost_s: float = Field(120.0, gt=0)
+    """A run fails (to be resumed) once its cluster has had no worker for this long."""
     share_seams: bool = True
     """Compute each patch straddling blocks once per step and share its prediction through a
     scratch file (tera_pipeline.seams): 1.42x fewer patch evaluations at 16x128x128 blocks of a

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -56,6 +57,15 @@ Progress = Callable[[str, int, int], None]
 
 class GenerationError(RuntimeError):
     """A job that cannot start or continue (bad checkpoint for the layout, ...)."""
+
+
+class RunStopped(GenerationError):
+    """The run was asked to stop (Ctrl-C, SIGTERM): finished blocks are kept, to resume."""
+
+
+STOP = threading.Event()
+"""Set (by the CLI's signal handler) to stop a run between blocks: ``run_blocks`` then cancels
+what is in flight and raises ``RunStopped`` within a second."""
 
 
 @dataclass
@@ -198,8 +208,42 @@ def coordinates(config: JobConfig, genes: Sequence[str]) -> dict:
     return coords
 
 
+def bytes_needed(config: JobConfig, genes: Sequence[str]) -> int:
+    """An upper bound of the bytes a job writes: every array uncompressed (the two scratch
+    states are noise, which does not compress), plus the pyramid (under 1/7 of the image)."""
+    total = 0
+    for spec in array_specs(config, genes):
+        size = int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize
+        total += size + (size // 7 if spec.name == IMAGE else 0)
+    return total
+
+
+class DiskSpaceError(GenerationError):
+    """The output's filesystem cannot hold the job."""
+
+
+def check_disk_space(config: JobConfig, genes: Sequence[str]) -> None:
+    """Refuse a job whose output filesystem lacks the bytes it will write (``bytes_needed``)."""
+    import shutil
+
+    need = bytes_needed(config, genes)
+    where = Path(config.out).resolve()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise DiskSpaceError(
+            f"{config.out} needs up to {need / 2**30:.1f} GiB and its filesystem has "
+            f"{free / 2**30:.1f} GiB free; free space, choose another --out, or pass "
+            "--ignore-disk-space"
+        )
+
+
 def preflight(
-    config: JobConfig, overwrite: bool = False, resume: bool = False, break_lock: bool = False
+    config: JobConfig,
+    overwrite: bool = False,
+    resume: bool = False,
+    break_lock: bool = False,
 ):
     """Every check that can fail before anything is written: the output (only a store of ours
     is ever replaced, and only with ``overwrite``), its lock, the checkpoint, the conditioning
@@ -227,6 +271,8 @@ def preflight(
         ownership.check_replaceable(root)
     cells_dir = root / CELLS_DIR if resume else _staging(config)
     source = open_source(config, panel, cells_dir=cells_dir)
+    if config.check_disk_space and not resume:
+        check_disk_space(config, source.genes)
     if isinstance(source, PartitionedSource) and not resume:  # partition a transcript table once
         partition(config, source.genes, source.folder)
     check_checkpoint(config, source.genes, meta)
@@ -469,6 +515,9 @@ def run_blocks(
     pending = {submit(i) for i in itertools.islice(it, in_flight)}
     done = 0
     while pending:
+        if STOP.is_set():
+            client.cancel(list(pending))
+            raise RunStopped(f"{phase}: stopped on request; continue with --resume")
         try:
             finished, pending = wait(pending, timeout=1.0, return_when="FIRST_COMPLETED")
         except TimeoutError:
@@ -476,12 +525,16 @@ def run_blocks(
             continue
         for fut in finished:
             try:
-                stats = fut.result()
+                stats = _result(fut, watchdog)
+            except RunStopped:
+                client.cancel(list(pending))
+                raise
             except Exception as err:
                 for other in pending:
                     other.cancel()
                 raise GenerationError(
-                    f"{phase}: block {where[fut.key]} failed after {retries} retries: {err}"
+                    f"{phase}: block {where[fut.key]} failed after {retries} retries: {err}; "
+                    "the finished blocks are kept: continue with --resume"
                 ) from err
             report.add(stats)
             if on_done:
@@ -496,6 +549,18 @@ def run_blocks(
         watchdog.check()
     report.wall_s = time.perf_counter() - t0
     return report
+
+
+def _result(fut, watchdog: _WorkerWatchdog) -> BlockStats:
+    """A finished future's result; it can still wait (a result lost with its worker is
+    recomputed), so the wait is in steps that look at the stop request and the watchdog."""
+    while True:
+        try:
+            return fut.result(timeout=1.0)
+        except TimeoutError:
+            if STOP.is_set():
+                raise RunStopped(f"{watchdog.phase}: stopped on request; continue with --resume")
+            watchdog.check()
 
 
 class _WorkerWatchdog:
@@ -602,7 +667,7 @@ def _run_phase(config, client, row, phase, fn, args, progress, indices) -> StepR
         progress,
         on_done=lambda index, stats: ledger.mark(root, row, index, stats.digest),
         retries=config.retries,
-        workers_lost_s=getattr(config, "workers_lost_s", WORKERS_LOST_S),
+        workers_lost_s=config.workers_lost_s,
     )
 
 
@@ -658,9 +723,12 @@ def holding(config: JobConfig) -> Iterator[None]:
     root = Path(config.out)
     try:
         yield
+    except RunStopped:
+        record_error(root, None)
+        raise
     except Exception as err:
         record_error(root, err)
         raise
-    except BaseException:  # Ctrl-C, SIGTERM: stopped, to be resumed
+    except BaseException:  # KeyboardInterrupt: stopped, to be resumed
         record_error(root, None)
         raise

@@ -25,12 +25,13 @@ from pathlib import Path
 from tera_pipeline import engine, ledger, store
 from tera_pipeline.conditioning import bin_box
 from tera_pipeline.config import JobConfig
+from tera_pipeline.errors import TeraError
 from tera_pipeline.geometry import Box
 
 Index = tuple[int, int, int]
 
 
-class IntegrityError(RuntimeError):
+class IntegrityError(TeraError):
     """Blocks the ledger calls done are missing or corrupt."""
 
 

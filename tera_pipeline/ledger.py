@@ -28,7 +28,8 @@ from tera_pipeline.config import JobConfig
 LEDGER = "_ledger"
 DIGESTS = "_digests"
 # Fields that do not change the output bytes: where it goes and how it is scheduled.
-_IGNORED = {"out", "cluster", "blocks_in_flight", "retries", "share_seams"}
+_IGNORED = {"out", "cluster", "blocks_in_flight", "retries", "share_seams", "workers_lost_s",
+            "check_disk_space"}  # fmt: skip
 
 
 class ResumeError(RuntimeError):

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tera_pipeline.atomic import write_bytes
+from tera_pipeline.errors import TeraError
 
 log = logging.getLogger("tera_pipeline")
 
@@ -39,7 +40,7 @@ STALE_AFTER_S = 300.0
 """Another host's lock whose heartbeat is older than this is stale (20 missed heartbeats)."""
 
 
-class LockError(RuntimeError):
+class LockError(TeraError):
     """The store is held by another run, or its lock cannot be read."""
 
 

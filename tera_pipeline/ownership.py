@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from tera_pipeline.atomic import write_json
+from tera_pipeline.errors import TeraError
 
 OUTPUTS = "_outputs.json"
 LOCK_NAMES = ("_lock.json",)
@@ -52,7 +53,10 @@ STORE_ENTRIES = frozenset(
         "pair",
         "magnet_expression",
         "spatia_niche",
+        "spatia_niche_cells",
         "spatia_tissue",
+        "gene_to",
+        "spatia_feature",
         "xniche",
         "yniche",
         "zniche",
@@ -70,7 +74,7 @@ STORE_ENTRIES = frozenset(
 """Every top-level entry a store of ours may hold (arrays, groups and files it writes)."""
 
 
-class OwnershipError(RuntimeError):
+class OwnershipError(TeraError):
     """A path the project cannot prove it wrote: it is refused, and nothing is touched."""
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tera_pipeline import ownership
 from tera_pipeline.config import JobConfig
 from tera_pipeline.geometry import Box
 from tera_pipeline.inputs import (
@@ -33,6 +33,7 @@ from tera_pipeline.synthetic import CellTable
 
 BATCH_ROWS = 1_000_000
 MANIFEST = "manifest.json"
+STAGING_MARKER = ".tera-partition"
 
 
 def is_transcript_table(path: Path) -> bool:
@@ -103,12 +104,11 @@ def partition(config: JobConfig, genes: tuple[str, ...], out: Path) -> dict:
     key = input_key(config, genes)
     if (out / MANIFEST).is_file() and json.loads((out / MANIFEST).read_text())["key"] == key:
         return json.loads((out / MANIFEST).read_text())
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    ownership.make_side_dir(out, STAGING_MARKER)  # only a staging folder of ours is replaced
     try:
         manifest = _partition(config, genes, src, out, key)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
+        ownership.remove_side_dir(out, STAGING_MARKER)
         raise
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest

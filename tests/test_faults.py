@@ -3,6 +3,7 @@ failing disk; outputs stay bitwise identical to an uninterrupted run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -179,3 +180,146 @@ def test_write_failure_stops_then_resume_completes(tmp_path, tiny_checkpoint, re
     result = runner.invoke(app, [*job_args, "--resume"])
     assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(_image(out), reference)
+
+
+# -- signals: Ctrl-C to the process group, SIGTERM, SIGKILL of the driver --------------------
+def _start_and_wait_for_step(out: Path, checkpoint: Path, step: int = 2):
+    """A ``tera generate`` process (its own process group) stopped part-way through ``step``;
+    returns it with every process it had started."""
+    import psutil
+
+    cmd = [sys.executable, "-m", "tera_pipeline.cli", *_args(out, checkpoint)]
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "ERROR"}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        ready = (out / ledger.LEDGER / "zarr.json").is_file() and ledger.created(out)
+        if ready and 0 < _phase_counts(out)[step] < 27:
+            break
+        time.sleep(0.05)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the run never reached the step")
+    family = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True)
+                          if "resource_tracker" not in " ".join(c.cmdline()))]  # fmt: skip
+    return proc, family
+
+
+def _left_running(pids: list[int], within_s: float = 20.0) -> list[int]:
+    import psutil
+
+    deadline = time.time() + within_s
+    while time.time() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive:
+            return []
+        time.sleep(0.2)
+    return alive
+
+
+@pytest.mark.parametrize("how", ["SIGINT to the process group", "SIGTERM to the driver"])
+def test_interrupted_run_stops_cleanly_and_resumes_identically(how, tmp_path, tiny_checkpoint,
+                                                               reference):  # fmt: skip
+    out = tmp_path / "i.zarr"
+    proc, family = _start_and_wait_for_step(out, tiny_checkpoint)
+    assert (out / lock.LOCK).exists() and len(family) >= 3  # driver, Prefect server, workers
+    t0 = time.time()
+    if how.startswith("SIGINT"):
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
+    while proc.poll() is None and time.time() - t0 < 60:
+        if not (out / lock.LOCK).exists():  # the lock goes only after the run has stopped
+            assert proc.poll() is not None or _left_running(family[1:], 0.1) == []
+        time.sleep(0.02)
+    stopped_s = time.time() - t0
+    stderr = proc.stderr.read().decode()
+    print(f"{how}: stopped in {stopped_s:.1f} s, exit {proc.returncode}; {len(family)} processes")
+    assert proc.returncode == 130, stderr[-2000:]
+    assert stopped_s < 30
+    assert "continue it with --resume" in stderr
+    assert _left_running(family) == [], "processes of the run left behind"
+    assert not (out / lock.LOCK).exists()
+    status = runner.invoke(app, ["status", str(out)])
+    assert "stopped (resume with --resume)" in status.output, status.output
+    resumed = runner.invoke(app, [*_args(out, tiny_checkpoint), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    np.testing.assert_array_equal(_image(out), reference)
+
+
+def test_killed_driver_leaves_no_process_behind(tmp_path, tiny_checkpoint, reference):
+    out = tmp_path / "k9.zarr"
+    proc, family = _start_and_wait_for_step(out, tiny_checkpoint)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = _left_running(family)
+    print(f"SIGKILL of the driver: {len(family)} processes, left running: {left}")
+    assert left == []
+    resumed = runner.invoke(app, [*_args(out, tiny_checkpoint), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    np.testing.assert_array_equal(_image(out), reference)
+
+
+def test_losing_every_worker_fails_within_the_bound(tmp_path, tiny_checkpoint):
+    """Workers SIGKILLed again and again: the run fails with a message naming --resume, within
+    the bound, and no worker process is left."""
+    import psutil
+
+    job = JobConfig.model_validate(
+        {
+            "out": str(tmp_path / "lost.zarr"),
+            "volume": {"shape": (12, 96, 96)},
+            "storage": {"block": (4, 32, 32)},
+            "diffusion": {"steps": 4, "seed": 3},
+            "checkpoint": str(tiny_checkpoint),
+            "workers_lost_s": 20,
+        }
+    )
+    stop = threading.Event()
+    seen: set[int] = set()
+
+    def children() -> set[int]:
+        pids = set()
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "resource_tracker" not in " ".join(child.cmdline()):  # multiprocessing's
+                    pids.add(child.pid)
+        return pids
+
+    def killer() -> None:
+        while not stop.is_set():
+            for pid in children() & seen:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.3)
+
+    t0 = time.time()
+    before = children()  # e.g. a Prefect server of another test: not the cluster's
+    with cluster_client(ClusterSpec(kind="local", workers=2, dashboard_address=":0")) as client:
+        seen.update(client.run(os.getpid).values())
+        seen.update(children() - before)
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+
+        def keep_adding() -> None:  # restarted workers are new processes: kill them too
+            while not stop.is_set():
+                seen.update(children() - before)
+                time.sleep(0.2)
+
+        adder = threading.Thread(target=keep_adding, daemon=True)
+        adder.start()
+        with pytest.raises(engine.GenerationError) as err:
+            engine.generate(job, client)
+        stop.set()
+    failed_s = time.time() - t0
+    print(f"every worker lost: failed after {failed_s:.1f} s: {err.value}")
+    assert "--resume" in str(err.value)
+    assert failed_s < 20 + 90
+    assert _left_running(sorted(seen)) == []

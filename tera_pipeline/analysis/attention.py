@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tera_pipeline import engine, store
+from tera_pipeline import engine, integrity, store
 from tera_pipeline.cluster import gpu_task
 from tera_pipeline.conditioning import patch_bins
 from tera_pipeline.config import JobConfig
@@ -54,6 +54,7 @@ def prepare(root: Path, pairs: Sequence[tuple[str, str]]) -> tuple[JobConfig, st
     from tera_pipeline.report import job_of
 
     job = job_of(root)
+    integrity.require_intact(job)  # a deleted or truncated shard would read as zeros
     if not (Path(root) / engine.CONDITIONING / "zarr.json").is_file():
         raise AnalysisError(f"{root} has no conditioning array to analyse")
     attrs = store.group_attrs(root)["tera_pipeline"]

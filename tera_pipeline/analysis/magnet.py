@@ -16,7 +16,7 @@ import torch
 
 from models.checkpoint import CheckpointError, load_model
 from models.magnet import MagNet, MagNetConfig
-from tera_pipeline import engine, store
+from tera_pipeline import engine, integrity, store
 from tera_pipeline.analysis.attention import AnalysisError
 from tera_pipeline.analysis.magnet_levels import Reader, array_reader, level_inputs
 from tera_pipeline.cluster import gpu_task
@@ -96,6 +96,7 @@ def check(
         raise AnalysisError(f"{root} has no image array: generate the volume first")
     if store.group_attrs(root)["tera_pipeline"].get("status") != "complete":
         raise AnalysisError(f"{root} is not a finished generation (its status is not complete)")
+    integrity.require_intact(job)  # a deleted or truncated shard would read as zeros
     if metrics and not (root / engine.CONDITIONING / "zarr.json").is_file():
         raise AnalysisError(
             f"{root} has no conditioning array: metrics need the expression to compare with "

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -30,7 +29,7 @@ import torch
 
 from models.checkpoint import file_digest, read_metadata
 from models.spatia import DEFAULT_SPATIA, Spatia, load_spatia
-from tera_pipeline import engine, store
+from tera_pipeline import engine, integrity, ownership, store
 from tera_pipeline.analysis.cells import (
     cell_voxels,
     centred,
@@ -47,6 +46,7 @@ from tera_pipeline.geometry import Box, ChunkGrid, PatchLattice, Shape
 from tera_pipeline.runtime import keep_freed_memory
 from tera_pipeline.synthetic import CellTable
 
+PARTS_MARKER = ".tera-spatia-parts"
 NICHE_ARRAY = "spatia_niche"
 NICHE_CELLS = "spatia_niche_cells"
 TISSUE_ARRAY = "spatia_tissue"
@@ -112,6 +112,7 @@ def plan(
         raise SpatiaError(f"{root} is not a zarr store")
     # the store where it is now (it may have been moved or copied since it was generated)
     job = job_of(root).model_copy(update={"out": root.resolve()})
+    integrity.require_intact(job)  # a deleted or truncated shard would read as zeros
     if not (root / engine.IMAGE / "zarr.json").is_file():
         raise SpatiaError(f"{root} has no image array to crop cells from")
     genes = tuple(store.group_attrs(root)["tera_pipeline"]["genes"])
@@ -421,7 +422,7 @@ def prepare(p: Plan) -> None:
         centres = org[axis] + (np.arange(p.tissue_grid[axis]) + 0.5) * t * sp[axis]
         coords[f"{name}tissue"] = (centres, um)
     _add_coords(root, coords)
-    shutil.rmtree(p.parts, ignore_errors=True)
+    ownership.make_side_dir(Path(p.parts), PARTS_MARKER)  # fresh; only a folder of ours is reused
 
 
 def _add_coords(root: Path, coords: dict) -> None:
@@ -449,6 +450,7 @@ def assemble(p: Plan) -> Path:
     if not parts:
         raise SpatiaError(f"{p.job.out}: the cell source has no cells in the volume")
     out = h5ad_path(Path(p.job.out))
+    ownership.check_side_file(Path(p.job.out), out)  # replace only our own earlier table
     out.unlink(missing_ok=True)
     concat_on_disk(parts, out, merge="same")
     import h5py
@@ -460,7 +462,8 @@ def assemble(p: Plan) -> Path:
             write_elem(f["uns"], "spatia", info)
         else:
             write_elem(f, "uns", {"spatia": info})
-    shutil.rmtree(p.parts, ignore_errors=True)
+    ownership.remove_side_dir(Path(p.parts), PARTS_MARKER)
+    ownership.record_side_file(Path(p.job.out), out)
     return out
 
 

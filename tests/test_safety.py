@@ -1,0 +1,265 @@
+"""Nothing a user owns is ever lost: ``--overwrite`` replaces only a store of ours, one writer
+holds a store, damaged blocks are named and repaired bitwise. Every test runs with HOME and the
+working directory set to temporary folders."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from tera_pipeline import engine, lock, store
+from tera_pipeline.cli import app
+from tera_pipeline.geometry import Box
+
+runner = CliRunner()
+SHAPE, BLOCK = "8,64,64", "4,32,32"
+
+
+@pytest.fixture(autouse=True)
+def private_home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    return home
+
+
+def _args(out: Path, checkpoint: Path, *extra: str, steps: int = 2) -> list[str]:
+    return ["generate", "--out", str(out), "--shape", SHAPE, "--block", BLOCK, "--seed", "5",
+            "--steps", str(steps), "--workers", "1", "--checkpoint", str(checkpoint),
+            *extra]  # fmt: skip
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (or the file itself) with its sha256."""
+    folder = Path(folder)
+    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def _relative(folder: Path) -> dict[str, str]:
+    return {str(Path(k).relative_to(folder)): v for k, v in _digests(folder).items()}
+
+
+def _one_line_refusal(result) -> str:
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def _image(root: Path) -> np.ndarray:
+    store.forget_handles()
+    arr = store.open_array(root, engine.IMAGE)
+    return store.read_box(arr, Box((0, 0, 0), tuple(arr.shape[1:])))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_checkpoint) -> Path:
+    """A finished store of ours (the uninterrupted reference)."""
+    out = tmp_path_factory.mktemp("finished") / "ref.zarr"
+    result = runner.invoke(app, _args(out, tiny_checkpoint))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+# -- 1. --overwrite replaces only a store of ours ------------------------------------------
+def _foreign_dir(tmp: Path) -> Path:
+    d = tmp / "mine"
+    d.mkdir()
+    (d / "thesis.tex").write_text("years of work\n")
+    return d
+
+
+def _zarr_python_store(tmp: Path) -> Path:
+    import zarr
+
+    d = tmp / "other.zarr"
+    zarr.open_array(str(d), mode="w", shape=(4, 4), dtype="u1", zarr_format=3)[:] = 7
+    return d
+
+
+def _folder_with_store(tmp: Path, finished: Path) -> Path:
+    d = tmp / "project"
+    d.mkdir()
+    shutil.copytree(finished, d / "ref.zarr")
+    return d
+
+
+def _regular_file(tmp: Path) -> Path:
+    f = tmp / "notes.zarr"
+    f.write_text("not a directory\n")
+    return f
+
+
+def _cwd(tmp: Path) -> Path:
+    (tmp / "results.csv").write_text("a,b\n1,2\n")
+    return Path(".")
+
+
+@pytest.mark.parametrize(
+    "make", [_foreign_dir, _zarr_python_store, _folder_with_store, _regular_file, _cwd, "home"]
+)
+def test_overwrite_refuses_what_is_not_ours(make, tmp_path, private_home, tiny_checkpoint,
+                                            finished):  # fmt: skip
+    if make == "home":
+        (private_home / ".bashrc").write_text("export PATH\n")
+        target = private_home
+    elif make is _folder_with_store:
+        target = make(tmp_path, finished)
+    else:
+        target = make(tmp_path)
+    watched = tmp_path if make is not _folder_with_store else target
+    before = _digests(watched)
+    t0 = time.perf_counter()
+    result = runner.invoke(app, _args(target, tiny_checkpoint, "--overwrite"))
+    line = _one_line_refusal(result)
+    print(f"{make if isinstance(make, str) else make.__name__}: {line}")
+    assert "refusing to replace" in line or "already exists" in line
+    assert time.perf_counter() - t0 < 5
+    assert _digests(watched) == before  # every byte still there
+
+
+def test_overwrite_replaces_a_store_of_ours(tmp_path, tiny_checkpoint, finished):
+    out = tmp_path / "again.zarr"
+    shutil.copytree(finished, out)
+    (out / engine.IMAGE / "c").rename(out / engine.IMAGE / "old-chunks")  # now foreign inside
+    refused = runner.invoke(app, _args(out, tiny_checkpoint, "--overwrite"))
+    assert "refusing to replace" in _one_line_refusal(refused)
+    (out / engine.IMAGE / "old-chunks").rename(out / engine.IMAGE / "c")
+    result = runner.invoke(app, _args(out, tiny_checkpoint, "--overwrite", steps=3))
+    assert result.exit_code == 0, result.output
+    attrs = store.group_attrs(out)["tera_pipeline"]
+    assert attrs["status"] == "complete" and attrs["config"]["diffusion"]["steps"] == 3
+
+
+# -- 2. one writer ---------------------------------------------------------------------------------
+def _race(root: str, barrier, results) -> None:
+    barrier.wait()
+    try:
+        lease = lock.acquire(Path(root))
+        results.put(("won", os.getpid()))
+        time.sleep(1.0)
+        lock.release(lease)
+    except lock.LockError as err:
+        results.put(("refused", str(err)))
+
+
+def test_exactly_one_of_eight_simultaneous_takers_gets_the_lock(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(8), ctx.Queue()
+    procs = [ctx.Process(target=_race, args=(str(tmp_path), barrier, results)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    won = [o for o in outcomes if o[0] == "won"]
+    refused = [o for o in outcomes if o[0] == "refused"]
+    print(f"won {len(won)}, refused {len(refused)}: {refused[0][1]}")
+    assert len(won) == 1 and len(refused) == 7
+    assert all(f"pid {won[0][1]}" in msg for _, msg in refused)
+    assert not (tmp_path / lock.LOCK).exists()
+
+
+def test_eight_generate_processes_on_one_output(tmp_path, tiny_checkpoint):
+    out = tmp_path / "race.zarr"
+    cmd = [sys.executable, "-m", "tera_pipeline.cli", *_args(out, tiny_checkpoint, steps=6)]
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "ERROR"}
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(8)]  # fmt: skip
+    outputs = [(p.wait(timeout=400), *p.communicate()) for p in procs]
+    winners = [i for i, (rc, _, _) in enumerate(outputs) if rc == 0]
+    refusals = [err.strip() for rc, _, err in outputs if rc == 2]
+    print(f"ran: {len(winners)}, refused: {len(refusals)}; e.g. {refusals[:1]}")
+    assert len(winners) == 1 and len(refusals) == 7, outputs
+    holder = f"pid {procs[winners[0]].pid}"
+    named = sum(holder in r for r in refusals)
+    assert named == 7, refusals  # each names the run that holds the store
+    assert all(len(r.splitlines()) == 1 for r in refusals)
+
+
+@pytest.mark.parametrize("content", ["", '{"host": "a", "pi', "\x00\x01binary"])
+def test_a_corrupt_lock_refuses_naming_the_file(content, tmp_path, tiny_checkpoint, finished):
+    out = tmp_path / "held.zarr"
+    shutil.copytree(finished, out)
+    (out / lock.LOCK).write_text(content)
+    for extra in ("--resume", "--overwrite"):
+        line = _one_line_refusal(runner.invoke(app, _args(out, tiny_checkpoint, extra)))
+        assert str(out / lock.LOCK) in line and "corrupt" in line
+    status = runner.invoke(app, ["status", str(out)])
+    assert status.exit_code == 0 and "corrupt" in status.output, status.output
+
+
+def test_another_hosts_lock_is_taken_over_only_when_stale(tmp_path, tiny_checkpoint, finished):
+    out = tmp_path / "shared.zarr"
+    shutil.copytree(finished, out)
+    now = time.time()
+    other = {"host": f"not-{socket.gethostname()}", "pid": 1, "started": now - 3600,
+             "heartbeat": now - 5, "token": "t"}  # fmt: skip
+    (out / lock.LOCK).write_text(json.dumps(other))
+    live = _one_line_refusal(runner.invoke(app, _args(out, tiny_checkpoint, "--resume")))
+    assert "being written by another run" in live and other["host"] in live
+    other["heartbeat"] = now - lock.STALE_AFTER_S - 60
+    (out / lock.LOCK).write_text(json.dumps(other))
+    overwrite = _one_line_refusal(runner.invoke(app, _args(out, tiny_checkpoint, "--overwrite")))
+    assert "--resume" in overwrite
+    resumed = runner.invoke(app, _args(out, tiny_checkpoint, "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    assert not (out / lock.LOCK).exists()
+    np.testing.assert_array_equal(_image(out), _image(finished))
+
+
+# -- 7. integrity: verify names damage, resume refuses, repair restores bytes -------------
+def _shard(root: Path, name: str, index: tuple[int, int, int]) -> Path:
+    return root / name / "c" / "0" / "/".join(map(str, index))
+
+
+def _delete_shard(root: Path) -> str:
+    _shard(root, engine.IMAGE, (1, 0, 1)).unlink()
+    return "(1, 0, 1)"
+
+
+def _truncate_shard(root: Path) -> str:
+    path = _shard(root, engine.IMAGE, (0, 1, 0))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return "(0, 1, 0)"
+
+
+def _truncate_metadata(root: Path) -> str:
+    path = root / engine.IMAGE / "zarr.json"
+    path.write_text(path.read_text()[:100])
+    return "image metadata unreadable"
+
+
+@pytest.mark.parametrize("damage", [_delete_shard, _truncate_shard, _truncate_metadata])
+def test_damaged_store_is_named_refused_and_repaired(damage, tmp_path, tiny_checkpoint,
+                                                     finished):  # fmt: skip
+    out = tmp_path / "damaged.zarr"
+    shutil.copytree(finished, out)
+    pyramid_before = _digests(out / "pyramid")
+    named = damage(out)
+    verify = runner.invoke(app, ["verify", str(out)])
+    print(verify.output.strip())
+    assert verify.exit_code == 1 and named in verify.output
+    refused = _one_line_refusal(runner.invoke(app, _args(out, tiny_checkpoint, "--resume")))
+    assert named in refused and "--repair" in refused
+    assert _digests(out / "pyramid") == pyramid_before  # nothing derived was touched
+    repaired = runner.invoke(app, _args(out, tiny_checkpoint, "--resume", "--repair"))
+    assert repaired.exit_code == 0, repaired.output
+    np.testing.assert_array_equal(_image(out), _image(finished))
+    assert _relative(out / "pyramid") == _relative(finished / "pyramid")  # rebuilt, same bytes
+    ok = runner.invoke(app, ["verify", str(out)])
+    assert ok.exit_code == 0 and "all intact" in ok.output, ok.output
