@@ -559,7 +559,9 @@ def _result(fut, watchdog: _WorkerWatchdog) -> BlockStats:
             return fut.result(timeout=1.0)
         except TimeoutError:
             if STOP.is_set():
-                raise RunStopped(f"{watchdog.phase}: stopped on request; continue with --resume")
+                raise RunStopped(
+                    f"{watchdog.phase}: stopped on request; continue with --resume"
+                ) from None
             watchdog.check()
 
 

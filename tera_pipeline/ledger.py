@@ -162,5 +162,3 @@ def progress(root: Path) -> list[tuple[int, int]]:
         done = sum(int(_slab(root, LEDGER, p, z).astype(bool).sum()) for z in range(nz))
         out.append((done, total))
     return out
-
-

@@ -114,15 +114,43 @@ def is_our_store(path: Path) -> bool:
 
 
 def foreign_entries(path: Path) -> list[str]:
-    """Entries of a store that the project does not write (sorted)."""
-    return sorted(
-        p.name
-        for p in Path(path).iterdir()
-        if p.name not in STORE_ENTRIES
-        and p.name not in LOCK_NAMES
-        and not p.name.startswith(tuple(f"{n}." for n in LOCK_NAMES))
-        and not (p.name.startswith(".") and p.name.endswith(".tmp"))
-    )
+    """Entries of a store that the project does not write (sorted): unknown top-level names,
+    and inside its zarr nodes anything but metadata, chunks and child nodes."""
+    out = []
+    for p in Path(path).iterdir():
+        if p.name in LOCK_NAMES or p.name.startswith(tuple(f"{n}." for n in LOCK_NAMES)):
+            continue
+        if p.name.startswith(".") and p.name.endswith(".tmp"):
+            continue
+        if p.name not in STORE_ENTRIES:
+            out.append(p.name)
+        elif not p.name.startswith("_") and p.is_dir():
+            out += [f"{p.name}/{q}" for q in _foreign_in_node(p)]
+    return sorted(out)
+
+
+def _foreign_in_node(node: Path) -> list[str]:
+    """What a zarr node of ours holds besides ``zarr.json``, its chunk folder ``c`` (arrays)
+    and its child nodes (groups)."""
+    meta = node / "zarr.json"
+    if node.is_symlink() or not meta.is_file():
+        return [""] if node.is_symlink() else []
+    try:
+        kind = json.loads(meta.read_text()).get("node_type")
+    except (OSError, ValueError):
+        kind = None
+    out = []
+    for child in node.iterdir():
+        temporary = child.name.startswith(".") and child.name.endswith(".tmp")
+        if child.name == "zarr.json" or temporary:
+            continue
+        if kind == "array" and child.name == "c" and child.is_dir() and not child.is_symlink():
+            continue
+        if kind == "group" and child.is_dir() and (child / "zarr.json").is_file():
+            out += [f"{child.name}/{q}" for q in _foreign_in_node(child)]
+            continue
+        out.append(child.name)
+    return out
 
 
 def has_content(path: Path) -> bool:
