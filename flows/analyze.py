@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_image_artifact
 
 from flows.artifacts import artifact_key, png_data_uri
+from tera_pipeline import ownership
 from tera_pipeline.analysis import attention
 from tera_pipeline.cluster import cluster_client
 from tera_pipeline.report import job_of
@@ -22,7 +23,8 @@ def attention_flow(store: str, pairs: str | None = None, workers: int | None = N
     with cluster_client(spec) as client:
         get_run_logger().info("Dask dashboard: %s", client.dashboard_link)
         result = attention.run(root, client, pairs)
-    png = attention.heatmap_png(result, root, root.parent / f"{root.stem}.attention.png")
+    with ownership.side_file(root, root.parent / f"{root.stem}.attention.png") as target:
+        png = attention.heatmap_png(result, root, target)
     create_image_artifact(
         png_data_uri(png),
         key=artifact_key(root, "attention"),

@@ -59,37 +59,44 @@ def _server_class():
     return OwnSessionServer
 
 
+_SERVER = None
+
+
+def _server():
+    """This process's temporary server, started on first use and kept for later runs of the
+    same process (it stops at exit, or with the process however it dies)."""
+    global _SERVER
+    if _SERVER is not None and _SERVER.server_process and _SERVER.server_process.poll() is None:
+        return _SERVER
+    for attempt in range(1, ATTEMPTS + 1):
+        server = _server_class()()
+        try:
+            server.start(timeout=STARTUP_TIMEOUT_S)
+            _SERVER = server
+            return server
+        except Exception as err:  # noqa: BLE001 - any failure to come up is retried
+            server.stop()
+            log.warning("temporary Prefect server, attempt %d: %s", attempt, str(err)[:200])
+    raise ApiServerError(
+        f"the temporary Prefect server did not come up in {ATTEMPTS} attempts of "
+        f"{STARTUP_TIMEOUT_S} s; start one (prefect server start) and set PREFECT_API_URL"
+    )
+
+
 @contextmanager
 def prefect_api() -> Iterator[str | None]:
-    """Use ``PREFECT_API_URL`` if set, else a private temporary server for the block's span."""
+    """Use ``PREFECT_API_URL`` if set, else this process's temporary server."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
         yield PREFECT_API_URL.value()
         return
-    server = None
-    for attempt in range(1, ATTEMPTS + 1):
-        server = _server_class()()
+    server = _server()
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         try:
-            server.start(timeout=STARTUP_TIMEOUT_S)
-            break
-        except Exception as err:  # noqa: BLE001 - any failure to come up is retried
-            server.stop()
-            log.warning("temporary Prefect server, attempt %d: %s", attempt, str(err)[:200])
-            server = None
-    if server is None:
-        raise ApiServerError(
-            f"the temporary Prefect server did not come up in {ATTEMPTS} attempts of "
-            f"{STARTUP_TIMEOUT_S} s; start one (prefect server start) and set PREFECT_API_URL"
-        )
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            try:
-                yield server.api_url
-            finally:
-                _flush_logs()
-    finally:
-        server.stop()
+            yield server.api_url
+        finally:
+            _flush_logs()
 
 
 def _flush_logs() -> None:

@@ -17,6 +17,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NONE
 
+from tera_pipeline import ownership
 from tera_pipeline.figures import markdown, run_figures
 from tera_pipeline.views import orthoslices_png
 
@@ -38,7 +39,8 @@ def publish_run_artifacts(store: str) -> dict:
     """Figures table and orthogonal-slice image of a finished store, as artifacts of this run."""
     root = Path(store)
     figures = run_figures(root)
-    png = orthoslices_png(root, root.parent / f"{root.stem}_orthoslices.png")
+    with ownership.side_file(root, root.parent / f"{root.stem}_orthoslices.png") as target:
+        png = orthoslices_png(root, target)
     table = create_markdown_artifact(
         markdown(figures),
         key=artifact_key(root, "figures"),

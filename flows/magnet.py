@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
+from tera_pipeline import ownership
 from tera_pipeline.analysis import magnet
 from tera_pipeline.cluster import cluster_client
 from tera_pipeline.report import job_of
@@ -42,6 +43,7 @@ def analyze_magnet(
     result = predict_and_score(store, workers, checkpoint, metrics)
     if metrics:
         out = Path(store).with_suffix(".magnet.json")
-        out.write_text(json.dumps(result, indent=2))
+        with ownership.side_file(Path(store), out):
+            out.write_text(json.dumps(result, indent=2))
         result["report"] = str(out)
     return result

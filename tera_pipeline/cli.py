@@ -238,6 +238,7 @@ def demo(
     import xarray as xr
 
     from tera_pipeline.config import JobConfig
+    from tera_pipeline.ownership import side_file
     from tera_pipeline.quality import conditioning_fidelity
     from tera_pipeline.views import orthoslices_png
 
@@ -250,9 +251,13 @@ def demo(
     _run(job, overwrite, resume)
     ds = xr.open_zarr(store_path)
     typer.echo(ds)
-    png = orthoslices_png(store_path, out / "demo_orthoslices.png")
     fidelity = conditioning_fidelity(store_path)
-    (out / "demo_fidelity.json").write_text(json.dumps(fidelity, indent=2))
+    with (
+        side_file(store_path, out / "demo_orthoslices.png") as target,
+        side_file(store_path, out / "demo_fidelity.json") as report,
+    ):
+        png = orthoslices_png(store_path, target)
+        report.write_text(json.dumps(fidelity, indent=2))
     typer.echo(f"orthogonal slices: {png}")
     typer.echo(
         f"conditioning fidelity (per-bin DAPI vs cell count): r = {fidelity['pearson_r']:.3f}"

@@ -19,6 +19,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tera_pipeline.atomic import write_json
@@ -270,3 +272,13 @@ def make_side_dir(path: Path, marker: str) -> Path:
     path.mkdir(parents=True)
     (path / marker).write_text("made by tera-pipeline; removed when its step finishes\n")
     return path
+
+
+@contextmanager
+def side_file(root: Path, path: Path) -> Iterator[Path]:
+    """Write ``path`` beside the store ``root``: refused unless absent or our own earlier file;
+    recorded once written."""
+    check_side_file(root, path)
+    yield Path(path)
+    if Path(path).is_file():
+        record_side_file(root, path)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from models.spatia import Spatia
+from tera_pipeline import ownership
 from tera_pipeline.analysis.cells import CropError, nucleus_area
 
 STEPS = 16
@@ -240,8 +241,9 @@ def perturb_store(
     }
     json_path = out_dir / f"{root.stem}.perturb.json"
     png_path = out_dir / f"{root.stem}.perturb.png"
-    json_path.write_text(json.dumps(report, indent=2))
-    panel_png(real, result, p.crop[0], report, png_path)
+    with ownership.side_file(root, json_path), ownership.side_file(root, png_path):
+        json_path.write_text(json.dumps(report, indent=2))
+        panel_png(real, result, p.crop[0], report, png_path)
     return {**report, "json": str(json_path), "png": str(png_path)}
 
 
