@@ -79,13 +79,16 @@ def _phases_to_check(config: JobConfig, root: Path) -> list[int]:
     return sorted(set(phases))
 
 
-def verify(config: JobConfig, quick: bool = False) -> Damage:
-    """Check every finished block of the phases whose output is still on disk."""
+def verify(config: JobConfig, quick: bool = False, phases: list[int] | None = None) -> Damage:
+    """Check every finished block of the phases whose output is still on disk (or of those of
+    ``phases``: 0 the conditioning, ``steps`` the image)."""
     root = Path(config.out)
     grid = config.grid()
     damage = Damage()
     store.forget_handles()
     for phase in _phases_to_check(config, root):
+        if phases is not None and phase not in phases:
+            continue
         arrays = []
         for name, box_of in _outputs(config, phase, root):
             try:
@@ -117,9 +120,13 @@ def _block_ok(arrays, core: Box, digest: int | None, quick: bool) -> bool:
     return quick or digest is None or crc == digest
 
 
-def require_intact(config: JobConfig, quick: bool = True) -> None:
-    """Raise ``IntegrityError`` naming the bad blocks (analyses call this before reading)."""
-    damage = verify(config, quick=quick)
+def require_intact(
+    config: JobConfig, quick: bool = True, image: bool = True, conditioning: bool = True
+) -> None:
+    """Raise ``IntegrityError`` naming the bad blocks of what the caller reads (analyses call
+    this before reading: the image, the conditioning, or both)."""
+    phases = [config.diffusion.steps] * image + [0] * conditioning
+    damage = verify(config, quick=quick, phases=phases)
     if damage:
         raise IntegrityError(
             f"{config.out}: blocks the ledger calls done are missing or corrupt "

@@ -5,7 +5,8 @@
   Of any number of runs started at once on one store, exactly one gets it.
 - **Holder.** host, pid, start time, a random token, and ``heartbeat``: the time the holder
   last refreshed it (every ``HEARTBEAT_S`` while it runs).
-- **Stale.** A lock of this host is stale when its pid no longer runs; a lock of another host
+- **Stale.** A lock of this host is stale when its pid no longer runs (or now names a process
+  started after the lock); a lock of another host
   when its heartbeat is older than ``STALE_AFTER_S``. A stale lock is taken over only by
   ``--resume`` (or by ``--break-lock``, which also takes over another host's live-looking lock
   and says what it breaks). The takeover itself is exclusive (``_lock.json.takeover``).
@@ -70,20 +71,22 @@ def describe(owner: dict) -> str:
     return f"host {owner.get('host')}, pid {owner.get('pid')}, started {started}"
 
 
-def _pid_runs(pid: int) -> bool:
+def _pid_runs(pid: int, since: float) -> bool:
+    """Whether ``pid`` runs and is the process that started by ``since`` (not a reused pid)."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).create_time() <= since + 1.0
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.Error:
         return True
-    return True
 
 
 def alive(owner: dict, stale_after_s: float = STALE_AFTER_S) -> bool:
     """Whether the holder may still be running (see the module docstring)."""
     if owner.get("host") == socket.gethostname():
-        return _pid_runs(int(owner["pid"]))
+        return _pid_runs(int(owner["pid"]), float(owner.get("started", 0)))
     beat = float(owner.get("heartbeat", owner.get("started", 0)))
     return time.time() - beat < stale_after_s
 

@@ -96,12 +96,12 @@ def check(
         raise AnalysisError(f"{root} has no image array: generate the volume first")
     if store.group_attrs(root)["tera_pipeline"].get("status") != "complete":
         raise AnalysisError(f"{root} is not a finished generation (its status is not complete)")
-    integrity.require_intact(job)  # a deleted or truncated shard would read as zeros
     if metrics and not (root / engine.CONDITIONING / "zarr.json").is_file():
         raise AnalysisError(
             f"{root} has no conditioning array: metrics need the expression to compare with "
             "(run without metrics to only predict)"
         )
+    integrity.require_intact(job, conditioning=metrics)  # a lost shard would read as zeros
     path = Path(checkpoint or DEFAULT_MAGNET)
     _, meta = load_magnet(path)
     check_model(meta, engine.job_genes(root), job.conditioning.bin, path)
