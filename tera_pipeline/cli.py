@@ -373,7 +373,7 @@ def status(
 
     try:
         info = job_status(store_path)
-    except (StoreError, OSError) as err:
+    except (StoreError, OSError, TeraError) as err:
         _fail(str(err))
     for line in format_status(info):
         typer.echo(line)

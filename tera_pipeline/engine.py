@@ -35,6 +35,7 @@ from tera_pipeline.cluster import block_resources, gpu_task
 from tera_pipeline.conditioning import CELLS_DIR, bin_box, open_source, patch_bins
 from tera_pipeline.config import JobConfig
 from tera_pipeline.diffusion import DDIMSchedule, position_noise
+from tera_pipeline.errors import TeraError
 from tera_pipeline.geometry import Box
 from tera_pipeline.inference import get_predictor
 from tera_pipeline.partition import PartitionedSource, partition
@@ -55,7 +56,7 @@ Progress = Callable[[str, int, int], None]
 """Called as progress(phase, blocks done, blocks total)."""
 
 
-class GenerationError(RuntimeError):
+class GenerationError(TeraError):
     """A job that cannot start or continue (bad checkpoint for the layout, ...)."""
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from tera_pipeline import store
 from tera_pipeline.config import JobConfig
+from tera_pipeline.errors import TeraError
 
 LEDGER = "_ledger"
 DIGESTS = "_digests"
@@ -32,7 +33,7 @@ _IGNORED = {"out", "cluster", "blocks_in_flight", "retries", "share_seams", "wor
             "check_disk_space"}  # fmt: skip
 
 
-class ResumeError(RuntimeError):
+class ResumeError(TeraError):
     """A resume that cannot continue this store (other layout or config, no ledger, ...)."""
 
 

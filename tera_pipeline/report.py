@@ -27,6 +27,7 @@ import numpy as np
 from tera_pipeline import engine, ledger, lock, store
 from tera_pipeline.conditioning import bin_box
 from tera_pipeline.config import JobConfig
+from tera_pipeline.errors import TeraError
 from tera_pipeline.evaluate import compare_to_truth, detect_nuclei, seam_score
 from tera_pipeline.geometry import Box
 from tera_pipeline.quality import conditioning_fidelity
@@ -38,7 +39,7 @@ MAX_NUCLEI_VOXELS = 64 * 1024 * 1024  # larger volumes: nuclei measured on the c
 WRITER = "tera evaluate"  # the marker in every report file this module writes
 
 
-class EvaluateError(RuntimeError):
+class EvaluateError(TeraError):
     """A store that cannot be evaluated, or an output path that is not ours to write."""
 
 

@@ -20,12 +20,13 @@ import tensorstore as ts
 
 from tera_pipeline import ownership
 from tera_pipeline.atomic import write_json
+from tera_pipeline.errors import TeraError
 from tera_pipeline.geometry import Box, Shape
 
 SCRATCH = "_scratch"
 
 
-class StoreError(RuntimeError):
+class StoreError(TeraError):
     """A store that cannot be used as asked (exists already, missing array, ...)."""
 
 

@@ -265,3 +265,36 @@ def test_damaged_store_is_named_refused_and_repaired(damage, tmp_path, tiny_chec
     assert _relative(out / "pyramid") == _relative(finished / "pyramid")  # rebuilt, same bytes
     ok = runner.invoke(app, ["verify", str(out)])
     assert ok.exit_code == 0 and "all intact" in ok.output, ok.output
+
+
+# -- 6. damaged metadata and impossible jobs: one line, before anything is written ----------------
+def test_garbage_ledger_and_truncated_root_metadata_are_one_line(tmp_path, tiny_checkpoint,
+                                                                 finished):  # fmt: skip
+    out = tmp_path / "garbled.zarr"
+    shutil.copytree(finished, out)
+    chunk = next(p for p in (out / "_ledger" / "c").rglob("*") if p.is_file())
+    chunk.write_bytes(b"\x00garbage" * 3)
+    for args in (["status", str(out)], _args(out, tiny_checkpoint, "--resume")):
+        line = _one_line_refusal(runner.invoke(app, args))
+        assert "_ledger" in line, line
+    shutil.rmtree(out)
+    shutil.copytree(finished, out)
+    meta = out / "zarr.json"
+    meta.write_text(meta.read_text()[: meta.stat().st_size // 2])
+    status = _one_line_refusal(runner.invoke(app, ["status", str(out)]))
+    assert "zarr.json" in status and "truncated" in status, status
+    resume = _one_line_refusal(runner.invoke(app, _args(out, tiny_checkpoint, "--resume")))
+    print(f"garbage ledger / half root metadata: {status} | {resume}")
+
+
+def test_a_job_larger_than_the_disk_is_refused_before_any_work(tmp_path, tiny_checkpoint):
+    out = tmp_path / "huge.zarr"
+    t0 = time.perf_counter()
+    args = _args(out, tiny_checkpoint)
+    args[args.index("--shape") + 1] = "100000,100000,100000"
+    args[args.index("--block") + 1] = "64,512,512"
+    line = _one_line_refusal(runner.invoke(app, args))
+    print(line)
+    assert "GiB" in line and "--ignore-disk-space" in line
+    assert time.perf_counter() - t0 < 5
+    assert not out.exists()
