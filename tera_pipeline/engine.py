@@ -256,12 +256,13 @@ def preflight(
     root = Path(config.out)
     exists = ownership.has_content(root)
     if resume:
-        if not exists:
+        if not root.is_dir():
             raise ledger.ResumeError(f"nothing to resume: {root} does not exist")
-        if not ownership.is_our_store(root):
+        if exists and not ownership.is_our_store(root):
             raise ledger.ResumeError(f"cannot resume {root}: it is not a tera-pipeline store")
         lock.check(root, resume=True, break_lock=break_lock)
-        ledger.check_identity(root, ledger.output_identity(config, file_digest(checkpoint)))
+        if (root / ledger.LEDGER / "zarr.json").is_file():
+            ledger.check_identity(root, ledger.output_identity(config, file_digest(checkpoint)))
     elif exists:
         if not overwrite:
             raise store.StoreError(
@@ -294,8 +295,9 @@ def writing(config: JobConfig, resume: bool = False, break_lock: bool = False):
     root = Path(config.out)
     made = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
+    nothing_written = not ownership.has_content(root)  # a stale lock there guards nothing
     try:
-        with lock.held(root, resume=resume, break_lock=break_lock) as lease:
+        with lock.held(root, resume=resume or nothing_written, break_lock=break_lock) as lease:
             yield lease
     finally:
         if made and root.is_dir() and not any(root.iterdir()):
@@ -312,7 +314,7 @@ def prepare_store(
         source, meta = preflight(config, overwrite, resume, break_lock)
         root = Path(config.out)
         checkpoint = resolve_checkpoint(config)
-        if resume and ledger.created(root):
+        if resume and has_ledger(root) and ledger.created(root):
             attrs = store.group_attrs(root)["tera_pipeline"]
             attrs.update(status="running", resumed=time.strftime("%Y-%m-%d %H:%M:%S"))
             attrs.pop("last_error", None)
@@ -347,6 +349,10 @@ def prepare_store(
             source.folder.rename(root / CELLS_DIR)
         ledger.set_created(root)
         return checkpoint
+
+
+def has_ledger(root: Path) -> bool:
+    return (Path(root) / ledger.LEDGER / "zarr.json").is_file()
 
 
 @lru_cache(maxsize=8)

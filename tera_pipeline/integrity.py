@@ -136,7 +136,10 @@ def require_intact(
 
 
 def check_before_resume(config: JobConfig, repair: bool) -> None:
-    """A resume refuses a damaged store unless asked to repair it."""
+    """A resume refuses a damaged store unless asked to repair it (a store whose creation was
+    cut short has nothing to check: it is created again)."""
+    if not engine.has_ledger(config.out) or not ledger.created(Path(config.out)):
+        return
     if not repair:
         require_intact(config, quick=False)
 
@@ -187,6 +190,8 @@ def _blocks_read_by(config: JobConfig, index: Index) -> Iterator[Index]:
 def repair(config: JobConfig, client, checkpoint: Path, progress=None) -> Damage:
     """Restore every bad block found by ``verify``; returns what was found."""
     root = Path(config.out)
+    if not ledger.created(root):
+        return Damage()
     damage = verify(config)
     if not damage:
         return damage

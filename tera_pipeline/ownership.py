@@ -99,20 +99,21 @@ def _protected(path: Path) -> str | None:
 
 
 def is_our_store(path: Path) -> bool:
-    """A store this project wrote: our root attributes and a ledger (or a creation cut short:
-    just the lock and the ledger, or the lock alone)."""
+    """A store this project wrote: our root attributes, or our ledger (the first array of a new
+    store, so a creation cut short is recognised too)."""
     path = Path(path)
     if not path.is_dir() or path.is_symlink():
         return False
-    names = {p.name for p in path.iterdir()}
-    if not names - set(LOCK_NAMES) - {"_ledger"} and "_ledger" in names:
-        return (path / "_ledger" / "zarr.json").is_file()
-    try:
-        meta = json.loads((path / "zarr.json").read_text())
-    except (OSError, ValueError):
-        meta = None
-    attrs = meta.get("attributes") if isinstance(meta, dict) else None
-    return isinstance(attrs, dict) and isinstance(attrs.get("tera_pipeline"), dict)
+    for meta_path, key in ((path / "zarr.json", "tera_pipeline"),
+                           (path / "_ledger" / "zarr.json", "identity")):  # fmt: skip
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue
+        attrs = meta.get("attributes") if isinstance(meta, dict) else None
+        if isinstance(attrs, dict) and isinstance(attrs.get(key), dict):
+            return True
+    return False
 
 
 def foreign_entries(path: Path) -> list[str]:

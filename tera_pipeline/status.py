@@ -15,6 +15,8 @@ def job_status(root: Path) -> dict:
     root = Path(root)
     if (root / ledger.LEDGER / "zarr.json").is_file() and not ledger.created(root):
         return _cut_short(root)
+    if root.is_dir() and not (root / "zarr.json").exists() and (root / lock.LOCK).exists():
+        return _cut_short(root)  # only the lock: stopped before anything was written
     attrs = store.group_attrs(root).get("tera_pipeline")
     if not isinstance(attrs, dict):
         raise store.StoreError(f"{root} is not a tera-pipeline store")
@@ -112,10 +114,13 @@ def clock(epoch: float | None) -> str:
 
 def format_status(info: dict) -> list[str]:
     """The lines ``tera status`` prints."""
-    head = f"{info['store']}: {info['state']} (started {info['started']}"
-    if info.get("resumed"):
-        head += f", resumed {info['resumed']}"
-    lines = [head + f", {duration(info['elapsed_s'])} ago)"]
+    head = f"{info['store']}: {info['state']}"
+    if info["started"]:
+        head += f" (started {info['started']}"
+        if info.get("resumed"):
+            head += f", resumed {info['resumed']}"
+        head += f", {duration(info['elapsed_s'])} ago)"
+    lines = [head]
     if info["since_last_block_s"] is not None:
         lines.append(f"last block done {duration(info['since_last_block_s'])} ago")
     if info["holder"]:

@@ -298,3 +298,33 @@ def test_a_job_larger_than_the_disk_is_refused_before_any_work(tmp_path, tiny_ch
     assert "GiB" in line and "--ignore-disk-space" in line
     assert time.perf_counter() - t0 < 5
     assert not out.exists()
+
+
+# -- 3. a kill during creation leaves a store that status explains and --resume completes --------
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("written", ["lock only", "lock and ledger"])
+def test_a_creation_cut_short_is_explained_and_started_again(written, tmp_path, tiny_checkpoint,
+                                                             finished):  # fmt: skip
+    from tera_pipeline import ledger
+    from tera_pipeline.report import job_of
+
+    out = tmp_path / "cut.zarr"
+    out.mkdir()
+    stale = {"host": socket.gethostname(), "pid": _dead_pid(), "started": time.time() - 5,
+             "heartbeat": time.time() - 5, "token": "dead"}  # fmt: skip
+    (out / lock.LOCK).write_text(json.dumps(stale))
+    if written == "lock and ledger":
+        job = job_of(finished).model_copy(update={"out": out})
+        digest = store.group_attrs(finished)["tera_pipeline"]["checkpoint"]["sha256"]
+        ledger.create(out, job, ledger.output_identity(job, digest))
+    status = runner.invoke(app, ["status", str(out)])
+    print(status.output.strip())
+    assert status.exit_code == 0 and "creation cut short" in status.output, status.output
+    resumed = runner.invoke(app, _args(out, tiny_checkpoint, "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    np.testing.assert_array_equal(_image(out), _image(finished))
