@@ -384,6 +384,17 @@ def rasterize_block(config: JobConfig, index: tuple[int, ...]) -> BlockStats:
     return BlockStats(total_s=time.perf_counter() - t0, digest=crc)
 
 
+def read_span(grid, core: Box) -> tuple[list[Box], Box]:
+    """The lattice patches touching a block's core, and the box they cover (what a step of the
+    block reads: its core and the exact halo)."""
+    patches = grid.lattice.patches_touching(core, grid.volume)
+    span = Box.from_bounds(
+        [min(p.begin[a] for p in patches) for a in range(3)],
+        [max(p.end[a] for p in patches) for a in range(3)],
+    )
+    return patches, span
+
+
 @gpu_task
 def denoise_block(
     config: JobConfig, checkpoint: str, step: int, index: tuple[int, ...]
@@ -398,11 +409,7 @@ def denoise_block(
     stats = BlockStats()
     grid = config.grid()
     core = grid.block(index).core
-    patches = grid.lattice.patches_touching(core, grid.volume)
-    span = Box.from_bounds(
-        [min(p.begin[a] for p in patches) for a in range(3)],
-        [max(p.end[a] for p in patches) for a in range(3)],
-    )
+    patches, span = read_span(grid, core)
     sched = schedule_of(config, predictor.meta.get("prediction", "epsilon"))
     root, channels = Path(config.out), len(config.volume.stains)
     if step == 0:

@@ -172,12 +172,8 @@ def cone(config: JobConfig, bad: list[Index]) -> list[list[Index]]:
 
 def _blocks_read_by(config: JobConfig, index: Index) -> Iterator[Index]:
     grid = config.grid()
-    core = grid.block(index).core
-    patches = grid.lattice.patches_touching(core, grid.volume)
-    span = Box.from_bounds(
-        [min(p.begin[a] for p in patches) for a in range(3)],
-        [max(p.end[a] for p in patches) for a in range(3)],
-    ).intersect(grid.volume_box)
+    _, span = engine.read_span(grid, grid.block(index).core)
+    span = span.intersect(grid.volume_box)
     block = config.storage.block
     lo = [s // b for s, b in zip(span.begin, block)]
     hi = [(e - 1) // b for e, b in zip(span.end, block)]

@@ -15,7 +15,6 @@ Every refusal is an ``OwnershipError`` with one line naming the path and the rea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -211,14 +210,6 @@ def remove_entry(root: Path, name: str) -> None:
 
 
 # -- side files (reports, figures, tables written beside a store) -------------------------------
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _manifest(root: Path) -> dict:
     try:
         data = json.loads((Path(root) / OUTPUTS).read_text())
@@ -235,8 +226,10 @@ def check_side_file(root: Path, path: Path) -> None:
         return
     if path.is_symlink() or not path.is_file():
         raise OwnershipError(f"refusing to overwrite {path}: it is not a file tera-pipeline wrote")
+    from models.checkpoint import file_digest  # torch comes with it: import only when needed
+
     recorded = _manifest(root).get(str(path.resolve()))
-    if recorded != _digest(path):
+    if recorded != file_digest(path):
         raise OwnershipError(
             f"refusing to overwrite {path}: tera-pipeline did not write it (or it was changed "
             "since); move it away first"
@@ -247,8 +240,10 @@ def record_side_file(root: Path, path: Path) -> None:
     """Record that the project wrote ``path`` (its digest), so a later run may replace it."""
     if not (Path(root) / "zarr.json").is_file():
         return
+    from models.checkpoint import file_digest
+
     data = _manifest(root)
-    data[str(Path(path).resolve())] = _digest(Path(path))
+    data[str(Path(path).resolve())] = file_digest(Path(path))
     write_json(Path(root) / OUTPUTS, data)
 
 
