@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -328,3 +329,31 @@ def test_a_creation_cut_short_is_explained_and_started_again(written, tmp_path, 
     resumed = runner.invoke(app, _args(out, tiny_checkpoint, "--resume"))
     assert resumed.exit_code == 0, resumed.output
     np.testing.assert_array_equal(_image(out), _image(finished))
+
+
+def _kill_when(out: Path, checkpoint: Path, appears: str) -> None:
+    """Start a run and SIGKILL its process group as soon as ``out / appears`` exists."""
+    cmd = [sys.executable, "-m", "tera_pipeline.cli", *_args(out, checkpoint)]
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "ERROR"}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 240
+    while not (out / appears).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.001)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("appears", ["_ledger/zarr.json", "zarr.json", "_pyramid_new"])
+def test_sigkill_at_creation_and_in_the_pyramid(appears, tmp_path, tiny_checkpoint, finished):
+    """Kills aimed at the instants a spread of kills can miss: the store's creation (the
+    ledger, then the root metadata) and the pyramid's build."""
+    out = tmp_path / "aimed.zarr"
+    _kill_when(out, tiny_checkpoint, appears)
+    status = runner.invoke(app, ["status", str(out)])
+    print(f"killed when {appears} appeared: {status.output.splitlines()[0]}")
+    assert status.exit_code == 0, status.output
+    resumed = runner.invoke(app, _args(out, tiny_checkpoint, "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    np.testing.assert_array_equal(_image(out), _image(finished))
+    assert _relative(out / "pyramid") == _relative(finished / "pyramid")
