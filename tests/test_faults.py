@@ -233,11 +233,24 @@ def _left_running(pids: list[int], within_s: float = 20.0) -> list[int]:
     return alive
 
 
+@pytest.fixture
+def started(request):
+    """Runs started by a test, SIGKILLed with their process group if the test fails."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.mark.parametrize("how", ["SIGINT to the process group", "SIGTERM to the driver"])
 def test_interrupted_run_stops_cleanly_and_resumes_identically(how, tmp_path, tiny_checkpoint,
-                                                               reference):  # fmt: skip
+                                                               reference, started):  # fmt: skip
     out = tmp_path / "i.zarr"
     proc, family = _start_and_wait_for_step(out, tiny_checkpoint)
+    started.append(proc)
     assert (out / lock.LOCK).exists() and len(family) >= 3  # driver, Prefect server, workers
     workers = [pid for pid in family[1:] if "uvicorn" not in " ".join(_cmdline(pid))]
     t0 = time.time()
@@ -264,9 +277,10 @@ def test_interrupted_run_stops_cleanly_and_resumes_identically(how, tmp_path, ti
     np.testing.assert_array_equal(_image(out), reference)
 
 
-def test_killed_driver_leaves_no_process_behind(tmp_path, tiny_checkpoint, reference):
+def test_killed_driver_leaves_no_process_behind(tmp_path, tiny_checkpoint, reference, started):
     out = tmp_path / "k9.zarr"
     proc, family = _start_and_wait_for_step(out, tiny_checkpoint)
+    started.append(proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     left = _left_running(family)
