@@ -136,6 +136,19 @@ def generate(
     _run(job, overwrite, resume, break_lock, repair)
 
 
+@contextmanager
+def _flows():
+    """Where a command runs Prefect flows: the API server (retried if it does not come up;
+    one line if it never does)."""
+    from flows.api_server import ApiServerError, prefect_api
+
+    try:
+        with prefect_api():
+            yield
+    except ApiServerError as err:
+        _fail(str(err))
+
+
 def _one_line(err: Exception) -> str:
     from pydantic import ValidationError
 
@@ -265,8 +278,9 @@ def demo(
     from flows.magnet import analyze_magnet
 
     typer.echo("MagNet: expression predicted back from the generated image")
-    _echo_magnet(analyze_magnet(str(store_path), workers))
-    _demo_spatia(store_path, out, workers)
+    with _flows():
+        _echo_magnet(analyze_magnet(str(store_path), workers))
+        _demo_spatia(store_path, out, workers)
 
 
 @app.command()
@@ -332,7 +346,8 @@ def analyze_attention(
         parse_pairs(pairs, genes)
     except (AnalysisError, StoreError, OSError, TeraError) as err:
         _fail(str(err))
-    png = attention_flow(str(store_path), pairs, workers)
+    with _flows():
+        png = attention_flow(str(store_path), pairs, workers)
     typer.echo(f"attention arrays written to {store_path}; heat map: {png}")
 
 
@@ -456,7 +471,8 @@ def analyze_magnet_cmd(
     except (AnalysisError, CheckpointError, StoreError, OSError, TeraError) as err:
         _fail(str(err))
     checkpoint_text = str(checkpoint) if checkpoint else None
-    _echo_magnet(analyze_magnet(str(store_path), workers, checkpoint_text, metrics))
+    with _flows():
+        _echo_magnet(analyze_magnet(str(store_path), workers, checkpoint_text, metrics))
 
 
 def _echo_magnet(result: dict) -> None:
@@ -568,7 +584,9 @@ def analyze_spatia_cmd(
     except _spatia_errors() as err:
         _fail(str(err))
     blk_list = list(blk) if blk else None
-    _echo_spatia(analyze_spatia(str(store_path), workers, _str(checkpoint), masked, blk_list))
+    with _flows():
+        result = analyze_spatia(str(store_path), workers, _str(checkpoint), masked, blk_list)
+    _echo_spatia(result)
 
 
 def _str(path: Path | None) -> str | None:
