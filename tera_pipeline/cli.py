@@ -161,12 +161,9 @@ def _one_line(err: Exception) -> str:
 
 def _generation_errors() -> tuple[type[Exception], ...]:
     from models.checkpoint import CheckpointError
-    from tera_pipeline.engine import GenerationError
     from tera_pipeline.inputs import InputError
-    from tera_pipeline.ledger import ResumeError
-    from tera_pipeline.store import StoreError
 
-    return (GenerationError, StoreError, CheckpointError, InputError, ResumeError, TeraError)
+    return (CheckpointError, InputError, TeraError)  # TeraError: store, ledger, lock, engine, ...
 
 
 def _run(

@@ -202,6 +202,8 @@ def remove_entry(root: Path, name: str) -> None:
     """Remove one entry ``name`` the project writes inside a store of ours."""
     if name.split("/")[0] not in STORE_ENTRIES or ".." in Path(name).parts:
         raise OwnershipError(f"refusing to remove {Path(root) / name}: not an entry of ours")
+    if not is_our_store(root):
+        raise OwnershipError(f"refusing to remove {Path(root) / name}: not a tera-pipeline store")
     target = Path(root) / name
     if target.is_symlink() or target.is_file():
         target.unlink(missing_ok=True)

@@ -13,18 +13,17 @@ temporary folder inside the report folder, removed entry by entry afterwards.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import numpy as np
 
-from tera_pipeline import engine, ledger, lock, store
+from tera_pipeline import atomic, engine, ledger, lock, store
 from tera_pipeline.conditioning import bin_box
 from tera_pipeline.config import JobConfig
 from tera_pipeline.errors import TeraError
@@ -187,7 +186,7 @@ def evaluate(root: Path, client, out_dir: Path | None = None) -> dict:
 
     report = {"written_by": mine, **report}
     check_outputs(root, out_dir)  # again: the naive run can take long, and the folder is shared
-    _write_new(json_path, json.dumps(report, indent=2))
+    atomic.write_bytes(json_path, json.dumps(report, indent=2).encode())
     _plot(report, png_path, mine)
     return report
 
@@ -206,23 +205,6 @@ def _remove_scratch(scratch: Path, naive: JobConfig) -> None:
         scratch.rmdir()
     except OSError as err:  # something else appeared in it: leave it
         log.warning("left %s in place: %s", scratch, err)
-
-
-def _write_new(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary file beside it, so a failure leaves the old one."""
-    tmp = _fresh_name(path)
-    try:
-        with open(tmp, "x") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fresh_name(path: Path) -> Path:
-    """A name beside ``path`` that nothing has (hidden, random), for writing it atomically."""
-    return path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
 
 
 def _measure(root: Path, job: JobConfig, naive: JobConfig) -> dict:
@@ -310,14 +292,10 @@ def _plot(report: dict, path: Path, mine: dict) -> None:
     )
     ax[3].legend()
     fig.tight_layout()
-    tmp = _fresh_name(path)
     try:
-        with open(tmp, "xb") as f:
-            meta = {"Software": WRITER, "tera-evaluate": json.dumps(mine)}
-            fig.savefig(f, format="png", dpi=80, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        buffer = io.BytesIO()
+        meta = {"Software": WRITER, "tera-evaluate": json.dumps(mine)}
+        fig.savefig(buffer, format="png", dpi=80, metadata=meta)
+        atomic.write_bytes(path, buffer.getvalue())
     finally:
         plt.close(fig)
