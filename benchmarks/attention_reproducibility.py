@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tera_pipeline import engine
 from tera_pipeline.analysis import attention
-from tera_pipeline.cluster import cluster_client
-from tera_pipeline.config import ClusterSpec, JobConfig
+from tera_pipeline.core.config import ClusterSpec, JobConfig
+from tera_pipeline.generation import lifecycle
+from tera_pipeline.runtime.cluster import cluster_client
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
                     "synthetic_seed": tissue,
                 }
             )
-            engine.generate(job, client)
+            lifecycle.generate(job, client)
             matrices[name] = attention.run(job.out, client)["mean_matrix"].ravel()
 
     def r(a: str, b: str) -> float:

@@ -7,7 +7,7 @@ under ``torch.inference_mode``, the last, partial batch unpadded. ``monai_same_k
 MONAI the engine's own predictor instead (channels-last kernels), which isolates what the engine
 adds around the model.
 
-- ``ours``: ``engine.generate`` on a 2-worker LocalCluster (1 thread each); step phases timed.
+- ``ours``: ``lifecycle.generate`` on a 2-worker LocalCluster (1 thread each); step phases timed.
 - ``monai``: MONAI's ``sliding_window_inference`` over the whole volume held in memory, once per
   DDIM step, in one process with 2 torch threads. The gene
   conditioning reaches the predictor through ``with_coord=True`` (MONAI passes each window's
@@ -43,12 +43,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tera_pipeline import engine, store
-from tera_pipeline.blending import Accumulator, patch_window
-from tera_pipeline.conditioning import open_source, patch_bins, rasterize
-from tera_pipeline.config import ClusterSpec, JobConfig
-from tera_pipeline.diffusion import position_noise
-from tera_pipeline.geometry import Box
+from tera_pipeline.core.config import ClusterSpec, JobConfig
+from tera_pipeline.core.geometry import Box, patch_bins
+from tera_pipeline.core.noise import position_noise
+from tera_pipeline.generation import lifecycle, predictor
+from tera_pipeline.generation.blending import Accumulator, patch_window
+from tera_pipeline.inputs.conditioning import open_source, rasterize
+from tera_pipeline.storage import layout, store
 
 WORKERS = 2  # every method gets the same two cores
 
@@ -94,18 +95,18 @@ def _check_lattice(job: JobConfig) -> None:
 
 # -- ours -----------------------------------------------------------------------------------
 def run_ours(job: JobConfig) -> dict:
-    from tera_pipeline.cluster import cluster_client
+    from tera_pipeline.runtime.cluster import cluster_client
 
     spec = ClusterSpec(kind="local", workers=WORKERS, dashboard_address=":0")
     with cluster_client(spec) as client:
-        client.run(_warm, str(engine.resolve_checkpoint(job)), job.batch_size)  # as for dask
+        client.run(_warm, str(predictor.resolve_checkpoint(job)), job.batch_size)  # as for dask
         t0 = time.perf_counter()
-        reports = engine.generate(job, client, overwrite=True)
+        reports = lifecycle.generate(job, client, overwrite=True)
         end_to_end = time.perf_counter() - t0
         workers = client.run(_peak_rss_mib)
     steps = [r for r in reports if r.phase.startswith("step")]
     image = store.read_box(
-        store.open_array(job.out, engine.IMAGE), Box((0, 0, 0), job.volume.shape)
+        store.open_array(job.out, layout.IMAGE), Box((0, 0, 0), job.volume.shape)
     )
     return {
         "seconds": sum(r.wall_s for r in steps),
@@ -123,7 +124,7 @@ def run_ours(job: JobConfig) -> dict:
 def user_predictor(checkpoint: str, batch_size: int, same_kernels: bool = False):
     """The denoiser as a baseline calls it: default layout (or the engine's kernels), float32,
     no padding of the last batch."""
-    from tera_pipeline.inference import PatchPredictor, get_predictor
+    from tera_pipeline.generation.predictor import PatchPredictor, get_predictor
 
     if same_kernels:
         predictor = get_predictor(checkpoint, batch_size)
@@ -144,7 +145,7 @@ def run_monai(job: JobConfig, checkpoint: str, same_kernels: bool = False) -> di
     lat, b = job.lattice_obj(), job.conditioning.bin
     overlap = [1.0 - s / p for p, s in zip(lat.patch, lat.stride)]
     window = torch.from_numpy(patch_window(lat.patch, job.lattice.window).copy())
-    sched = engine.schedule_of(job, predictor.meta.get("prediction", "epsilon"))
+    sched = predictor.schedule_of(job, predictor.meta.get("prediction", "epsilon"))
     calls = {"patches": 0}
 
     def predict(win: torch.Tensor, coords, t: int) -> torch.Tensor:
@@ -170,7 +171,7 @@ def run_monai(job: JobConfig, checkpoint: str, same_kernels: bool = False) -> di
             t=sched.timestep(step),
         )
         state = sched.ddim_update(state, out[0].numpy(), step)
-    image = engine.to_uint8(state)
+    image = layout.to_uint8(state)
     seconds = time.perf_counter() - t0
     return {
         "seconds": seconds,
@@ -203,7 +204,7 @@ def _dask_chunk(x, job: JobConfig, checkpoint: str, step: int, cond_path: str, b
     ext = core.grow(lat.halo_below, lat.halo_above)
     assert x.shape[1:] == ext.shape, (x.shape, ext)
     cond, cond_box = _cond(cond_path)
-    sched = engine.schedule_of(job, predictor.meta.get("prediction", "epsilon"))
+    sched = predictor.schedule_of(job, predictor.meta.get("prediction", "epsilon"))
     window = patch_window(lat.patch, job.lattice.window)
     patches = lat.patches_touching(core, grid.volume)
     acc = Accumulator(core, x.shape[0])
@@ -216,14 +217,14 @@ def _dask_chunk(x, job: JobConfig, checkpoint: str, step: int, cond_path: str, b
         for p, e in zip(group, predictor(xs, sched.timestep(step), cs)):
             acc.add(p, e, window)
     out = sched.ddim_update(x[(slice(None), *core.slices(ext))], acc.result(), step)
-    return engine.to_uint8(out) if step == sched.steps - 1 else out
+    return layout.to_uint8(out) if step == sched.steps - 1 else out
 
 
 def run_dask(job: JobConfig, checkpoint: str, work: Path) -> dict:
     import dask.array as da
 
     from models.checkpoint import read_metadata
-    from tera_pipeline.cluster import cluster_client
+    from tera_pipeline.runtime.cluster import cluster_client
 
     context = tuple(read_metadata(Path(checkpoint))["config"]["cond_context"])
     cond, cond_box = whole_conditioning(job, context)
@@ -290,7 +291,7 @@ def child(args) -> None:
     work = Path(args.work)
     job = make_job(shape, args.steps, block, work / "ours.zarr", args.batch, args.scratch)
     _check_lattice(job)
-    checkpoint = str(engine.resolve_checkpoint(job))
+    checkpoint = str(predictor.resolve_checkpoint(job))
     if args.child == "ours":
         result = run_ours(job)
     elif args.child.startswith("monai"):

@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tera_pipeline import engine
-from tera_pipeline.cluster import cluster_client
-from tera_pipeline.config import ClusterSpec, JobConfig
+from tera_pipeline.core.config import ClusterSpec, JobConfig
+from tera_pipeline.generation import lifecycle
+from tera_pipeline.runtime.cluster import cluster_client
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
             }
         )
         t0 = time.perf_counter()
-        reports = engine.generate(job, client)
+        reports = lifecycle.generate(job, client)
         end_to_end = time.perf_counter() - t0
     steps = [r for r in reports if r.phase.startswith("step")]
     model = sum(r.stats.model_s for r in steps)

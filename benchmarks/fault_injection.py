@@ -40,15 +40,17 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from tera_pipeline import engine, ledger, store
-from tera_pipeline.geometry import Box
+from tera_pipeline.core import errors
+from tera_pipeline.core.geometry import Box
+from tera_pipeline.generation import lifecycle
+from tera_pipeline.storage import layout, ledger, store
 
 TIMEOUT_S = 300
 
 
 def _image(root: Path) -> np.ndarray:
     store.forget_handles()
-    arr = store.open_array(root, engine.IMAGE)
+    arr = store.open_array(root, layout.IMAGE)
     return store.read_box(arr, Box((0, 0, 0), tuple(arr.shape[1:])))
 
 
@@ -97,7 +99,7 @@ class Runner:
 
     def cmd(self, out: Path, *extra: str) -> list[str]:
         a = self.args
-        return [sys.executable, "-m", "tera_pipeline.cli", "generate", "--out", str(out),
+        return [sys.executable, "-m", "flows.cli", "generate", "--out", str(out),
                 "--shape", a.shape, "--block", a.block, "--steps", str(a.steps), "--seed", "1",
                 "--workers", "2", *extra]  # fmt: skip
 
@@ -139,7 +141,7 @@ def sigkill(r: Runner, reference: np.ndarray, ref_s: float, kills: int) -> dict:
         if (out / ledger.LEDGER / "zarr.json").is_file():
             done = [d for d, _ in ledger.progress(out)]
             phase = f"{sum(done)} blocks done"
-        status = subprocess.run([sys.executable, "-m", "tera_pipeline.cli", "status", str(out)],
+        status = subprocess.run([sys.executable, "-m", "flows.cli", "status", str(out)],
                                 capture_output=True, text=True, env=r.env, timeout=60)  # fmt: skip
         exists = out.exists() and any(out.iterdir())
         if exists and status.returncode != 0:
@@ -174,7 +176,7 @@ def corrupt(r: Runner, finished: Path, reference: np.ndarray) -> dict:
     (out / "_lock.json").write_text("")
     rc_lock, msg_lock = r.run(out, "--resume")
     (out / "_lock.json").unlink()
-    meta = out / engine.IMAGE / "zarr.json"
+    meta = out / layout.IMAGE / "zarr.json"
     meta.write_text(meta.read_text()[:120])
     rc_meta, msg_meta = r.run(out, "--resume")
     rc_repair, _ = r.run(out, "--resume", "--repair")
@@ -213,8 +215,8 @@ def sigint(r: Runner, reference: np.ndarray) -> dict:
 
 
 def workers_lost(args, work: Path) -> dict:
-    from tera_pipeline.cluster import cluster_client
-    from tera_pipeline.config import ClusterSpec, JobConfig
+    from tera_pipeline.core.config import ClusterSpec, JobConfig
+    from tera_pipeline.runtime.cluster import cluster_client
 
     shape, block = ([int(v) for v in text.split(",")] for text in (args.shape, args.block))
     job = JobConfig.model_validate(
@@ -237,8 +239,8 @@ def workers_lost(args, work: Path) -> dict:
     with cluster_client(ClusterSpec(kind="local", workers=2, dashboard_address=":0")) as client:
         threading.Thread(target=killer, daemon=True).start()
         try:
-            engine.generate(job, client)
-        except engine.GenerationError as err:
+            lifecycle.generate(job, client)
+        except errors.GenerationError as err:
             message = str(err)
         stop.set()
     return {"bound_s": args.workers_lost_s, "failed_after_s": round(time.time() - t0, 1),

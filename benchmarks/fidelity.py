@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 
-from tera_pipeline.quality import conditioning_fidelity
+from tera_pipeline.evaluation.fidelity import conditioning_fidelity
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:

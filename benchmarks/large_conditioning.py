@@ -92,8 +92,8 @@ def write_table(path: Path, n: int, shape_um, genes, seed: int = 0, group: int =
 
 
 def run(transcripts: int, limit_gb: float, shape, block, workdir: Path) -> dict:
-    from tera_pipeline.config import JobConfig
-    from tera_pipeline.synthetic import GENE_PANEL
+    from tera_pipeline.core.config import JobConfig
+    from tera_pipeline.inputs.synthetic import GENE_PANEL
 
     job = JobConfig.model_validate(
         {

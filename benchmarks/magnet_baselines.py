@@ -28,9 +28,8 @@ from models.magnet import BinCNN, MagNetConfig
 from tera_pipeline.analysis.expression_metrics import expression_metrics
 from tera_pipeline.analysis.magnet import DEFAULT_MAGNET, load_magnet, predict_volume
 from tera_pipeline.analysis.magnet_levels import array_reader, level_inputs
-from tera_pipeline.conditioning import bin_box
-from tera_pipeline.geometry import Box
-from tera_pipeline.magnet_training import as_uint8, synthetic_pairs
+from tera_pipeline.core.geometry import Box, bin_box
+from tera_pipeline.training.magnet import as_uint8, synthetic_pairs
 
 BIN = (1, 16, 16)
 

@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tera_pipeline import engine
-from tera_pipeline.cluster import cluster_client
-from tera_pipeline.config import ClusterSpec, JobConfig
+from tera_pipeline.core.config import ClusterSpec, JobConfig
+from tera_pipeline.generation import lifecycle
+from tera_pipeline.runtime.cluster import cluster_client
 
 
 def _peak_rss_mib() -> float:
@@ -36,7 +36,7 @@ def run(shape, block, steps: int, workers: int, checkpoint: str | None, out: Pat
     )
     t0 = time.perf_counter()
     with cluster_client(ClusterSpec(kind="local", workers=workers, dashboard_address=":0")) as c:
-        engine.generate(job, c)
+        lifecycle.generate(job, c)
         peaks = sorted(c.run(_peak_rss_mib).values())
     return {
         "shape": list(shape),

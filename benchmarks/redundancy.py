@@ -26,8 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from tera_pipeline.config import JobConfig
-from tera_pipeline.geometry import PatchLattice
+from tera_pipeline.core.config import JobConfig
+from tera_pipeline.core.geometry import PatchLattice
+from tera_pipeline.generation import lifecycle
+from tera_pipeline.storage import layout
 
 Z_BLOCKS = (8, 16, 32, 64)
 YX_BLOCKS = (64, 128, 256, 512)
@@ -140,7 +142,8 @@ def _bytes(folder: Path) -> tuple[int, int]:
 def scratch_run(shape, block, share: bool, client) -> dict:
     """One real step (the first) of the demo model: patch evaluations, and the bytes of scratch
     it wrote (state shards and seam files, on disk) against the state's own bytes."""
-    from tera_pipeline import engine, seams, store
+    from tera_pipeline.generation import seams
+    from tera_pipeline.storage import store
 
     with tempfile.TemporaryDirectory() as tmp:
         job = JobConfig.model_validate(
@@ -152,12 +155,12 @@ def scratch_run(shape, block, share: bool, client) -> dict:
                 "share_seams": share,
             }
         )
-        ckpt = engine.prepare_store(job)
-        engine.conditioning_pass(job, client)
+        ckpt = lifecycle.prepare_store(job)
+        lifecycle.conditioning_pass(job, client)
         t0 = time.perf_counter()
-        report = engine.denoise_step(job, ckpt, 0, client)
+        report = lifecycle.denoise_step(job, ckpt, 0, client)
         wall = time.perf_counter() - t0
-        shards, state_bytes = _bytes(Path(job.out) / engine.STATES[1])
+        shards, state_bytes = _bytes(Path(job.out) / layout.STATES[1])
         seam_files, seam_bytes = _bytes(Path(job.out) / seams.SEAMS)
         store.forget_handles()
     voxels = CHANNELS * math.prod(shape)
@@ -186,8 +189,8 @@ def scratch_run(shape, block, share: bool, client) -> dict:
 def scratch_runs(shape, block, repeat: int) -> dict:
     """The step with seams shared and without, interleaved ``repeat`` times on one 2-worker
     cluster; each setting's fastest run counts (the machine is shared)."""
-    from tera_pipeline.cluster import cluster_client
-    from tera_pipeline.config import ClusterSpec
+    from tera_pipeline.core.config import ClusterSpec
+    from tera_pipeline.runtime.cluster import cluster_client
 
     runs: dict[bool, list[dict]] = {True: [], False: []}
     spec = ClusterSpec(kind="local", workers=2, dashboard_address=":0")

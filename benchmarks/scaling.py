@@ -11,9 +11,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tera_pipeline import engine
-from tera_pipeline.cluster import cluster_client
-from tera_pipeline.config import ClusterSpec, JobConfig
+from tera_pipeline.core.config import ClusterSpec, JobConfig
+from tera_pipeline.generation import lifecycle
+from tera_pipeline.runtime.cluster import cluster_client
 
 
 def throughput(shape, steps: int, workers: int, out: Path) -> float:
@@ -26,7 +26,7 @@ def throughput(shape, steps: int, workers: int, out: Path) -> float:
         }
     )
     with cluster_client(ClusterSpec(kind="local", workers=workers, dashboard_address=":0")) as c:
-        reports = engine.generate(job, c)
+        reports = lifecycle.generate(job, c)
     wall = sum(r.wall_s for r in reports if r.phase.startswith("step"))
     return 2 * shape[0] * shape[1] * shape[2] * steps / wall
 

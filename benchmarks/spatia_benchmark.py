@@ -2,7 +2,7 @@
 
 Prints one JSON object: the annotation / clustering / imputation table per measurement of the
 true counts (capture rate, and the fraction of transcripts misassigned to neighbouring cells; see
-``spatia_eval.observed``), and the generator's faithfulness to the synthetic brain's
+``spatia_scoring.observed``), and the generator's faithfulness to the synthetic brain's
 expression -> morphology rule (nucleus size driven by Ccnd1), including the perturbation test.
 
     .venv/bin/python benchmarks/spatia_benchmark.py [--checkpoint PATH] [--seed 2]
@@ -15,16 +15,16 @@ import json
 import time
 
 import torch
-
-from models.spatia import DEFAULT_SPATIA, load_spatia
-from tera_pipeline.analysis.spatia import niche_voxels
-from tera_pipeline.analysis.spatia_eval import (
+from spatia_scoring import (  # benchmarks/spatia_scoring.py
     MEASUREMENTS,
     generation_scores,
     representation_table,
     summary,
 )
-from tera_pipeline.spatia_training import synthetic_cells
+
+from models.spatia import DEFAULT_SPATIA, load_spatia
+from tera_pipeline.analysis.spatia_plan import niche_voxels
+from tera_pipeline.training.spatia import synthetic_cells
 
 
 def main() -> None:

@@ -16,9 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from tera_pipeline import engine, ledger
-from tera_pipeline.cluster import cluster_client
-from tera_pipeline.config import ClusterSpec, JobConfig
+from tera_pipeline.core.config import ClusterSpec, JobConfig
+from tera_pipeline.generation import block_step, lifecycle
+from tera_pipeline.runtime import tasks
+from tera_pipeline.runtime.cluster import cluster_client
+from tera_pipeline.storage import ledger
 
 
 def main() -> None:
@@ -39,16 +41,16 @@ def main() -> None:
             }
         )
         t0 = time.perf_counter()
-        checkpoint = engine.prepare_store(job)
+        checkpoint = lifecycle.prepare_store(job)
         timings["prepare_store_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         todo = sum(1 for _ in ledger.pending(job.out, 1))
         timings["walk_first_step_s"] = time.perf_counter() - t1
         with cluster_client(ClusterSpec(kind="local", workers=2, dashboard_address=":0")) as c:
             t2 = time.perf_counter()
-            wave = engine.in_flight(job, c)
+            wave = tasks.in_flight(job, c)
             futures = [
-                c.submit(engine.denoise_block, job, str(checkpoint), 0, index, pure=False)
+                c.submit(block_step.denoise_block, job, str(checkpoint), 0, index, pure=False)
                 for _, index in zip(range(wave), ledger.pending(job.out, 1))
             ]
             timings["submit_first_wave_s"] = time.perf_counter() - t2

@@ -8,10 +8,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_image_artifact
 
 from flows.artifacts import artifact_key, png_data_uri
-from tera_pipeline import ownership
 from tera_pipeline.analysis import attention
-from tera_pipeline.cluster import cluster_client
-from tera_pipeline.report import job_of
+from tera_pipeline.runtime.cluster import cluster_client
+from tera_pipeline.storage import ownership
+from tera_pipeline.storage.layout import job_of
 
 
 @flow(name="attention")

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from tera_pipeline.errors import TeraError
+from tera_pipeline.core.errors import TeraError
 
 log = logging.getLogger("tera_pipeline")
 

@@ -17,9 +17,9 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NONE
 
-from tera_pipeline import ownership
-from tera_pipeline.figures import markdown, run_figures
-from tera_pipeline.views import orthoslices_png
+from tera_pipeline.evaluation.figures import markdown, run_figures
+from tera_pipeline.evaluation.views import orthoslices_png
+from tera_pipeline.storage import ownership
 
 
 def artifact_key(root: Path, what: str) -> str:

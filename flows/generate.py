@@ -27,10 +27,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flows.artifacts import StepProgress, publish_run_artifacts
-from tera_pipeline import engine, integrity, pyramid
-from tera_pipeline.cluster import cluster_client
-from tera_pipeline.config import JobConfig
-from tera_pipeline.progress import BlockProgress
+from tera_pipeline.core.config import JobConfig
+from tera_pipeline.generation import integrity, lifecycle, pyramid
+from tera_pipeline.runtime import tasks
+from tera_pipeline.runtime.cluster import cluster_client
+from tera_pipeline.runtime.progress import BlockProgress
 
 
 def _outside_blocks(task, task_run, state) -> bool:
@@ -57,7 +58,7 @@ _phase = task(
 
 @_task
 def prepare_store(config: JobConfig, overwrite: bool, resume: bool, break_lock: bool) -> Path:
-    return engine.prepare_store(config, overwrite, resume, break_lock)
+    return lifecycle.prepare_store(config, overwrite, resume, break_lock)
 
 
 @_task
@@ -73,15 +74,15 @@ def repair_blocks(config: JobConfig, client, checkpoint: Path, repair: bool, pro
 
 
 @_phase
-def rasterize_conditioning(config: JobConfig, client, progress) -> engine.StepReport:
-    return engine.conditioning_pass(config, client, progress)
+def rasterize_conditioning(config: JobConfig, client, progress) -> tasks.StepReport:
+    return lifecycle.conditioning_pass(config, client, progress)
 
 
 @_phase(task_run_name="denoise step {step}")
 def denoise_step(
     config: JobConfig, checkpoint: Path, step: int, client, progress
-) -> engine.StepReport:
-    report = engine.denoise_step(config, checkpoint, step, client, progress)
+) -> tasks.StepReport:
+    report = lifecycle.denoise_step(config, checkpoint, step, client, progress)
     get_run_logger().info(
         "step %d: %d blocks, %d patches in %.1f s",
         step + 1,
@@ -100,7 +101,7 @@ def build_pyramid(config: JobConfig, client, progress) -> list:
 
 @_phase
 def finalize_store(config: JobConfig, reports: list) -> None:
-    engine.finalize_store(config, reports)
+    lifecycle.finalize_store(config, reports)
 
 
 @flow(name="generate", validate_parameters=True, retries=0, persist_result=False)
@@ -121,7 +122,7 @@ def generate_flow(
     The store's lock is held from before the cluster starts until after it has closed."""
     job = config if isinstance(config, JobConfig) else JobConfig.model_validate(config)
     logger = get_run_logger()
-    with engine.writing(job, resume, break_lock), cluster_client(job.cluster) as client:
+    with lifecycle.writing(job, resume, break_lock), cluster_client(job.cluster) as client:
         logger.info("Dask dashboard: %s", client.dashboard_link)
         checkpoint = prepare_store(job, overwrite, resume, break_lock)
         grid = job.grid()
@@ -134,7 +135,7 @@ def generate_flow(
         )
         steps = StepProgress(job.out, job.diffusion.steps) if artifacts else None
         bar = BlockProgress() if show_progress else nullcontext()
-        with engine.holding(job), bar as progress:
+        with lifecycle.holding(job), bar as progress:
             if resume and (repair or not verified):
                 repair_blocks(job, client, checkpoint, repair, progress)
             reports = [rasterize_conditioning(job, client, progress)]

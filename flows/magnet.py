@@ -7,10 +7,10 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from tera_pipeline import ownership
 from tera_pipeline.analysis import magnet
-from tera_pipeline.cluster import cluster_client
-from tera_pipeline.report import job_of
+from tera_pipeline.runtime.cluster import cluster_client
+from tera_pipeline.storage import ownership
+from tera_pipeline.storage.layout import job_of
 
 
 @task(name="magnet")

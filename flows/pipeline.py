@@ -9,7 +9,7 @@ import importlib
 from prefect import Flow, flow, get_run_logger
 
 from flows.generate import generate_flow
-from tera_pipeline.config import JobConfig
+from tera_pipeline.core.config import JobConfig
 
 # analysis name -> (module, flow function); all take (store, workers)
 ANALYSES = {

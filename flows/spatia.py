@@ -8,8 +8,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from tera_pipeline.analysis import spatia
-from tera_pipeline.cluster import cluster_client
-from tera_pipeline.report import job_of
+from tera_pipeline.runtime.cluster import cluster_client
+from tera_pipeline.storage.layout import job_of
 
 
 @flow(name="analyze_spatia")

@@ -18,8 +18,8 @@ import pytest  # noqa: E402
 
 from models.checkpoint import save_checkpoint  # noqa: E402
 from models.denoiser import ConditionalUNet3D, DenoiserConfig  # noqa: E402
-from tera_pipeline.config import JobConfig  # noqa: E402
-from tera_pipeline.synthetic import GENE_PANEL  # noqa: E402
+from tera_pipeline.core.config import JobConfig  # noqa: E402
+from tera_pipeline.inputs.synthetic import GENE_PANEL  # noqa: E402
 
 TINY = DenoiserConfig(
     base_channels=8,
@@ -57,8 +57,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def client():
     """A real two-worker LocalCluster (spawned processes), shared by the session."""
-    from tera_pipeline.cluster import cluster_client
-    from tera_pipeline.config import ClusterSpec
+    from tera_pipeline.core.config import ClusterSpec
+    from tera_pipeline.runtime.cluster import cluster_client
 
     with cluster_client(ClusterSpec(kind="local", workers=2, dashboard_address=":0")) as c:
         yield c

@@ -9,13 +9,13 @@ import pytest
 import xarray as xr
 from typer.testing import CliRunner
 
-from tera_pipeline import engine
+from flows.cli import app
 from tera_pipeline.analysis import attention
-from tera_pipeline.cli import app
-from tera_pipeline.evaluate import detect_nuclei, seam_score, ssim
-from tera_pipeline.geometry import Box
-from tera_pipeline.report import evaluate
-from tera_pipeline.synthetic import SyntheticBrain
+from tera_pipeline.core.geometry import Box
+from tera_pipeline.evaluation.metrics import detect_nuclei, seam_score, ssim
+from tera_pipeline.evaluation.report import evaluate
+from tera_pipeline.generation import lifecycle
+from tera_pipeline.inputs.synthetic import SyntheticBrain
 
 runner = CliRunner()
 
@@ -23,7 +23,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory, tiny_checkpoint, client):
     """Two small stores of the same tissue with two noise seeds."""
-    from tera_pipeline.config import JobConfig
+    from tera_pipeline.core.config import JobConfig
 
     tmp = tmp_path_factory.mktemp("analysis")
     jobs = []
@@ -37,7 +37,7 @@ def generated(tmp_path_factory, tiny_checkpoint, client):
                 "checkpoint": str(tiny_checkpoint),
             }
         )
-        engine.generate(job, client)
+        lifecycle.generate(job, client)
         jobs.append(job)
     return jobs
 
@@ -97,7 +97,7 @@ def test_evaluate_writes_json_and_png(generated, client, tmp_path):
 
 def test_seam_score_sees_tile_edges(tmp_path):
     """A synthetic image with steps at tile faces scores > 1; a smooth one scores about 1."""
-    from tera_pipeline import store
+    from tera_pipeline.storage import store
 
     rng = np.random.default_rng(0)
     smooth = rng.integers(100, 110, (2, 2, 64, 64)).astype(np.uint8)

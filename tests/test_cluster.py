@@ -16,7 +16,9 @@ import pytest
 import xarray as xr
 from distributed import LocalCluster
 
-from tera_pipeline.cluster import (
+from tera_pipeline.core.config import RECIPES_DIR, ClusterSpec, JobConfig
+from tera_pipeline.generation import block_step, lifecycle
+from tera_pipeline.runtime.cluster import (
     GPU,
     block_resources,
     cluster_client,
@@ -25,7 +27,6 @@ from tera_pipeline.cluster import (
     plan_cluster,
     slurm_cluster,
 )
-from tera_pipeline.config import RECIPES_DIR, ClusterSpec, JobConfig
 
 
 def test_plan_without_gpus_is_a_local_cpu_cluster():
@@ -88,15 +89,13 @@ def test_existing_scheduler_address():
 def test_gpu_recipe_has_one_worker_per_gpu_and_runs_a_job(tmp_path, tiny_checkpoint):
     from dask_cuda import LocalCUDACluster
 
-    from tera_pipeline import engine
-
     spec = ClusterSpec(recipe="local-gpu", dashboard_address=":0")
     with cluster_client(spec) as c:
         assert isinstance(c.cluster, LocalCUDACluster)
         workers = c.scheduler_info(n_workers=-1)["workers"].values()
         assert len(workers) == gpu_count()
         assert all(w["resources"].get(GPU) == 1 for w in workers)
-        assert block_resources(c, engine.denoise_block) == {GPU: 1}
+        assert block_resources(c, block_step.denoise_block) == {GPU: 1}
         job = JobConfig.model_validate(
             {
                 "out": str(tmp_path / "gpu.zarr"),
@@ -106,7 +105,7 @@ def test_gpu_recipe_has_one_worker_per_gpu_and_runs_a_job(tmp_path, tiny_checkpo
                 "checkpoint": str(tiny_checkpoint),
             }
         )
-        engine.generate(job, c)
+        lifecycle.generate(job, c)
     ds = xr.open_zarr(job.out)
     assert ds.attrs["tera_pipeline"]["status"] == "complete"
     assert np.asarray(ds["image"]).std() > 0
@@ -250,8 +249,6 @@ def test_job_against_an_existing_scheduler_sends_model_tasks_to_gpu_workers(
     runs against the scheduler's address and every denoising task runs on the GPU worker."""
     from distributed import get_task_stream
 
-    from tera_pipeline import engine
-
     sched_file = tmp_path / "scheduler.json"
     procs = [
         _start(
@@ -306,8 +303,8 @@ def test_job_against_an_existing_scheduler_sends_model_tasks_to_gpu_workers(
             workers = client.scheduler_info(n_workers=-1)["workers"]
             by_name = {w["name"]: addr for addr, w in workers.items()}
             with get_task_stream(client) as stream:
-                engine.generate(job, client)
-        assert block_resources(client, engine.denoise_block) == {GPU: 1}
+                lifecycle.generate(job, client)
+        assert block_resources(client, block_step.denoise_block) == {GPU: 1}
         ran = {}
         for t in stream.data:
             ran.setdefault(t["key"].split("-")[0], set()).add(t["worker"])

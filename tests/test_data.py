@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tera_pipeline import store
-from tera_pipeline.conditioning import bin_box, cell_count_raster, rasterize
-from tera_pipeline.geometry import Box
-from tera_pipeline.synthetic import CELL_TYPES, GENE_PANEL, SyntheticBrain
+from tera_pipeline.core.geometry import Box, bin_box
+from tera_pipeline.inputs.conditioning import cell_count_raster, rasterize
+from tera_pipeline.inputs.synthetic import CELL_TYPES, GENE_PANEL, SyntheticBrain
+from tera_pipeline.storage import store
 
 
 def test_render_is_deterministic_for_any_box():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tera_pipeline.blending import Accumulator, patch_window
-from tera_pipeline.diffusion import DDIMSchedule, position_noise
-from tera_pipeline.geometry import Box
+from tera_pipeline.core.geometry import Box
+from tera_pipeline.core.noise import position_noise
+from tera_pipeline.generation.blending import Accumulator, patch_window
+from tera_pipeline.generation.schedule import DDIMSchedule
 
 
 def test_noise_is_a_function_of_position_only():

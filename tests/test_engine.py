@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from models.checkpoint import load_denoiser
-from tera_pipeline import engine, store
-from tera_pipeline.blending import patch_window
-from tera_pipeline.conditioning import open_source, patch_bins, rasterize
-from tera_pipeline.config import JobConfig
-from tera_pipeline.diffusion import position_noise
-from tera_pipeline.geometry import Box
+from tera_pipeline.core import errors
+from tera_pipeline.core.config import JobConfig
+from tera_pipeline.core.geometry import Box, patch_bins
+from tera_pipeline.core.noise import position_noise
+from tera_pipeline.generation import lifecycle, predictor
+from tera_pipeline.generation.blending import patch_window
+from tera_pipeline.inputs.conditioning import open_source, rasterize
+from tera_pipeline.storage import layout, store
 
 
 def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
@@ -34,7 +36,7 @@ def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
     source = open_source(job)
     cond_box = patch_bins(span, b, context)  # every bin any patch's gene window reads
     cond = rasterize(source.cells(vbox), cond_box, job.volume.spacing_um, b)
-    sched = engine.schedule_of(job, meta["prediction"])
+    sched = predictor.schedule_of(job, meta["prediction"])
     window = patch_window(job.lattice.patch, job.lattice.window)
     state = position_noise(job.diffusion.seed, 0, vbox, 2)
     for step in range(steps_to_run):
@@ -70,12 +72,12 @@ def _blend(p: Box, eps: np.ndarray, vbox: Box, window, total, weight) -> None:
 
 def _state_after(job: JobConfig, client, steps_to_run: int) -> np.ndarray:
     """Run the engine's own phases for ``steps_to_run`` steps and read the scratch state."""
-    checkpoint = engine.prepare_store(job)
-    engine.conditioning_pass(job, client)
+    checkpoint = lifecycle.prepare_store(job)
+    lifecycle.conditioning_pass(job, client)
     for step in range(steps_to_run):
-        engine.denoise_step(job, checkpoint, step, client)
+        lifecycle.denoise_step(job, checkpoint, step, client)
     return store.read_box(
-        store.open_array(job.out, engine.STATES[steps_to_run % 2]), Box((0, 0, 0), job.volume.shape)
+        store.open_array(job.out, layout.STATES[steps_to_run % 2]), Box((0, 0, 0), job.volume.shape)
     )
 
 
@@ -108,15 +110,15 @@ def test_blockwise_equals_whole_volume(small_job, client):
 
 def test_same_output_whatever_blocks_workers_order(small_job, tmp_path, client):
     """Same seed: same image for another block size, one worker vs two, reversed block order."""
-    from tera_pipeline.cluster import cluster_client
-    from tera_pipeline.config import ClusterSpec
+    from tera_pipeline.core.config import ClusterSpec
+    from tera_pipeline.runtime.cluster import cluster_client
 
     def image(job: JobConfig) -> np.ndarray:
         return store.read_box(
-            store.open_array(job.out, engine.IMAGE), Box((0, 0, 0), job.volume.shape)
+            store.open_array(job.out, layout.IMAGE), Box((0, 0, 0), job.volume.shape)
         )
 
-    engine.generate(small_job, client)
+    lifecycle.generate(small_job, client)
     first = image(small_job)
 
     bigger = small_job.with_overrides(
@@ -124,16 +126,16 @@ def test_same_output_whatever_blocks_workers_order(small_job, tmp_path, client):
     )
     assert bigger.grid().shape == (2, 2, 2)
     with cluster_client(ClusterSpec(kind="local", workers=1, dashboard_address=":0")) as one:
-        engine.generate(bigger, one)
+        lifecycle.generate(bigger, one)
     second = image(bigger)
 
     reversed_job = small_job.with_overrides(out=str(tmp_path / "r.zarr"))
-    ckpt = engine.prepare_store(reversed_job)
+    ckpt = lifecycle.prepare_store(reversed_job)
     order = list(reversed(list(np.ndindex(*reversed_job.grid().shape))))
-    reports = [engine.conditioning_pass(reversed_job, client)]
+    reports = [lifecycle.conditioning_pass(reversed_job, client)]
     for step in range(reversed_job.diffusion.steps):
-        reports.append(engine.denoise_step(reversed_job, ckpt, step, client, indices=order))
-    engine.finalize_store(reversed_job, reports)
+        reports.append(lifecycle.denoise_step(reversed_job, ckpt, step, client, indices=order))
+    lifecycle.finalize_store(reversed_job, reports)
     third = image(reversed_job)
 
     assert first.std() > 0
@@ -145,19 +147,19 @@ def test_seed_changes_output(small_job, client, tmp_path):
     a = small_job.with_overrides(out=str(tmp_path / "a.zarr"), **{"diffusion.steps": 1})
     b = a.with_overrides(out=str(tmp_path / "b.zarr"), **{"diffusion.seed": 8})
     for job in (a, b):
-        engine.generate(job, client)
+        lifecycle.generate(job, client)
     box = Box((0, 0, 0), a.volume.shape)
-    ia = store.read_box(store.open_array(a.out, engine.IMAGE), box)
-    ib = store.read_box(store.open_array(b.out, engine.IMAGE), box)
+    ia = store.read_box(store.open_array(a.out, layout.IMAGE), box)
+    ib = store.read_box(store.open_array(b.out, layout.IMAGE), box)
     assert (ia != ib).mean() > 0.5
 
 
 def test_existing_store_is_refused(small_job, client):
-    engine.prepare_store(small_job)
+    lifecycle.prepare_store(small_job)
     marker = small_job.out / "zarr.json"
     before = marker.read_bytes()
     with pytest.raises(store.StoreError, match="already exists"):
-        engine.prepare_store(small_job)
+        lifecycle.prepare_store(small_job)
     assert marker.read_bytes() == before
 
 
@@ -169,6 +171,6 @@ def test_checkpoint_for_other_patch_is_refused_before_any_block(small_job, tmp_p
             "storage.block": (4, 48, 48),
         }
     )
-    with pytest.raises(engine.GenerationError, match="trained on patches"):
-        engine.prepare_store(job)
+    with pytest.raises(errors.GenerationError, match="trained on patches"):
+        lifecycle.prepare_store(job)
     assert not job.out.exists()

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tera_pipeline import engine
-from tera_pipeline.cli import app
-from tera_pipeline.config import JobConfig
+from flows.cli import app
+from tera_pipeline.core.config import JobConfig
+from tera_pipeline.generation import lifecycle
 
 runner = CliRunner()
 
@@ -38,7 +38,7 @@ def stores(tmp_path_factory, tiny_checkpoint, client) -> dict[str, Path]:
                     "checkpoint": str(tiny_checkpoint),
                 }
             )
-            engine.generate(job, client)
+            lifecycle.generate(job, client)
     return {name: folder / f"{name}.zarr" for name in BLOCKS}
 
 

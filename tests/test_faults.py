@@ -16,18 +16,20 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tera_pipeline import engine, ledger, lock, store
-from tera_pipeline.cli import app
-from tera_pipeline.cluster import cluster_client
-from tera_pipeline.config import ClusterSpec, JobConfig
-from tera_pipeline.geometry import Box
+from flows.cli import app
+from tera_pipeline.core import errors
+from tera_pipeline.core.config import ClusterSpec, JobConfig
+from tera_pipeline.core.geometry import Box
+from tera_pipeline.generation import lifecycle, predictor
+from tera_pipeline.runtime.cluster import cluster_client
+from tera_pipeline.storage import layout, ledger, lock, store
 
 runner = CliRunner()
 SHAPE, BLOCK = "12,96,96", "4,32,32"
 
 
 def _image(root: Path) -> np.ndarray:
-    arr = store.open_array(root, engine.IMAGE)
+    arr = store.open_array(root, layout.IMAGE)
     return store.read_box(arr, Box((0, 0, 0), tuple(arr.shape[1:])))
 
 
@@ -83,7 +85,7 @@ def test_workers_killed_three_times(tmp_path, tiny_checkpoint, reference):
 
         thread = threading.Thread(target=killer)
         thread.start()
-        engine.generate(job, client)
+        lifecycle.generate(job, client)
         thread.join()
     print(f"workers killed: {len(kills)}")
     assert len(kills) == 3
@@ -96,7 +98,7 @@ def _phase_counts(root: Path) -> list[int]:
 
 def test_flow_killed_then_resumed_and_locks(tmp_path, tiny_checkpoint, reference):
     out = tmp_path / "r.zarr"
-    cmd = [sys.executable, "-m", "tera_pipeline.cli", *_args(out, tiny_checkpoint)]
+    cmd = [sys.executable, "-m", "flows.cli", *_args(out, tiny_checkpoint)]
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "ERROR"}
     proc = subprocess.Popen(
         cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -161,20 +163,20 @@ def test_write_failure_stops_then_resume_completes(tmp_path, tiny_checkpoint, re
             "retries": 1,
         }
     )
-    engine.prepare_store(config)
-    blocker = out / engine.IMAGE / "c"
+    lifecycle.prepare_store(config)
+    blocker = out / layout.IMAGE / "c"
     blocker.write_text("not a directory")  # every write of the final image fails (ENOTDIR)
-    from tera_pipeline.cluster import cluster_client as make
+    from tera_pipeline.runtime.cluster import cluster_client as make
 
     with make(ClusterSpec(kind="local", workers=2, dashboard_address=":0")) as client:
-        ckpt = engine.resolve_checkpoint(config)
-        engine.conditioning_pass(config, client)
+        ckpt = predictor.resolve_checkpoint(config)
+        lifecycle.conditioning_pass(config, client)
         for step in range(3):
-            engine.denoise_step(config, ckpt, step, client)
+            lifecycle.denoise_step(config, ckpt, step, client)
         with pytest.raises(
-            engine.GenerationError, match=r"step 4/4: block \(\d+, \d+, \d+\) failed"
+            errors.GenerationError, match=r"step 4/4: block \(\d+, \d+, \d+\) failed"
         ):
-            engine.denoise_step(config, ckpt, 3, client)
+            lifecycle.denoise_step(config, ckpt, 3, client)
     assert _phase_counts(out)[:4] == [27, 27, 27, 27] and _phase_counts(out)[4] == 0
     blocker.unlink()  # the cause is gone
     result = runner.invoke(app, [*job_args, "--resume"])
@@ -188,7 +190,7 @@ def _start_and_wait_for_step(out: Path, checkpoint: Path, step: int = 2):
     returns it with every process it had started."""
     import psutil
 
-    cmd = [sys.executable, "-m", "tera_pipeline.cli", *_args(out, checkpoint)]
+    cmd = [sys.executable, "-m", "flows.cli", *_args(out, checkpoint)]
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "ERROR"}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
@@ -339,8 +341,8 @@ def test_losing_every_worker_fails_within_the_bound(tmp_path, tiny_checkpoint):
 
         adder = threading.Thread(target=keep_adding, daemon=True)
         adder.start()
-        with pytest.raises(engine.GenerationError) as err:
-            engine.generate(job, client)
+        with pytest.raises(errors.GenerationError) as err:
+            lifecycle.generate(job, client)
         stop.set()
     failed_s = time.time() - t0
     print(f"every worker lost: failed after {failed_s:.1f} s: {err.value}")

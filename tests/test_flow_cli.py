@@ -10,7 +10,7 @@ import xarray as xr
 import zarr
 from typer.testing import CliRunner
 
-from tera_pipeline.cli import app
+from flows.cli import app
 
 runner = CliRunner()
 

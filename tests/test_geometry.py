@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from tera_pipeline.config import JobConfig
-from tera_pipeline.geometry import Box, ChunkGrid, GeometryError, PatchLattice
+from tera_pipeline.core.config import JobConfig
+from tera_pipeline.core.geometry import Box, ChunkGrid, GeometryError, PatchLattice
 
 
 def test_box_algebra():

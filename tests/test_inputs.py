@@ -12,22 +12,20 @@ import pandas as pd
 import pytest
 import scipy.sparse
 
-from tera_pipeline.conditioning import bin_box, rasterize
-from tera_pipeline.config import VolumeSpec
-from tera_pipeline.geometry import Box
-from tera_pipeline.inputs import (
-    InputError,
+from tera_pipeline.core.config import VolumeSpec
+from tera_pipeline.core.errors import InputError
+from tera_pipeline.core.geometry import Box, bin_box
+from tera_pipeline.inputs.cells import (
     check_inside,
-    check_panel,
     load_cells,
     read_anndata,
     read_cell_csv,
-    read_gene_panel,
     read_transcripts,
-    select_genes,
     to_volume_frame,
 )
-from tera_pipeline.synthetic import CellTable
+from tera_pipeline.inputs.conditioning import rasterize
+from tera_pipeline.inputs.panel import check_panel, read_gene_panel, select_genes
+from tera_pipeline.inputs.synthetic import CellTable
 
 GENES = ("Snap25", "Mbp", "Gad1", "Aqp4")
 SHAPE = (16, 64, 64)

@@ -11,18 +11,19 @@ import torch
 import xarray as xr
 from typer.testing import CliRunner
 
+from flows.cli import app
 from models.checkpoint import CheckpointError, save_checkpoint
 from models.magnet import MagNet, MagNetConfig, magnet_loss
-from tera_pipeline import engine, store
 from tera_pipeline.analysis import magnet
-from tera_pipeline.analysis.attention import AnalysisError
 from tera_pipeline.analysis.expression_metrics import expression_metrics
 from tera_pipeline.analysis.magnet_levels import array_reader, level_inputs
-from tera_pipeline.cli import app
-from tera_pipeline.config import JobConfig
-from tera_pipeline.geometry import Box
-from tera_pipeline.magnet_training import WindowSampler, synthetic_pairs, train_magnet
-from tera_pipeline.synthetic import GENE_PANEL
+from tera_pipeline.core.config import JobConfig
+from tera_pipeline.core.errors import AnalysisError
+from tera_pipeline.core.geometry import Box
+from tera_pipeline.generation import lifecycle
+from tera_pipeline.inputs.synthetic import GENE_PANEL
+from tera_pipeline.storage import layout, store
+from tera_pipeline.training.magnet import WindowSampler, synthetic_pairs, train_magnet
 
 SMALL = MagNetConfig(dim=32, heads=2, level_layers=1)
 
@@ -55,7 +56,7 @@ def stores(tmp_path_factory, tiny_checkpoint, client):
                 "checkpoint": str(tiny_checkpoint),
             }
         )
-        engine.generate(job, client)
+        lifecycle.generate(job, client)
         out[block] = job.out
     return out
 
@@ -63,13 +64,13 @@ def stores(tmp_path_factory, tiny_checkpoint, client):
 def test_blockwise_equals_whole_volume_on_the_conditioning_grid(stores, magnet_checkpoint, client):
     model, _ = magnet.load_magnet(magnet_checkpoint)
     first = next(iter(stores.values()))
-    image = store.open_array(first, engine.IMAGE).read().result()
+    image = store.open_array(first, layout.IMAGE).read().result()
     whole = magnet.predict_volume(model, image, (1, 16, 16))
     assert whole.std() > 0  # the prediction depends on the image
     for block, root in stores.items():
         magnet.run(root, client, magnet_checkpoint)
         ds = xr.open_zarr(root, consolidated=False)
-        pred, cond = ds[magnet.EXPRESSION], ds[engine.CONDITIONING]
+        pred, cond = ds[magnet.EXPRESSION], ds[layout.CONDITIONING]
         assert pred.dims == cond.dims == ("gene", "zbin", "ybin", "xbin")
         for dim in pred.dims:
             np.testing.assert_array_equal(pred[dim].values, cond[dim].values)
@@ -152,7 +153,7 @@ def test_clear_errors(stores, magnet_checkpoint, tmp_path, client):
 
     no_cond = tmp_path / "no_cond.zarr"
     shutil.copytree(src, no_cond)
-    shutil.rmtree(no_cond / engine.CONDITIONING)
+    shutil.rmtree(no_cond / layout.CONDITIONING)
     result = _cli(no_cond, "--checkpoint", magnet_checkpoint)
     assert result.exit_code == 2 and "no conditioning array" in result.output
     magnet.check(no_cond, magnet_checkpoint, metrics=False)  # predicting alone is fine
@@ -163,7 +164,7 @@ def test_clear_errors(stores, magnet_checkpoint, tmp_path, client):
 
     no_image = tmp_path / "no_image.zarr"
     shutil.copytree(src, no_image)
-    shutil.rmtree(no_image / engine.IMAGE)
+    shutil.rmtree(no_image / layout.IMAGE)
     before = sorted(p.name for p in no_image.iterdir())
     result = _cli(no_image, "--checkpoint", magnet_checkpoint)
     assert result.exit_code == 2 and "no image array" in result.output
@@ -191,7 +192,7 @@ def test_train_magnet_on_a_users_image_and_cells(tmp_path):
     import pandas as pd
     import zarr
 
-    from tera_pipeline.synthetic import SyntheticBrain
+    from tera_pipeline.inputs.synthetic import SyntheticBrain
 
     box = Box((0, 0, 0), (1, 288, 160))
     brain = SyntheticBrain(5)

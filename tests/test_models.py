@@ -7,10 +7,11 @@ import torch
 
 from models.checkpoint import DEFAULT_DENOISER, CheckpointError, load_denoiser, read_metadata
 from models.denoiser import ConditionalUNet3D
-from tera_pipeline import engine
-from tera_pipeline.config import JobConfig
-from tera_pipeline.synthetic import GENE_PANEL
-from tera_pipeline.training import train_denoiser
+from tera_pipeline.core import errors
+from tera_pipeline.core.config import JobConfig
+from tera_pipeline.generation import lifecycle, predictor
+from tera_pipeline.inputs.synthetic import GENE_PANEL
+from tera_pipeline.training.denoiser import train_denoiser
 
 from .conftest import TINY, write_random_checkpoint
 
@@ -57,18 +58,18 @@ def test_missing_truncated_and_mismatched_checkpoints(tmp_path, small_job):
         load_denoiser(truncated)
     job = small_job.with_overrides(checkpoint=str(truncated))
     with pytest.raises(CheckpointError):
-        engine.prepare_store(job)
+        lifecycle.prepare_store(job)
     assert not job.out.exists()
 
 
 def test_checkpoint_for_another_gene_panel_is_refused(small_job):
-    with pytest.raises(engine.GenerationError, match="gene panel"):
-        engine.check_checkpoint(small_job, GENE_PANEL[:-1])
+    with pytest.raises(errors.GenerationError, match="gene panel"):
+        predictor.check_checkpoint(small_job, GENE_PANEL[:-1])
 
 
 def test_committed_default_checkpoint_fits_the_default_job():
     assert DEFAULT_DENOISER.is_file(), "run the training command in README.md"
-    meta = engine.check_checkpoint(JobConfig(), GENE_PANEL)
+    meta = predictor.check_checkpoint(JobConfig(), GENE_PANEL)
     assert meta["command"].startswith("tera train denoiser")
     load_denoiser(DEFAULT_DENOISER)
 
@@ -77,9 +78,9 @@ def test_training_on_user_images_and_cells_resumes(tmp_path, client):
     """A user's image zarr (here: a generated store) plus its cells CSV; then a resume."""
     import pandas as pd
 
-    from tera_pipeline.geometry import Box
-    from tera_pipeline.synthetic import SyntheticBrain
-    from tera_pipeline.training import user_training_data
+    from tera_pipeline.core.geometry import Box
+    from tera_pipeline.inputs.synthetic import SyntheticBrain
+    from tera_pipeline.training.denoiser import user_training_data
 
     job = JobConfig.model_validate(
         {
@@ -90,7 +91,7 @@ def test_training_on_user_images_and_cells_resumes(tmp_path, client):
             "checkpoint": str(write_random_checkpoint(tmp_path / "r.safetensors")),
         }
     )
-    engine.generate(job, client)
+    lifecycle.generate(job, client)
     cells = SyntheticBrain(0).cells(Box((0, 0, 0), (4, 128, 128)))
     frame = pd.DataFrame(
         {"x": cells.position_um[:, 2], "y": cells.position_um[:, 1], "z": cells.position_um[:, 0]}

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tera_pipeline.config import JobConfig
-from tera_pipeline.inputs import InputError
-from tera_pipeline.partition import partition
-from tera_pipeline.synthetic import GENE_PANEL
+from tera_pipeline.core.config import JobConfig
+from tera_pipeline.core.errors import InputError
+from tera_pipeline.inputs.partition import partition
+from tera_pipeline.inputs.synthetic import GENE_PANEL
 
 BENCH = Path(__file__).parents[1] / "benchmarks" / "large_conditioning.py"
 

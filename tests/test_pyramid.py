@@ -11,8 +11,9 @@ import pytest
 import xarray as xr
 import zarr
 
-from tera_pipeline import engine, pyramid, store
-from tera_pipeline.config import JobConfig
+from tera_pipeline.core.config import JobConfig
+from tera_pipeline.generation import lifecycle, pyramid
+from tera_pipeline.storage import store
 
 
 def _window_mean(a: np.ndarray, f: tuple[int, int, int]) -> np.ndarray:
@@ -60,7 +61,7 @@ def pyramid_store(tmp_path_factory, tiny_checkpoint, client):
             "checkpoint": str(tiny_checkpoint),
         }
     )  # fmt: skip
-    engine.generate(job, client)
+    lifecycle.generate(job, client)
     return job
 
 

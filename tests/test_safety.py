@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tera_pipeline import engine, lock, store
-from tera_pipeline.cli import app
-from tera_pipeline.geometry import Box
+from flows.cli import app
+from tera_pipeline.core.geometry import Box
+from tera_pipeline.storage import layout, lock, store
 
 runner = CliRunner()
 SHAPE, BLOCK = "8,64,64", "4,32,32"
@@ -65,7 +65,7 @@ def _one_line_refusal(result) -> str:
 
 def _image(root: Path) -> np.ndarray:
     store.forget_handles()
-    arr = store.open_array(root, engine.IMAGE)
+    arr = store.open_array(root, layout.IMAGE)
     return store.read_box(arr, Box((0, 0, 0), tuple(arr.shape[1:])))
 
 
@@ -138,10 +138,10 @@ def test_overwrite_refuses_what_is_not_ours(make, tmp_path, private_home, tiny_c
 def test_overwrite_replaces_a_store_of_ours(tmp_path, tiny_checkpoint, finished):
     out = tmp_path / "again.zarr"
     shutil.copytree(finished, out)
-    (out / engine.IMAGE / "c").rename(out / engine.IMAGE / "old-chunks")  # now foreign inside
+    (out / layout.IMAGE / "c").rename(out / layout.IMAGE / "old-chunks")  # now foreign inside
     refused = runner.invoke(app, _args(out, tiny_checkpoint, "--overwrite"))
     assert "refusing to replace" in _one_line_refusal(refused)
-    (out / engine.IMAGE / "old-chunks").rename(out / engine.IMAGE / "c")
+    (out / layout.IMAGE / "old-chunks").rename(out / layout.IMAGE / "c")
     result = runner.invoke(app, _args(out, tiny_checkpoint, "--overwrite", steps=3))
     assert result.exit_code == 0, result.output
     attrs = store.group_attrs(out)["tera_pipeline"]
@@ -179,7 +179,7 @@ def test_exactly_one_of_eight_simultaneous_takers_gets_the_lock(tmp_path):
 
 def test_eight_generate_processes_on_one_output(tmp_path, tiny_checkpoint):
     out = tmp_path / "race.zarr"
-    cmd = [sys.executable, "-m", "tera_pipeline.cli", *_args(out, tiny_checkpoint, steps=6)]
+    cmd = [sys.executable, "-m", "flows.cli", *_args(out, tiny_checkpoint, steps=6)]
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "ERROR"}
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(8)]  # fmt: skip
@@ -231,18 +231,18 @@ def _shard(root: Path, name: str, index: tuple[int, int, int]) -> Path:
 
 
 def _delete_shard(root: Path) -> str:
-    _shard(root, engine.IMAGE, (1, 0, 1)).unlink()
+    _shard(root, layout.IMAGE, (1, 0, 1)).unlink()
     return "(1, 0, 1)"
 
 
 def _truncate_shard(root: Path) -> str:
-    path = _shard(root, engine.IMAGE, (0, 1, 0))
+    path = _shard(root, layout.IMAGE, (0, 1, 0))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     return "(0, 1, 0)"
 
 
 def _truncate_metadata(root: Path) -> str:
-    path = root / engine.IMAGE / "zarr.json"
+    path = root / layout.IMAGE / "zarr.json"
     path.write_text(path.read_text()[:100])
     return "image metadata unreadable"
 
@@ -311,8 +311,8 @@ def _dead_pid() -> int:
 @pytest.mark.parametrize("written", ["lock only", "lock and ledger"])
 def test_a_creation_cut_short_is_explained_and_started_again(written, tmp_path, tiny_checkpoint,
                                                              finished):  # fmt: skip
-    from tera_pipeline import ledger
-    from tera_pipeline.report import job_of
+    from tera_pipeline.storage import ledger
+    from tera_pipeline.storage.layout import job_of
 
     out = tmp_path / "cut.zarr"
     out.mkdir()
@@ -333,7 +333,7 @@ def test_a_creation_cut_short_is_explained_and_started_again(written, tmp_path, 
 
 def _kill_when(out: Path, checkpoint: Path, appears: str) -> None:
     """Start a run and SIGKILL its process group as soon as ``out / appears`` exists."""
-    cmd = [sys.executable, "-m", "tera_pipeline.cli", *_args(out, checkpoint)]
+    cmd = [sys.executable, "-m", "flows.cli", *_args(out, checkpoint)]
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "ERROR"}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tera_pipeline import engine, seams, store
-from tera_pipeline.geometry import Box
+from tera_pipeline.core.geometry import Box
+from tera_pipeline.generation import block_step, lifecycle, seams
+from tera_pipeline.storage import layout, store
 
 
 @pytest.fixture
@@ -18,14 +19,14 @@ def job(small_job):
 
 
 def _setup(job):
-    checkpoint = str(engine.prepare_store(job))
+    checkpoint = str(lifecycle.prepare_store(job))
     for index in np.ndindex(*job.grid().shape):
-        engine.rasterize_block(job, index)
+        block_step.rasterize_block(job, index)
     return checkpoint
 
 
 def _state(job, step: int) -> np.ndarray:
-    arr = store.open_array(job.out, engine.STATES[(step + 1) % 2])
+    arr = store.open_array(job.out, layout.STATES[(step + 1) % 2])
     return store.read_box(arr, Box((0, 0, 0), job.volume.shape))
 
 
@@ -55,7 +56,7 @@ def test_blocks_in_order_compute_each_patch_once_with_the_same_bytes(job, tmp_pa
     touching = sum(len(grid.lattice.patches_touching(b.core, grid.volume)) for b in grid.blocks())
     assert touching > lattice  # the layout has seams to share
     checkpoint = _setup(job)
-    stats = [engine.denoise_block(job, checkpoint, 0, i) for i in np.ndindex(*grid.shape)]
+    stats = [block_step.denoise_block(job, checkpoint, 0, i) for i in np.ndindex(*grid.shape)]
     assert sum(s.patches for s in stats) == lattice
     assert sum(s.shared for s in stats) == touching - lattice
     shared = _state(job, 0)
@@ -63,7 +64,7 @@ def test_blocks_in_order_compute_each_patch_once_with_the_same_bytes(job, tmp_pa
     alone = job.with_overrides(out=str(tmp_path / "alone.zarr"), share_seams=False)
     checkpoint = _setup(alone)
     computed = sum(
-        engine.denoise_block(alone, checkpoint, 0, i).patches for i in np.ndindex(*grid.shape)
+        block_step.denoise_block(alone, checkpoint, 0, i).patches for i in np.ndindex(*grid.shape)
     )
     assert computed == touching
     assert not (alone.out / seams.SEAMS).exists()
@@ -73,18 +74,18 @@ def test_blocks_in_order_compute_each_patch_once_with_the_same_bytes(job, tmp_pa
 def test_unreadable_seam_file_is_recomputed(job):
     grid = job.grid()
     checkpoint = _setup(job)
-    engine.denoise_block(job, checkpoint, 0, (0, 0, 0))
+    block_step.denoise_block(job, checkpoint, 0, (0, 0, 0))
     seam = seams.path(job.out, 0, (0, 0, 0))
     assert seam.is_file()
-    good = engine.denoise_block(job, checkpoint, 0, (0, 0, 1))
+    good = block_step.denoise_block(job, checkpoint, 0, (0, 0, 1))
     seam.write_bytes(b"torn")  # a reader must never trust it
-    bad = engine.denoise_block(job, checkpoint, 0, (0, 0, 1))
+    bad = block_step.denoise_block(job, checkpoint, 0, (0, 0, 1))
     assert good.shared > 0 and bad.shared == 0
     assert bad.patches == good.patches + good.shared
     # a block removes its own file of the step before when it publishes the next
-    engine.denoise_block(job, checkpoint, 0, (0, 0, 0))
+    block_step.denoise_block(job, checkpoint, 0, (0, 0, 0))
     for index in np.ndindex(*grid.shape):
-        engine.denoise_block(job, checkpoint, 0, index)
-    engine.denoise_block(job, checkpoint, 1, (0, 0, 0))
+        block_step.denoise_block(job, checkpoint, 0, index)
+    block_step.denoise_block(job, checkpoint, 1, (0, 0, 0))
     assert seams.path(job.out, 1, (0, 0, 0)).is_file()
     assert not seams.path(job.out, 0, (0, 0, 0)).exists()

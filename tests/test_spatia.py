@@ -13,6 +13,7 @@ import torch
 import xarray as xr
 from typer.testing import CliRunner
 
+from flows.cli import app
 from models.checkpoint import save_checkpoint
 from models.spatia import (
     DEFAULT_SPATIA,
@@ -24,7 +25,6 @@ from models.spatia import (
     load_spatia,
     zinb_nll,
 )
-from tera_pipeline import engine
 from tera_pipeline.analysis import spatia
 from tera_pipeline.analysis.cells import (
     CropError,
@@ -36,10 +36,10 @@ from tera_pipeline.analysis.cells import (
     nucleus_area,
 )
 from tera_pipeline.analysis.perturb import PerturbError, parse_changes, perturb
-from tera_pipeline.cli import app
-from tera_pipeline.config import JobConfig
-from tera_pipeline.geometry import Box
-from tera_pipeline.synthetic import CELL_TYPES, GENE_PANEL, SIZE_DRIVER_GENE, SyntheticBrain
+from tera_pipeline.core.config import JobConfig
+from tera_pipeline.core.geometry import Box
+from tera_pipeline.generation import lifecycle
+from tera_pipeline.inputs.synthetic import CELL_TYPES, GENE_PANEL, SIZE_DRIVER_GENE, SyntheticBrain
 
 runner = CliRunner()
 TINY = SpatiaConfig(
@@ -81,7 +81,7 @@ def store(tmp_path_factory, tiny_checkpoint, client) -> Path:
             "checkpoint": str(tiny_checkpoint),
         }
     )
-    engine.generate(job, client)
+    lifecycle.generate(job, client)
     return Path(job.out)
 
 
@@ -305,7 +305,7 @@ def test_perturb_cli_panel_and_unknown_cells(store, tiny_spatia, tmp_path):
 def test_committed_checkpoint_generates_larger_nuclei_when_the_driver_rises():
     """Acceptance 3 on held-out synthetic cells: the driver gene + 20 counts enlarges the
     measured nucleus of the generated cell in at least 80 % of cells."""
-    from tera_pipeline.spatia_training import synthetic_cells
+    from tera_pipeline.training.spatia import synthetic_cells
 
     model, meta = load_spatia(DEFAULT_SPATIA)
     assert meta["genes"] == list(GENE_PANEL)
@@ -343,7 +343,7 @@ def test_train_spatia_on_user_cells_writes_a_loadable_checkpoint(store, tmp_path
 
 
 def test_observed_counts_thin_and_misassign_to_neighbours():
-    from tera_pipeline.analysis.spatia_eval import neighbours, observed
+    from benchmarks.spatia_scoring import neighbours, observed
 
     voxels = np.array([[0, 0, 0], [0, 0, 3], [0, 0, 40], [0, 0, 44]])
     near = neighbours(voxels, (4.0, 1.0, 1.0), k=1)

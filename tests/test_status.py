@@ -6,9 +6,10 @@ import re
 
 from typer.testing import CliRunner
 
-from tera_pipeline import engine, ledger
-from tera_pipeline.cli import app
-from tera_pipeline.status import record_error
+from flows.cli import app
+from tera_pipeline.generation import lifecycle
+from tera_pipeline.storage import ledger
+from tera_pipeline.storage.status import record_error
 
 runner = CliRunner()
 
@@ -16,12 +17,12 @@ runner = CliRunner()
 def test_status_of_a_half_finished_job(small_job, client):
     """Conditioning and step 1 done, step 2 stopped after 5 of 27 blocks."""
     job = small_job
-    with engine.writing(job):  # holds the lock, as a running job does
-        checkpoint = engine.prepare_store(job)
-        engine.conditioning_pass(job, client)
-        engine.denoise_step(job, checkpoint, 0, client)
+    with lifecycle.writing(job):  # holds the lock, as a running job does
+        checkpoint = lifecycle.prepare_store(job)
+        lifecycle.conditioning_pass(job, client)
+        lifecycle.denoise_step(job, checkpoint, 0, client)
         first_five = list(ledger.pending(job.out, 2))[:5]
-        engine.denoise_step(job, checkpoint, 1, client, indices=first_five)
+        lifecycle.denoise_step(job, checkpoint, 1, client, indices=first_five)
         running = runner.invoke(app, ["status", str(job.out)])
     assert running.exit_code == 0, running.output
     print(running.output)
@@ -46,7 +47,7 @@ def test_status_of_a_half_finished_job(small_job, client):
 
 
 def test_status_of_a_finished_job_shows_phase_times(small_job, client):
-    engine.generate(small_job, client)
+    lifecycle.generate(small_job, client)
     result = runner.invoke(app, ["status", str(small_job.out)])
     print(result.output)
     assert f"{small_job.out}: complete" in result.output

@@ -16,11 +16,14 @@ import scipy.sparse
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from tera_pipeline.cli import app
-from tera_pipeline.config import ConfigError, JobConfig
-from tera_pipeline.inputs import InputError, load_cells, read_gene_panel, transcript_csv_batches
-from tera_pipeline.partition import is_transcript_table, partition
-from tera_pipeline.synthetic import GENE_PANEL
+from flows.cli import app
+from tera_pipeline.core.config import ConfigError, JobConfig
+from tera_pipeline.core.errors import InputError
+from tera_pipeline.inputs.cells import load_cells
+from tera_pipeline.inputs.csv_text import transcript_csv_batches
+from tera_pipeline.inputs.panel import read_gene_panel
+from tera_pipeline.inputs.partition import is_transcript_table, partition
+from tera_pipeline.inputs.synthetic import GENE_PANEL
 
 pytestmark = pytest.mark.filterwarnings("ignore:Variable names are not unique")
 runner = CliRunner()

@@ -13,11 +13,12 @@ import pytest
 import scipy.sparse
 from typer.testing import CliRunner
 
-from tera_pipeline import engine, store
-from tera_pipeline.cli import app
-from tera_pipeline.config import JobConfig
-from tera_pipeline.geometry import Box
-from tera_pipeline.synthetic import GENE_PANEL, SyntheticBrain
+from flows.cli import app
+from tera_pipeline.core.config import JobConfig
+from tera_pipeline.core.geometry import Box
+from tera_pipeline.generation import lifecycle
+from tera_pipeline.inputs.synthetic import GENE_PANEL, SyntheticBrain
+from tera_pipeline.storage import layout, store
 
 SHAPE = (4, 64, 64)
 pytestmark = pytest.mark.filterwarnings("ignore:Variable names are not unique")
@@ -87,11 +88,11 @@ def test_h5ad_parquet_and_csv_drive_generation_with_equal_conditioning(
     rasters = {}
     for name, path in inputs.items():
         job = _job(tmp_path, name, path, tiny_checkpoint)
-        engine.generate(job, client)
+        lifecycle.generate(job, client)
         box = Box((0, 0, 0), job.volume.shape)
-        image = store.read_box(store.open_array(job.out, engine.IMAGE), box)
+        image = store.read_box(store.open_array(job.out, layout.IMAGE), box)
         assert image.std() > 0
-        cond = store.open_array(job.out, engine.CONDITIONING).read().result()
+        cond = store.open_array(job.out, layout.CONDITIONING).read().result()
         rasters[name] = cond
     assert rasters["h5ad"].sum() == pytest.approx(float(cells.counts.sum()))
     np.testing.assert_array_equal(rasters["h5ad"], rasters["parquet"])

@@ -17,20 +17,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tera_pipeline import engine, integrity, store
-from tera_pipeline.cluster import gpu_task
-from tera_pipeline.conditioning import patch_bins
-from tera_pipeline.config import JobConfig
-from tera_pipeline.geometry import Box
-from tera_pipeline.inference import get_predictor
+from tera_pipeline.core.config import JobConfig
+from tera_pipeline.core.errors import AnalysisError
+from tera_pipeline.core.geometry import Box, patch_bins
+from tera_pipeline.generation import integrity
+from tera_pipeline.generation.predictor import get_predictor
+from tera_pipeline.runtime import tasks
+from tera_pipeline.runtime.cluster import gpu_task
+from tera_pipeline.storage import layout, store
 
 PAIRS_ARRAY = "attention_pairs"
 MATRIX_ARRAY = "attention_matrix"
 DEFAULT_PAIRS = (("Slc17a6", "Slc17a7"), ("Nr4a2", "Th"), ("Cldn5", "Aqp4"))
-
-
-class AnalysisError(ValueError):
-    """An analysis that cannot run on this store (missing arrays, unknown genes, ...)."""
 
 
 def parse_pairs(text: str | None, genes: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -51,11 +49,11 @@ def parse_pairs(text: str | None, genes: Sequence[str]) -> tuple[tuple[str, str]
 
 def prepare(root: Path, pairs: Sequence[tuple[str, str]]) -> tuple[JobConfig, str]:
     """Create the analysis arrays in the store; returns the job and its checkpoint path."""
-    from tera_pipeline.report import job_of
+    from tera_pipeline.storage.layout import job_of
 
     job = job_of(root)
     integrity.require_intact(job, image=False)  # a lost shard would read as zeros
-    if not (Path(root) / engine.CONDITIONING / "zarr.json").is_file():
+    if not (Path(root) / layout.CONDITIONING / "zarr.json").is_file():
         raise AnalysisError(f"{root} has no conditioning array to analyse")
     attrs = store.group_attrs(root)["tera_pipeline"]
     checkpoint = attrs["checkpoint"]["path"]
@@ -121,12 +119,12 @@ def _add_coords(root: Path, coords: dict) -> None:
 @gpu_task
 def attention_block(
     job: JobConfig, checkpoint: str, pairs: tuple, index: tuple[int, ...]
-) -> engine.BlockStats:
+) -> tasks.BlockStats:
     """Attention of every patch origin in one block's core; writes pair maps and the mean."""
     predictor = get_predictor(checkpoint, job.batch_size)
     root, lattice = Path(job.out), job.lattice_obj()
     core = job.grid().block(index).core
-    genes = list(engine.job_genes(root))
+    genes = list(layout.job_genes(root))
     gi = [(genes.index(a), genes.index(b)) for a, b in pairs]
     tiles = Box(
         [c // s for c, s in zip(core.begin, lattice.stride)],
@@ -139,7 +137,7 @@ def attention_block(
     b, context = job.conditioning.bin, predictor.config.cond_context
     span = Box.from_bounds(core.begin, [e + o for e, o in zip(core.end, lattice.overlap)])
     cond_span = patch_bins(span, b, context)
-    cond = store.read_box(store.open_array(root, engine.CONDITIONING), cond_span)
+    cond = store.read_box(store.open_array(root, layout.CONDITIONING), cond_span)
     windows = [patch_bins(Box(o, lattice.patch), b, context).slices(cond_span) for o in origins]
     stack = np.stack([cond[(slice(None), *w)] for w in windows]).astype(np.float32)
     with torch.inference_mode():
@@ -151,7 +149,7 @@ def attention_block(
     matrix = attn.reshape(-1, len(genes), len(genes)).mean(axis=0)
     arr = store.open_array(root, MATRIX_ARRAY)
     arr[index[0], index[1], index[2]].write(matrix).result()
-    return engine.BlockStats(patches=len(origins))
+    return tasks.BlockStats(patches=len(origins))
 
 
 def run(root: Path, client, pairs_text: str | None = None, progress=None) -> dict:
@@ -161,14 +159,14 @@ def run(root: Path, client, pairs_text: str | None = None, progress=None) -> dic
     pairs = parse_pairs(pairs_text, genes)
     job, checkpoint = prepare(root, pairs)
     grid = job.grid()
-    engine.run_blocks(
+    tasks.run_blocks(
         client,
         attention_block,
         (job, checkpoint, pairs),
         np.ndindex(*grid.shape),
         grid.num_blocks,
         "attention",
-        engine.in_flight(job, client),
+        tasks.in_flight(job, client),
         progress,
     )
     store.consolidate(root)

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from tera_pipeline.evaluate import otsu_threshold
-from tera_pipeline.geometry import Box, Shape
+from tera_pipeline.core.errors import TeraError
+from tera_pipeline.core.geometry import Box, Shape
 
 
-class CropError(ValueError):
+class CropError(TeraError, ValueError):
     """Crops that cannot be taken: a cell outside the volume, or a crop bigger than it."""
 
 
@@ -107,3 +107,12 @@ def nucleus_area(dapi: np.ndarray, threshold: float | None = None) -> float:
     below = np.flatnonzero(np.asarray(median) <= t)
     extent = below[0] if len(below) else min(h, w) // 2
     return float(((dapi > t) & (dist <= extent + 0.5)).sum())
+
+
+def otsu_threshold(values: np.ndarray) -> float:
+    """Otsu's threshold of uint8 values."""
+    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    p = hist / hist.sum()
+    omega, mu = np.cumsum(p), np.cumsum(p * np.arange(256))
+    between = (mu[-1] * omega - mu) ** 2 / np.maximum(omega * (1 - omega), 1e-12)
+    return float(np.argmax(between))

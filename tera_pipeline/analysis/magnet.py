@@ -16,13 +16,14 @@ import torch
 
 from models.checkpoint import CheckpointError, load_model
 from models.magnet import MagNet, MagNetConfig
-from tera_pipeline import engine, integrity, store
-from tera_pipeline.analysis.attention import AnalysisError
 from tera_pipeline.analysis.magnet_levels import Reader, array_reader, level_inputs
-from tera_pipeline.cluster import gpu_task
-from tera_pipeline.conditioning import bin_box
-from tera_pipeline.config import JobConfig
-from tera_pipeline.geometry import Box, Shape
+from tera_pipeline.core.config import JobConfig
+from tera_pipeline.core.errors import AnalysisError
+from tera_pipeline.core.geometry import Box, Shape, bin_box
+from tera_pipeline.generation import integrity
+from tera_pipeline.runtime import tasks
+from tera_pipeline.runtime.cluster import gpu_task
+from tera_pipeline.storage import layout, store
 
 EXPRESSION = "magnet_expression"
 DEFAULT_MAGNET = (
@@ -88,15 +89,15 @@ def check(
     root: Path, checkpoint: Path | None = None, metrics: bool = False
 ) -> tuple[JobConfig, Path]:
     """Everything MagNet needs of a store and a checkpoint, checked before anything is written."""
-    from tera_pipeline.report import job_of
+    from tera_pipeline.storage.layout import job_of
 
     root = Path(root)
     job = job_of(root)
-    if not (root / engine.IMAGE / "zarr.json").is_file():
+    if not (root / layout.IMAGE / "zarr.json").is_file():
         raise AnalysisError(f"{root} has no image array: generate the volume first")
     if store.group_attrs(root)["tera_pipeline"].get("status") != "complete":
         raise AnalysisError(f"{root} is not a finished generation (its status is not complete)")
-    if metrics and not (root / engine.CONDITIONING / "zarr.json").is_file():
+    if metrics and not (root / layout.CONDITIONING / "zarr.json").is_file():
         raise AnalysisError(
             f"{root} has no conditioning array: metrics need the expression to compare with "
             "(run without metrics to only predict)"
@@ -104,15 +105,15 @@ def check(
     integrity.require_intact(job, conditioning=metrics)  # a lost shard would read as zeros
     path = Path(checkpoint or DEFAULT_MAGNET)
     _, meta = load_magnet(path)
-    check_model(meta, engine.job_genes(root), job.conditioning.bin, path)
+    check_model(meta, layout.job_genes(root), job.conditioning.bin, path)
     return job, path
 
 
 def prepare(root: Path, checkpoint: Path | None = None) -> tuple[JobConfig, str]:
     """Check the store and the checkpoint, and create ``magnet_expression``."""
     job, path = check(root, checkpoint)
-    genes, b = engine.job_genes(Path(root)), job.conditioning.bin
-    cond = engine.array_specs(job, genes)[1]  # the conditioning's layout: same grid, same chunks
+    genes, b = layout.job_genes(Path(root)), job.conditioning.bin
+    cond = layout.array_specs(job, genes)[1]  # the conditioning's layout: same grid, same chunks
     store.remove(root, EXPRESSION)
     store.create_array(
         root,
@@ -134,38 +135,38 @@ def prepare(root: Path, checkpoint: Path | None = None) -> tuple[JobConfig, str]
 
 
 @gpu_task
-def magnet_block(job: JobConfig, checkpoint: str, index: tuple[int, ...]) -> engine.BlockStats:
+def magnet_block(job: JobConfig, checkpoint: str, index: tuple[int, ...]) -> tasks.BlockStats:
     """Predict the expression of one block's bins from the image and write it."""
     import time
 
     t0 = time.perf_counter()
     model, _ = _cached_magnet(checkpoint)
     root, b = Path(job.out), job.conditioning.bin
-    image = store.open_array(root, engine.IMAGE)
+    image = store.open_array(root, layout.IMAGE)
     core = bin_box(job.grid().block(index).core, b)
     volume = bin_box(Box((0, 0, 0), job.volume.shape), b)
     counts = predict_bins(model, lambda box: store.read_box(image, box), core, volume, b)
     tw = time.perf_counter()
     store.write_box(store.open_array(root, EXPRESSION), core, counts)
     end = time.perf_counter()
-    return engine.BlockStats(
+    return tasks.BlockStats(
         patches=int(np.prod(core.shape)), model_s=tw - t0, write_s=end - tw, total_s=end - t0
     )
 
 
-def run(root: Path, client, checkpoint: Path | None = None, progress=None) -> engine.StepReport:
+def run(root: Path, client, checkpoint: Path | None = None, progress=None) -> tasks.StepReport:
     """MagNet over every block of the store."""
     root = Path(root)
     job, path = prepare(root, checkpoint)
     grid = job.grid()
-    report = engine.run_blocks(
+    report = tasks.run_blocks(
         client,
         magnet_block,
         (job, path),
         np.ndindex(*grid.shape),
         grid.num_blocks,
         "magnet",
-        engine.in_flight(job, client),
+        tasks.in_flight(job, client),
         progress,
         retries=job.retries,
     )
@@ -180,9 +181,9 @@ def cycle_consistency(root: Path) -> dict[str, dict]:
     from tera_pipeline.analysis.expression_metrics import expression_metrics
 
     root = Path(root)
-    for name, what in ((EXPRESSION, "run `tera analyze magnet` first"), (engine.CONDITIONING, "")):
+    for name, what in ((EXPRESSION, "run `tera analyze magnet` first"), (layout.CONDITIONING, "")):
         if not (root / name / "zarr.json").is_file():
             hint = what or "metrics need the conditioning to compare with"
             raise AnalysisError(f"{root} has no {name} array: {hint}")
     ds = xr.open_zarr(root, consolidated=False)
-    return expression_metrics(ds[EXPRESSION], ds[engine.CONDITIONING])
+    return expression_metrics(ds[EXPRESSION], ds[layout.CONDITIONING])

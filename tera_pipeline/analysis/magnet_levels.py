@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from models.magnet import LevelInputs, MagNetConfig
-from tera_pipeline.geometry import Box, Shape
+from tera_pipeline.core.geometry import Box, Shape
 
 Reader = Callable[[Box], np.ndarray]
 """Box (z, y, x voxels) -> (C, z, y, x) uint8, 0 beyond the volume."""

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from models.spatia import Spatia
-from tera_pipeline import ownership
 from tera_pipeline.analysis.cells import CropError, nucleus_area
+from tera_pipeline.core.errors import TeraError
+from tera_pipeline.storage import layout, ownership
 
 STEPS = 16
 """Euler steps of the flow-matching sampler."""
@@ -27,7 +28,7 @@ GUIDANCE = 2.0
 effects: measured on held-out cells, see docs)."""
 
 
-class PerturbError(ValueError):
+class PerturbError(TeraError, ValueError):
     """A perturbation that cannot be applied (unknown gene, bad change, unknown cell)."""
 
 
@@ -183,12 +184,12 @@ def perturb_store(
 ) -> dict:
     """Perturb cells of a store's central analysis block (or ``cell_ids`` there); writes
     ``<stem>.perturb.json`` and ``<stem>.perturb.png`` beside the store."""
-    from tera_pipeline import engine, store
-    from tera_pipeline.analysis import spatia
+    from tera_pipeline.analysis import spatia, spatia_plan
     from tera_pipeline.analysis.cells import cell_voxels, crop_halo, extract_crops
+    from tera_pipeline.storage import store
 
     root = Path(root)
-    p, source = spatia.plan(root, checkpoint)
+    p, source = spatia_plan.plan(root, checkpoint)
     changes = parse_changes(changes_text, p.genes)
     grid = p.grid
     box = grid.block(tuple(n // 2 for n in grid.shape)).core
@@ -212,7 +213,7 @@ def perturb_store(
     voxels = cell_voxels(cells.position_um, p.job.volume.spacing_um)
     below, above = crop_halo(p.crop)
     frame = box.grow(below, above)
-    image = store.read_box(store.open_array(root, engine.IMAGE), frame)
+    image = store.read_box(store.open_array(root, layout.IMAGE), frame)
     real = extract_crops(image, frame, voxels, p.crop)
     out_dir = Path(out_dir or root.parent)
     out_dir.mkdir(parents=True, exist_ok=True)

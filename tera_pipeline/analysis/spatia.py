@@ -1,6 +1,6 @@
 """SPATIA over the chunk grid: cell embeddings, types, imputed genes, niche and tissue embeddings.
 
-Block tasks (``engine.run_blocks``) on the job's block grid: a cell belongs to the block that
+Block tasks (``tasks.run_blocks``) on the job's block grid: a cell belongs to the block that
 holds its centroid voxel; the block reads the image over its core grown by the crop's halo (fill
 0 beyond the volume), crops every cell, runs the cell encoder in fixed-size batches, then the
 niche transformer over each niche of its core. Niches are boxes of a fixed global grid (from the
@@ -20,207 +20,37 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from models.checkpoint import file_digest, read_metadata
-from models.spatia import DEFAULT_SPATIA, Spatia, load_spatia
-from tera_pipeline import engine, integrity, ownership, store
+from models.checkpoint import read_metadata
+from models.spatia import Spatia, load_spatia
 from tera_pipeline.analysis.cells import (
     cell_voxels,
     centred,
-    check_crop,
     crop_halo,
     extract_crops,
     inside_fraction,
     niche_positions,
-    to_unit,
 )
-from tera_pipeline.cluster import gpu_task
-from tera_pipeline.config import JobConfig
-from tera_pipeline.geometry import Box, ChunkGrid, PatchLattice, Shape
-from tera_pipeline.runtime import keep_freed_memory
-from tera_pipeline.synthetic import CellTable
+from tera_pipeline.analysis.spatia_model import contextualise, encode_cells, group_by
+from tera_pipeline.analysis.spatia_plan import Plan, SpatiaError, plan
+from tera_pipeline.core.geometry import Box, Shape
+from tera_pipeline.inputs.synthetic import CellTable
+from tera_pipeline.runtime import tasks
+from tera_pipeline.runtime.cluster import gpu_task
+from tera_pipeline.runtime.memory import keep_freed_memory
+from tera_pipeline.storage import layout, ownership, store
 
 PARTS_MARKER = ".tera-spatia-parts"
 NICHE_ARRAY = "spatia_niche"
 NICHE_CELLS = "spatia_niche_cells"
 TISSUE_ARRAY = "spatia_tissue"
 H5AD_SUFFIX = ".spatia.h5ad"
-BATCH = 64
-"""Cells per encoder call; every call is padded to this many, so results do not depend on
-which block or batch a cell comes in."""
-
-
-class SpatiaError(ValueError):
-    """SPATIA cannot run on this store with this checkpoint; the message says why."""
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Everything a SPATIA block task needs (picklable)."""
-
-    job: JobConfig
-    checkpoint: str
-    genes: tuple[str, ...]
-    crop: Shape
-    niche: Shape
-    tissue: Shape
-    block: Shape
-    parts: str
-    masked: tuple[str, ...] = ()
-    uns: dict = field(default_factory=dict, hash=False, compare=False)
-
-    @property
-    def grid(self) -> ChunkGrid:
-        """The analysis block grid: the job's blocks, coarsened to whole niches if needed (only
-        cores are used: no patch lattice constrains it)."""
-        return ChunkGrid(self.job.volume.shape, self.block, PatchLattice((1, 1, 1), (1, 1, 1)))
-
-    @property
-    def niche_grid(self) -> Shape:
-        return tuple(-(-v // n) for v, n in zip(self.job.volume.shape, self.niche, strict=True))
-
-    @property
-    def tissue_grid(self) -> Shape:
-        return tuple(-(-n // t) for n, t in zip(self.niche_grid, self.tissue, strict=True))
-
-
-def niche_voxels(meta: dict, spacing_um: Sequence[float]) -> Shape:
-    """The checkpoint's niche size (µm) in voxels of this volume."""
-    return tuple(max(1, round(u / s)) for u, s in zip(meta["niche_um"], spacing_um, strict=True))
-
-
-def plan(
-    root: Path,
-    checkpoint: Path | None = None,
-    masked: Sequence[str] = (),
-    block: Shape | None = None,
-) -> tuple[Plan, object]:
-    """Check everything that can fail before any task runs; returns (plan, cell source).
-    ``block`` overrides the job's block (voxels) for this analysis."""
-    from models.checkpoint import CheckpointError
-    from tera_pipeline.conditioning import open_source
-    from tera_pipeline.report import job_of
-
-    root = Path(root).resolve()
-    if not (root / "zarr.json").is_file():
-        raise SpatiaError(f"{root} is not a zarr store")
-    # the store where it is now (it may have been moved or copied since it was generated)
-    job = job_of(root).model_copy(update={"out": root.resolve()})
-    integrity.require_intact(job, conditioning=False)  # a lost shard would read as zeros
-    if not (root / engine.IMAGE / "zarr.json").is_file():
-        raise SpatiaError(f"{root} has no image array to crop cells from")
-    genes = tuple(store.group_attrs(root)["tera_pipeline"]["genes"])
-    ckpt = Path(checkpoint or DEFAULT_SPATIA)
-    meta = read_metadata(ckpt)
-    if meta.get("kind") != "spatia":
-        raise CheckpointError(f"{ckpt} holds a {meta.get('kind')!r} model, not a SPATIA model")
-    check_panel(meta, genes, ckpt)
-    source = open_source(job, genes)
-    if not hasattr(source, "cells"):
-        raise SpatiaError(
-            f"{root} has no cells: it was conditioned on a transcript table "
-            f"({job.conditioning.source}); SPATIA needs a cell table (positions and counts per "
-            "cell: .h5ad or cell .csv) or the synthetic brain"
-        )
-    cfg = meta["config"]
-    crop = tuple(cfg["crop"])
-    check_crop(crop, job.volume.shape)
-    niche = niche_voxels(meta, job.volume.spacing_um)
-    block = tuple(math.lcm(b, n) for b, n in zip(block or job.storage.block, niche, strict=True))
-    unknown = [g for g in masked if g not in genes]
-    if unknown:
-        raise SpatiaError(f"genes to impute {unknown} are not in the panel")
-    uns = {
-        "checkpoint": str(ckpt),
-        "checkpoint_sha256": file_digest(ckpt),
-        "store": str(root),
-        "crop_voxels": list(crop),
-        "niche_voxels": list(niche),
-        "tissue_niches": list(meta["tissue_niches"]),
-        "masked_genes": list(masked),
-        "cell_types": list(meta.get("cell_types", [])),
-    }
-    parts = root.parent / f".{root.stem}.spatia-parts"
-    p = Plan(job, str(ckpt), genes, crop, niche, tuple(meta["tissue_niches"]), block,
-             str(parts), tuple(masked), uns)  # fmt: skip
-    return p, source
-
-
-def check_panel(meta: dict, genes: Sequence[str], path: Path) -> None:
-    from models.checkpoint import CheckpointError
-
-    panel = list(meta.get("genes", []))
-    if panel != list(genes):
-        differ = sorted(set(panel) ^ set(genes))
-        raise CheckpointError(
-            f"SPATIA checkpoint {path} was trained on another gene panel ({len(panel)} genes) "
-            f"than the store's ({len(genes)} genes); differing: {differ[:8] or 'the order'}"
-        )
-
-
-# -- per-cell and per-set computations (shared with training and the benchmark) -----------------
-@torch.no_grad()
-def encode_cells(
-    model: Spatia, crops: np.ndarray, counts: np.ndarray, gene_mask: np.ndarray | None = None
-) -> dict[str, np.ndarray]:
-    """Fused embeddings, imputed expression (ZINB mean) and type probabilities of cells, in
-    fixed batches of ``BATCH`` (padded)."""
-    dev = device_of(model)
-    n = len(counts)
-    out: dict[str, list] = {"embedding": [], "imputed": [], "type_prob": []}
-    for s in range(0, n, BATCH):
-        k = min(BATCH, n - s)
-        x = np.zeros((BATCH, *crops.shape[1:]), np.float32)
-        c = np.zeros((BATCH, counts.shape[1]), np.float32)
-        x[:k], c[:k] = to_unit(crops[s : s + k]), counts[s : s + k]
-        m = None
-        if gene_mask is not None:
-            m = torch.zeros(BATCH, counts.shape[1], dtype=torch.bool)
-            m[:k] = torch.from_numpy(gene_mask[s : s + k])
-        if m is not None:
-            m = m.to(dev)
-        o = model.cell(torch.from_numpy(x).to(dev), torch.from_numpy(c).to(dev), m)
-        out["embedding"].append(o.embedding[:k].cpu().numpy())
-        out["imputed"].append(o.mean[:k].cpu().numpy())
-        if o.type_logits is not None:
-            out["type_prob"].append(torch.softmax(o.type_logits[:k], dim=1).cpu().numpy())
-    return {k: np.concatenate(v) if v else None for k, v in out.items()}
-
-
-@torch.no_grad()
-def contextualise(
-    encoder, features: np.ndarray, positions: np.ndarray, groups: Sequence[np.ndarray]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run a context transformer over each group (one set at a time: a set's result depends on
-    its members only). Returns (member embeddings (N, E), set embeddings (K, E))."""
-    dev = device_of(encoder)
-    members = np.zeros_like(features)
-    pooled = np.zeros((len(groups), features.shape[1]), np.float32)
-    for k, idx in enumerate(groups):
-        x = torch.from_numpy(features[idx][None]).to(dev)
-        pos = torch.from_numpy(positions[idx][None].astype(np.float32)).to(dev)
-        out, summary = encoder(x, pos, torch.ones(1, len(idx), dtype=torch.bool, device=dev))
-        members[idx] = out[0].cpu().numpy()
-        pooled[k] = summary[0].cpu().numpy()
-    return members, pooled
-
-
-def device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-def group_by(index: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Unique rows of ``index`` (lexicographic) and the member indices of each."""
-    keys, inverse = np.unique(index, axis=0, return_inverse=True)
-    order = np.argsort(inverse.ravel(), kind="stable")
-    bounds = np.cumsum(np.bincount(inverse.ravel(), minlength=len(keys)))[:-1]
-    return keys, np.split(order, bounds)
 
 
 # -- block tasks ----------------------------------------------------------------------------------
@@ -238,7 +68,7 @@ def get_model(checkpoint: str) -> Spatia:
 def cells_in(source, box: Box, spacing_um: Sequence[float]) -> CellTable:
     """Cells whose centroid voxel lies in ``box``, sorted by id (row numbers of a user table
     without ids)."""
-    from tera_pipeline.conditioning import TableSource
+    from tera_pipeline.inputs.conditioning import TableSource
 
     if isinstance(source, TableSource):
         table = source.table
@@ -255,11 +85,11 @@ def cells_in(source, box: Box, spacing_um: Sequence[float]) -> CellTable:
 
 
 @gpu_task
-def spatia_block(p: Plan, index: tuple[int, ...]) -> engine.BlockStats:
+def spatia_block(p: Plan, index: tuple[int, ...]) -> tasks.BlockStats:
     """Embed every cell whose centroid is in the block, and every niche of its core."""
     import time
 
-    from tera_pipeline.conditioning import open_source
+    from tera_pipeline.inputs.conditioning import open_source
 
     t0 = time.perf_counter()
     model = get_model(p.checkpoint)
@@ -278,7 +108,7 @@ def spatia_block(p: Plan, index: tuple[int, ...]) -> engine.BlockStats:
         voxels = cell_voxels(cells.position_um, sp)
         below, above = crop_halo(p.crop)
         frame = core.grow(below, above)
-        image = store.read_box(store.open_array(root, engine.IMAGE), frame)
+        image = store.read_box(store.open_array(root, layout.IMAGE), frame)
         crops = extract_crops(image, frame, voxels, p.crop)
         mask = None
         if p.masked:
@@ -294,7 +124,7 @@ def spatia_block(p: Plan, index: tuple[int, ...]) -> engine.BlockStats:
         _write_part(p, index, cells, voxels, index3, enc, context)
     store.write_box(_fresh(root, NICHE_ARRAY), niches, np.moveaxis(niche_emb, -1, 0))
     store.write_box(_fresh(root, NICHE_CELLS), niches, niche_count)
-    return engine.BlockStats(patches=len(cells), total_s=time.perf_counter() - t0)
+    return tasks.BlockStats(patches=len(cells), total_s=time.perf_counter() - t0)
 
 
 def _fresh(root: Path, name: str):
@@ -307,7 +137,7 @@ def _fresh(root: Path, name: str):
 
 
 @gpu_task
-def tissue_block(p: Plan, index: tuple[int, ...]) -> engine.BlockStats:
+def tissue_block(p: Plan, index: tuple[int, ...]) -> tasks.BlockStats:
     """The tissue transformer over the non-empty niches of one tissue tile."""
     model = get_model(p.checkpoint)
     root = Path(p.job.out)
@@ -325,7 +155,7 @@ def tissue_block(p: Plan, index: tuple[int, ...]) -> engine.BlockStats:
         _, pooled = contextualise(model.tissue, features, pos, [np.arange(len(present))])
         out[:, 0, 0, 0] = pooled[0]
     store.write_box(_fresh(root, TISSUE_ARRAY), Box(index, (1, 1, 1)), out)
-    return engine.BlockStats(patches=len(present))
+    return tasks.BlockStats(patches=len(present))
 
 
 def _write_part(p: Plan, index, cells: CellTable, voxels, niche_index, enc, context) -> None:
@@ -479,12 +309,12 @@ def run(
     root = Path(root)
     p, _ = plan(root, checkpoint, masked, block)
     prepare(p)
-    flight = engine.in_flight(p.job, client)
+    flight = tasks.in_flight(p.job, client)
     grid = p.grid
-    cells = engine.run_blocks(client, spatia_block, (p,), np.ndindex(*grid.shape),
+    cells = tasks.run_blocks(client, spatia_block, (p,), np.ndindex(*grid.shape),
                               grid.num_blocks, "spatia cells", flight, progress)  # fmt: skip
     tiles = p.tissue_grid
-    engine.run_blocks(client, tissue_block, (p,), np.ndindex(*tiles), math.prod(tiles),
+    tasks.run_blocks(client, tissue_block, (p,), np.ndindex(*tiles), math.prod(tiles),
                       "spatia tissue", flight, progress)  # fmt: skip
     out = assemble(p)
     attrs = {"h5ad": str(out), "cells": cells.stats.patches, **p.uns}

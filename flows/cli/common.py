@@ -1,0 +1,113 @@
+"""The ``tera`` command's app, its command groups, and what every command shares: parsing of
+Z,Y,X options, one-line refusals, logging, the Prefect API server for commands that run flows."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from contextlib import contextmanager
+
+import typer
+
+from tera_pipeline.core.errors import TeraError
+
+# Prefect's analytics only log a harmless "database is locked" error in ephemeral mode.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Generate brain volumes under gene conditioning, analyse them, train the models.",
+)
+train_app = typer.Typer(no_args_is_help=True, help="Train the project's models.")
+app.add_typer(train_app, name="train")
+analyze_app = typer.Typer(no_args_is_help=True, help="Downstream analyses of a generated store.")
+app.add_typer(analyze_app, name="analyze")
+
+
+def triple(text: str | None, what: str) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise typer.BadParameter(f"{what} must be three integers Z,Y,X, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def parse_spacing(text: str) -> tuple[float, float, float]:
+    """A Z,Y,X voxel spacing in µm."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise typer.BadParameter(f"--spacing must be three numbers Z,Y,X in µm, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def echo_log(entry: dict) -> None:
+    """A training log entry as one JSON line, flushed (for tailing a long run)."""
+    typer.echo(json.dumps(entry))
+    sys.stdout.flush()
+
+
+def fail(message: str) -> None:
+    typer.secho(f"error: {' '.join(str(message).splitlines())}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    logging.getLogger("tera_pipeline").setLevel(logging.INFO)
+
+
+@contextmanager
+def running_flows():
+    """Where a command runs Prefect flows: the API server (retried if it does not come up;
+    one line if it never does)."""
+    from flows.api_server import ApiServerError, prefect_api
+
+    try:
+        with prefect_api():
+            yield
+    except ApiServerError as err:
+        fail(str(err))
+
+
+def one_line(err: Exception) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        e = err.errors()[0]
+        where = ".".join(str(p) for p in e["loc"])
+        return f"invalid config{' ' + where if where else ''}: {e['msg']}"
+    return str(err)
+
+
+REFUSALS: tuple[type[Exception], ...] = (TeraError, OSError)
+"""What a command reports as one ``error:`` line (exit 2) instead of a traceback: every refusal of
+the project (``TeraError``), a checkpoint that does not load, a file that cannot be read."""
+
+
+def refusals() -> tuple[type[Exception], ...]:
+    from models.checkpoint import CheckpointError  # torch comes with it: import only when needed
+
+    return (*REFUSALS, CheckpointError)
+
+
+@contextmanager
+def refusing(context: str = ""):
+    """The one handler of refusals: ``error: <message>`` on one line, exit 2. The project's own
+    refusals name what and where; a foreign one (a file, a checkpoint) gets ``context`` first."""
+    try:
+        yield
+    except refusals() as err:
+        fail(str(err) if isinstance(err, TeraError) or not context else f"{context}: {err}")

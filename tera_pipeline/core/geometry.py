@@ -1,0 +1,231 @@
+"""Voxel geometry: boxes, the block grid with its halo, and the global patch lattice.
+
+Vocabulary after funlib.geometry / daisy: a *Box* is an axis-aligned region in voxels
+(begin, shape); a *Block* has a *core* (the voxels it owns and writes) and a *read box*
+(the core grown by the halo, clipped to the volume). All coordinates are spatial (z, y, x);
+channel axes are handled by the callers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from tera_pipeline.core.errors import TeraError
+
+Shape = tuple[int, ...]
+
+
+def _tuple(values: Sequence[int]) -> Shape:
+    return tuple(int(v) for v in values)
+
+
+class GeometryError(TeraError, ValueError):
+    """A layout that cannot work (blocks that are not whole shards, strides, ...)."""
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned box of voxels: ``begin`` (inclusive) and ``shape``."""
+
+    begin: Shape
+    shape: Shape
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "begin", _tuple(self.begin))
+        object.__setattr__(self, "shape", _tuple(self.shape))
+        if len(self.begin) != len(self.shape):
+            raise GeometryError(f"begin {self.begin} and shape {self.shape} differ in rank")
+        if any(s < 0 for s in self.shape):
+            raise GeometryError(f"negative box shape {self.shape}")
+
+    @classmethod
+    def from_bounds(cls, begin: Sequence[int], end: Sequence[int]) -> Box:
+        return cls(begin, tuple(e - b for b, e in zip(begin, end, strict=True)))
+
+    @property
+    def end(self) -> Shape:
+        return tuple(b + s for b, s in zip(self.begin, self.shape, strict=True))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def empty(self) -> bool:
+        return self.size == 0
+
+    def grow(self, below: Sequence[int], above: Sequence[int]) -> Box:
+        """The box grown by ``below`` voxels before and ``above`` voxels after, per axis."""
+        begin = tuple(b - g for b, g in zip(self.begin, below, strict=True))
+        end = tuple(e + g for e, g in zip(self.end, above, strict=True))
+        return Box.from_bounds(begin, end)
+
+    def intersect(self, other: Box) -> Box:
+        begin = tuple(max(a, b) for a, b in zip(self.begin, other.begin, strict=True))
+        end = tuple(min(a, b) for a, b in zip(self.end, other.end, strict=True))
+        end = tuple(max(b, e) for b, e in zip(begin, end, strict=True))
+        return Box.from_bounds(begin, end)
+
+    def contains(self, other: Box) -> bool:
+        return all(
+            sb <= ob and oe <= se
+            for sb, se, ob, oe in zip(self.begin, self.end, other.begin, other.end, strict=True)
+        )
+
+    def slices(self, within: Box | None = None) -> tuple[slice, ...]:
+        """Slices selecting this box inside an array that covers ``within`` (default: origin 0)."""
+        origin = within.begin if within is not None else (0,) * self.ndim
+        return tuple(
+            slice(b - o, b - o + s) for b, o, s in zip(self.begin, origin, self.shape, strict=True)
+        )
+
+    def __str__(self) -> str:
+        return "[" + ", ".join(f"{b}:{e}" for b, e in zip(self.begin, self.end, strict=True)) + ")"
+
+
+@dataclass(frozen=True)
+class PatchLattice:
+    """The global lattice of patches: origins at multiples of ``stride``, size ``patch``.
+
+    Along each axis of length ``V`` there are ``max(1, ceil((V - P) / S) + 1)`` patches, so the
+    lattice covers the volume; a patch may reach beyond the volume's far edge, where the state
+    reads as a fixed fill. Choosing ``V - P`` a multiple of ``S`` avoids that.
+    """
+
+    patch: Shape
+    stride: Shape
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch", _tuple(self.patch))
+        object.__setattr__(self, "stride", _tuple(self.stride))
+        for p, s in zip(self.patch, self.stride, strict=True):
+            if s <= 0 or p < s:
+                raise GeometryError(
+                    f"patch {self.patch} and stride {self.stride}: need 0 < stride <= patch"
+                )
+
+    @property
+    def overlap(self) -> Shape:
+        return tuple(p - s for p, s in zip(self.patch, self.stride, strict=True))
+
+    @property
+    def halo_below(self) -> Shape:
+        """Voxels below a stride-aligned core that patches touching it can start at."""
+        return tuple(s * math.ceil(o / s) for s, o in zip(self.stride, self.overlap, strict=True))
+
+    @property
+    def halo_above(self) -> Shape:
+        return self.overlap
+
+    def counts(self, volume: Shape) -> Shape:
+        """Number of lattice patches per axis for a volume of this shape."""
+        return tuple(
+            max(1, math.ceil((v - p) / s) + 1)
+            for v, p, s in zip(volume, self.patch, self.stride, strict=True)
+        )
+
+    def patches_touching(self, core: Box, volume: Shape) -> list[Box]:
+        """Every lattice patch that intersects ``core``, in lattice (C) order."""
+        ranges = []
+        for b, e, p, s, n in zip(
+            core.begin, core.end, self.patch, self.stride, self.counts(volume), strict=True
+        ):
+            first = max(0, -(-(b - p + 1) // s))  # smallest k with k*s + p > b
+            last = min(n - 1, (e - 1) // s)  # largest k with k*s < e
+            ranges.append(range(first, last + 1))
+        return [
+            Box(tuple(k * s for k, s in zip(index, self.stride, strict=True)), self.patch)
+            for index in itertools.product(*ranges)
+        ]
+
+    def all_patches(self, volume: Shape) -> list[Box]:
+        return self.patches_touching(Box((0,) * len(volume), volume), volume)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One unit of scheduling and I/O: a core it owns and the read box it needs."""
+
+    index: Shape
+    core: Box
+    read: Box
+
+
+@dataclass(frozen=True)
+class ChunkGrid:
+    """The block grid over a volume, tied to the patch lattice and the storage shards.
+
+    Cores start on multiples of ``block`` (clipped at the volume edge); the read box is the core
+    grown by the lattice halo and clipped to the volume (beyond it, reads give a fixed fill).
+    """
+
+    volume: Shape
+    block_shape: Shape
+    lattice: PatchLattice
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "volume", _tuple(self.volume))
+        object.__setattr__(self, "block_shape", _tuple(self.block_shape))
+        if any(v <= 0 for v in self.volume):
+            raise GeometryError(f"volume shape {self.volume} must be positive")
+        for axis, (b, s) in enumerate(zip(self.block_shape, self.lattice.stride, strict=True)):
+            if b <= 0 or b % s:
+                raise GeometryError(
+                    f"block {self.block_shape} is not a whole number of strides "
+                    f"{self.lattice.stride} (axis {axis}: {b} % {s} != 0)"
+                )
+
+    @property
+    def volume_box(self) -> Box:
+        return Box((0,) * len(self.volume), self.volume)
+
+    @property
+    def shape(self) -> Shape:
+        """Number of blocks per axis."""
+        return tuple(-(-v // b) for v, b in zip(self.volume, self.block_shape, strict=True))
+
+    @property
+    def num_blocks(self) -> int:
+        return math.prod(self.shape)
+
+    def block(self, index: Sequence[int]) -> Block:
+        index = _tuple(index)
+        begin = tuple(i * b for i, b in zip(index, self.block_shape, strict=True))
+        core = Box(begin, self.block_shape).intersect(self.volume_box)
+        read = core.grow(self.lattice.halo_below, self.lattice.halo_above).intersect(
+            self.volume_box
+        )
+        return Block(index, core, read)
+
+    def blocks(self) -> Iterator[Block]:
+        """All blocks in C order, generated lazily (the grid can hold millions)."""
+        for index in itertools.product(*(range(n) for n in self.shape)):
+            yield self.block(index)
+
+    def check_shards(self, shard: Sequence[int]) -> None:
+        """Raise unless every block core is a whole number of storage shards."""
+        for axis, (b, s) in enumerate(zip(self.block_shape, shard, strict=True)):
+            if b % s:
+                raise GeometryError(
+                    f"block {self.block_shape} is not a whole number of shards {tuple(shard)} "
+                    f"(axis {axis}: {b} % {s} != 0); one writer per shard needs whole shards"
+                )
+
+
+def bin_box(box: Box, bin_shape: Shape) -> Box:
+    """The box in bin units that covers ``box`` (voxels)."""
+    begin = tuple(b // n for b, n in zip(box.begin, bin_shape, strict=True))
+    end = tuple(-(-e // n) for e, n in zip(box.end, bin_shape, strict=True))
+    return Box.from_bounds(begin, end)
+
+
+def patch_bins(patch: Box, bin_shape: Shape, context: Shape) -> Box:
+    """The gene window of a patch: the bins of its footprint grown by ``context`` bins."""
+    return bin_box(patch, bin_shape).grow(context, context)

@@ -1,0 +1,148 @@
+"""The block step of synchronised patch diffusion with an exact halo.
+
+For each DDIM step (a barrier between steps), every block reads the state over the span of all
+lattice patches touching its core, runs the denoiser on those patches (a patch straddling blocks is
+computed by one of them and shared through a scratch file: ``seams``), blends the predictions with
+a positive window normalised by the summed weights, applies the DDIM update to its core and writes
+the core (one whole shard) to the other scratch array; the last step writes the uint8 image.
+The initial noise is a pure function of (seed, position) and is never stored. Because patches sit
+on a global lattice, every voxel sees exactly the patches of whole-volume sampling: the result
+does not depend on block size, worker count or order.
+
+Block tasks are plain functions of (config, checkpoint, step, block index) that any executor can
+call (``tera_pipeline.runtime.tasks.run_blocks`` feeds them to Dask).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from tera_pipeline.core.config import JobConfig
+from tera_pipeline.core.geometry import Box, bin_box, patch_bins
+from tera_pipeline.core.noise import position_noise
+from tera_pipeline.generation.blending import Accumulator, patch_window
+from tera_pipeline.generation.predictor import get_predictor, schedule_of
+from tera_pipeline.generation.seams import fetch as fetch_seams
+from tera_pipeline.generation.seams import plan as plan_seams
+from tera_pipeline.generation.seams import publish as publish_seams
+from tera_pipeline.inputs.conditioning import open_source
+from tera_pipeline.runtime.cluster import gpu_task
+from tera_pipeline.runtime.tasks import BlockStats
+from tera_pipeline.storage import store
+from tera_pipeline.storage.layout import (
+    CELL_COUNT,
+    CONDITIONING,
+    IMAGE,
+    STATES,
+    job_genes,
+    to_uint8,
+)
+
+
+def rasterize_block(config: JobConfig, index: tuple[int, ...]) -> BlockStats:
+    """Conditioning of one block: the gene bins and cell counts of its core, from the source."""
+    t0 = time.perf_counter()
+    core = config.grid().block(index).core
+    b, sp = config.conditioning.bin, config.volume.spacing_um
+    root = Path(config.out)
+    bins = bin_box(core, b)
+    genes, counts = open_source(config, job_genes(root)).rasters(core, bins, sp, b)
+    crc = store.write_box(store.open_array(root, CONDITIONING), bins, genes)
+    crc = store.write_box(store.open_array(root, CELL_COUNT), bins, counts, crc)
+    return BlockStats(total_s=time.perf_counter() - t0, digest=crc)
+
+
+def read_span(grid, core: Box) -> tuple[list[Box], Box]:
+    """The lattice patches touching a block's core, and the box they cover (what a step of the
+    block reads: its core and the exact halo)."""
+    patches = grid.lattice.patches_touching(core, grid.volume)
+    span = Box.from_bounds(
+        [min(p.begin[a] for p in patches) for a in range(3)],
+        [max(p.end[a] for p in patches) for a in range(3)],
+    )
+    return patches, span
+
+
+@gpu_task
+def denoise_block(
+    config: JobConfig, checkpoint: str, step: int, index: tuple[int, ...]
+) -> BlockStats:
+    """One DDIM step of one block: read with halo, denoise patches, blend, update, write core.
+
+    The block's own seam patches are computed first and published; those its lower neighbours
+    own are taken from their files when published (``tera_pipeline.seams``), else computed.
+    """
+    predictor = get_predictor(checkpoint, config.batch_size)  # loaded once per worker
+    t0 = time.perf_counter()
+    stats = BlockStats()
+    grid = config.grid()
+    core = grid.block(index).core
+    patches, span = read_span(grid, core)
+    sched = schedule_of(config, predictor.meta.get("prediction", "epsilon"))
+    root, channels = Path(config.out), len(config.volume.stains)
+    if step == 0:
+        x = position_noise(config.diffusion.seed, 0, span, channels)
+        outside = span.intersect(grid.volume_box)
+        mask = np.zeros(span.shape, dtype=bool)
+        mask[outside.slices(span)] = True
+        x[:, ~mask] = 0.0  # beyond the volume the state reads as the fixed fill, as in scratch
+    else:
+        x = store.read_box(store.open_array(root, STATES[step % 2]), span).astype(np.float32)
+    b, context = config.conditioning.bin, predictor.config.cond_context
+    cond_span = patch_bins(span, b, context)
+    cond = store.read_box(store.open_array(root, CONDITIONING), cond_span)
+    stats.read_s = time.perf_counter() - t0
+
+    t = sched.timestep(step)
+    batch = max(config.batch_size, 1)
+    key = tuple(int(i) for i in index)
+    seams = plan_seams(grid, key, patches, share=config.share_seams)
+    preds = np.empty((len(patches), channels, *config.lattice.patch), dtype=np.float32)
+    todo = deque(seams.outgoing + seams.interior)  # outgoing first: neighbours wait on them
+    unpublished, resolved = len(seams.outgoing), not seams.incoming
+    while todo or not resolved:
+        if not resolved and len(todo) < batch:  # as late as possible; fills the last batch
+            tr = time.perf_counter()
+            missing = fetch_seams(root, grid, step, patches, seams, preds)
+            stats.read_s += time.perf_counter() - tr
+            stats.shared = sum(map(len, seams.incoming.values())) - len(missing)
+            todo.extend(missing)
+            resolved = True
+            continue
+        group = [todo.popleft() for _ in range(min(batch, len(todo)))]
+        xs = np.stack([x[(slice(None), *patches[i].slices(span))] for i in group])
+        windows = [patch_bins(patches[i], b, context).slices(cond_span) for i in group]
+        cs = np.stack([cond[(slice(None), *w)] for w in windows])
+        tm = time.perf_counter()
+        preds[group] = predictor(xs, t, cs)
+        stats.model_s += time.perf_counter() - tm
+        stats.patches += len(group)
+        if unpublished > 0:
+            unpublished -= len(group)
+            if unpublished <= 0:
+                tw = time.perf_counter()
+                publish_seams(root, grid, step, key, preds[seams.outgoing])
+                stats.write_s += time.perf_counter() - tw
+
+    window = patch_window(tuple(config.lattice.patch), config.lattice.window)
+    acc = Accumulator(core, channels)
+    for p, e in zip(patches, preds, strict=True):  # lattice order, whoever computed them
+        acc.add(p, e, window)
+
+    noise = None
+    if sched.sigma(step) > 0:
+        noise = position_noise(config.diffusion.seed, step + 1, core, channels)
+    x_next = sched.ddim_update(x[(slice(None), *core.slices(span))], acc.result(), step, noise)
+    tw = time.perf_counter()
+    if step == sched.steps - 1:
+        stats.digest = store.write_box(store.open_array(root, IMAGE), core, to_uint8(x_next))
+    else:
+        state = store.open_array(root, STATES[(step + 1) % 2])
+        stats.digest = store.write_box(state, core, x_next)
+    stats.write_s += time.perf_counter() - tw
+    stats.total_s = time.perf_counter() - t0
+    return stats

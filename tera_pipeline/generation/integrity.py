@@ -1,0 +1,222 @@
+"""Is every block the ledger calls done really on disk? Verify, refuse, repair.
+
+Each finished block's digest (CRC-32 of the bytes it wrote) is in the ledger's ``_digests``.
+``verify`` reads the blocks back and names every block that is missing (a deleted shard reads
+as fill), unreadable (a truncated shard) or different, and every array whose metadata cannot be
+read. What is checked: the conditioning (phase 0), and the latest output of the denoising: the
+image for blocks of the last step, the state of the last steps while scratch exists.
+``quick`` reads one voxel per block (enough to find deleted or truncated shards) for the
+analyses.
+
+``repair`` restores exactly the bad blocks, bitwise as an uninterrupted run would have written
+them: array metadata is rewritten from the job's layout (shards untouched); conditioning blocks
+are rasterised again; a bad image block of a finished store is recomputed from the initial
+noise over its dependency cone (at step k, every block whose core the step k + 1 cone reads:
+the exact halo); in an unfinished run, bad scratch restarts the denoising from step 1.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tera_pipeline.core.config import JobConfig
+from tera_pipeline.core.errors import TeraError
+from tera_pipeline.core.geometry import Box, bin_box
+from tera_pipeline.generation import block_step, lifecycle
+from tera_pipeline.storage import layout, ledger, store
+
+Index = tuple[int, int, int]
+
+
+class IntegrityError(TeraError):
+    """Blocks the ledger calls done are missing or corrupt."""
+
+
+@dataclass
+class Damage:
+    """What verification found: bad blocks per ledger phase, arrays with unreadable metadata."""
+
+    blocks: dict[int, list[Index]] = field(default_factory=dict)
+    arrays: list[str] = field(default_factory=list)
+    checked: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.arrays) or any(self.blocks.values())
+
+    def describe(self, steps: int) -> str:
+        parts = [f"{name} metadata unreadable" for name in self.arrays]
+        for phase, bad in sorted(self.blocks.items()):
+            if bad:
+                what = "conditioning" if phase == 0 else f"step {phase}/{steps}"
+                shown = ", ".join(str(b) for b in bad[:4]) + (" ..." if len(bad) > 4 else "")
+                parts.append(f"{what}: {len(bad)} block(s) {shown}")
+        return "; ".join(parts)
+
+
+def _outputs(config: JobConfig, phase: int, root: Path) -> list[tuple[str, callable]]:
+    """(array, box of a block) that ``phase`` wrote, as they are still expected on disk."""
+    steps, b = config.diffusion.steps, config.conditioning.bin
+    if phase == 0:
+        return [(layout.CONDITIONING, lambda core: bin_box(core, b)),
+                (layout.CELL_COUNT, lambda core: bin_box(core, b))]  # fmt: skip
+    if phase == steps:
+        return [(layout.IMAGE, lambda core: core)]
+    return [(layout.STATES[phase % 2], lambda core: core)]
+
+
+def _phases_to_check(config: JobConfig, root: Path) -> list[int]:
+    """Conditioning, the image, and while scratch exists the last two denoising phases (older
+    states have been overwritten by design)."""
+    steps = config.diffusion.steps
+    progress = ledger.progress(root)
+    phases = [0, steps]
+    if (root / layout.STATES[0] / "zarr.json").is_file():
+        started = [p for p in range(1, steps) if progress[p][0]]
+        phases += started[-2:]
+    return sorted(set(phases))
+
+
+def verify(config: JobConfig, quick: bool = False, phases: list[int] | None = None) -> Damage:
+    """Check every finished block of the phases whose output is still on disk (or of those of
+    ``phases``: 0 the conditioning, ``steps`` the image)."""
+    root = Path(config.out)
+    grid = config.grid()
+    damage = Damage()
+    store.forget_handles()
+    for phase in _phases_to_check(config, root):
+        if phases is not None and phase not in phases:
+            continue
+        arrays = []
+        for name, box_of in _outputs(config, phase, root):
+            try:
+                arrays.append((store.open_array(root, name), box_of))
+            except Exception:  # noqa: BLE001 - unreadable metadata, any way it fails
+                damage.arrays.append(name)
+        if len(arrays) < len(_outputs(config, phase, root)):
+            damage.blocks[phase] = [i for i, _ in ledger.finished(root, phase)]
+            continue
+        bad = damage.blocks.setdefault(phase, [])
+        for index, digest in ledger.finished(root, phase):
+            damage.checked += 1
+            if not _block_ok(arrays, grid.block(index).core, digest, quick):
+                bad.append(index)
+    return damage
+
+
+def _block_ok(arrays, core: Box, digest: int | None, quick: bool) -> bool:
+    crc = 0
+    try:
+        for array, box_of in arrays:
+            box = box_of(core)
+            if quick:
+                store.read_box(array, Box(box.begin, (1,) * box.ndim))
+                continue
+            crc = zlib.crc32(store.read_box(array, box), crc)
+    except Exception:  # noqa: BLE001 - a truncated or garbled shard
+        return False
+    return quick or digest is None or crc == digest
+
+
+def require_intact(
+    config: JobConfig, quick: bool = True, image: bool = True, conditioning: bool = True
+) -> None:
+    """Raise ``IntegrityError`` naming the bad blocks of what the caller reads (analyses call
+    this before reading: the image, the conditioning, or both)."""
+    phases = [config.diffusion.steps] * image + [0] * conditioning
+    damage = verify(config, quick=quick, phases=phases)
+    if damage:
+        raise IntegrityError(
+            f"{config.out}: blocks the ledger calls done are missing or corrupt "
+            f"({damage.describe(config.diffusion.steps)}); restore them with "
+            "tera generate --resume --repair"
+        )
+
+
+def check_before_resume(config: JobConfig, repair: bool) -> None:
+    """A resume refuses a damaged store unless asked to repair it (a store whose creation was
+    cut short has nothing to check: it is created again)."""
+    if not ledger.has_ledger(config.out) or not ledger.created(Path(config.out)):
+        return
+    if not repair:
+        require_intact(config, quick=False)
+
+
+# -- repair ---------------------------------------------------------------------------------------
+def rewrite_metadata(config: JobConfig, names: list[str]) -> None:
+    """Write the metadata of ``names`` again from the job's layout; their shards are kept."""
+    import tensorstore as ts
+
+    root = Path(config.out)
+    genes = layout.job_genes(root)
+    specs = {s.name: s for s in layout.array_specs(config, genes)}
+    for name in names:
+        (root / name / "zarr.json").unlink(missing_ok=True)
+        ts.open(store._tensorstore_spec(root / name, specs[name]), create=True).result()
+    store.forget_handles()
+
+
+def cone(config: JobConfig, bad: list[Index]) -> list[list[Index]]:
+    """Per step k (0 ... steps - 1), the blocks to recompute so that the last step rewrites
+    exactly ``bad``: the blocks whose cores the next step's blocks read (their halo spans)."""
+    steps = config.diffusion.steps
+    cones: list[set[Index]] = [set() for _ in range(steps)]
+    cones[-1] = set(bad)
+    for k in range(steps - 1, 0, -1):
+        for index in cones[k]:
+            cones[k - 1].update(_blocks_read_by(config, index))
+    return [sorted(c) for c in cones]
+
+
+def _blocks_read_by(config: JobConfig, index: Index) -> Iterator[Index]:
+    grid = config.grid()
+    _, span = block_step.read_span(grid, grid.block(index).core)
+    span = span.intersect(grid.volume_box)
+    block = config.storage.block
+    lo = [s // b for s, b in zip(span.begin, block)]
+    hi = [(e - 1) // b for e, b in zip(span.end, block)]
+    for z in range(lo[0], hi[0] + 1):
+        for y in range(lo[1], hi[1] + 1):
+            for x in range(lo[2], hi[2] + 1):
+                yield (z, y, x)
+
+
+def repair(config: JobConfig, client, checkpoint: Path, progress=None) -> Damage:
+    """Restore every bad block found by ``verify``; returns what was found."""
+    root = Path(config.out)
+    if not ledger.created(root):
+        return Damage()
+    damage = verify(config)
+    if not damage:
+        return damage
+    steps = config.diffusion.steps
+    if damage.arrays:
+        rewrite_metadata(config, damage.arrays)
+        damage = verify(config)
+    bad0 = damage.blocks.get(0, [])
+    if bad0:
+        lifecycle.conditioning_pass(config, client, progress, indices=bad0)
+    scratch = (root / layout.STATES[0] / "zarr.json").is_file()
+    bad_steps = {p: b for p, b in damage.blocks.items() if p > 0 and b}
+    if scratch and bad_steps:
+        if set(bad_steps) == {steps}:
+            ledger.unmark(root, steps, bad_steps[steps])  # their last step runs again
+        else:
+            for p in range(1, steps + 1):  # an overwritten state cannot be rebuilt block-wise
+                ledger.unmark(root, p, list(_all_blocks(config)))
+    elif bad_steps.get(steps):
+        genes = layout.job_genes(root)
+        for spec in layout.array_specs(config, genes):
+            if spec.name in layout.STATES:
+                store.create_array(root, spec)
+        for step, blocks in enumerate(cone(config, bad_steps[steps])):
+            lifecycle.denoise_step(config, checkpoint, step, client, progress, indices=blocks)
+    return damage
+
+
+def _all_blocks(config: JobConfig) -> Iterator[Index]:
+    import numpy as np
+
+    yield from (tuple(int(i) for i in ix) for ix in np.ndindex(*config.grid().shape))

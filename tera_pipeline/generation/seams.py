@@ -1,0 +1,150 @@
+"""Seam patches computed once per step and shared between neighbouring blocks.
+
+A lattice patch that straddles a block boundary touches the cores of up to 8 blocks, and each of
+them needs its prediction. Each patch has one *owner*: the block whose core holds the patch's
+origin. A block computes the patches it owns, the *outgoing* ones (those reaching into another
+block's core) first, and publishes their predictions as one file per (step, block) under the
+scratch group; it takes the *incoming* patches it needs (owned by a lower neighbour) from the
+neighbours' files, and computes only those not published yet. A patch's prediction is bitwise
+the same whichever block computes it (one input state per step, fixed batch shape), and blocks
+blend in lattice order as before, so outputs do not change; only the redundant compute goes
+(1.42x patch evaluations per step at 16x128x128 blocks of a teravoxel: docs/PERFORMANCE.md).
+
+A file holds, per outgoing patch, only the part beyond the owner's core (half a patch across a
+face), as float32. Files are written whole and renamed into place, so a reader sees a complete
+file or none; a block removes its own file of the previous step when it publishes the next, and
+the scratch group goes at the end of the job.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from tera_pipeline.core.geometry import Box, ChunkGrid
+
+SEAMS = "_scratch/seams"
+
+Index = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SeamPlan:
+    """Positions (into the block's lattice-ordered patch list) by where their prediction comes
+    from: computed and published, computed only, or taken from the owner's file."""
+
+    outgoing: list[int]
+    interior: list[int]
+    incoming: dict[Index, list[int]]
+
+
+def owner(grid: ChunkGrid, patch: Box) -> Index:
+    return tuple(b // s for b, s in zip(patch.begin, grid.block_shape, strict=True))
+
+
+@lru_cache(maxsize=256)
+def outgoing(grid: ChunkGrid, index: Index) -> tuple[Box, ...]:
+    """The patches ``index`` owns that reach into another block's core, in lattice order."""
+    core = grid.block(index).core
+    return tuple(
+        p
+        for p in grid.lattice.patches_touching(core, grid.volume)
+        if owner(grid, p) == index
+        and any(pe > ce and ce < v for pe, ce, v in zip(p.end, core.end, grid.volume, strict=True))
+    )
+
+
+def beyond(patch: Box, core: Box) -> Box:
+    """The part of an outgoing ``patch`` any other block can need: the half beyond the face it
+    crosses, or the whole patch when it crosses an edge or a corner (a box bounding the L)."""
+    axes = [a for a in range(patch.ndim) if patch.end[a] > core.end[a]]
+    if len(axes) != 1:
+        return patch
+    begin = list(patch.begin)
+    begin[axes[0]] = core.end[axes[0]]
+    return Box.from_bounds(begin, patch.end)
+
+
+@lru_cache(maxsize=256)
+def layout(grid: ChunkGrid, index: Index) -> tuple[dict[tuple[int, ...], tuple[int, Box]], int]:
+    """Where each outgoing patch's part sits in the block's seam file: patch origin -> (offset in
+    voxels, part), and the voxels in all; the same for writer and readers, from geometry."""
+    core = grid.block(index).core
+    rows, offset = {}, 0
+    for p in outgoing(grid, index):
+        part = beyond(p, core)
+        rows[p.begin] = (offset, part)
+        offset += part.size
+    return rows, offset
+
+
+def plan(grid: ChunkGrid, index: Index, patches: list[Box], share: bool = True) -> SeamPlan:
+    """Where each of ``patches`` (the block's patches, lattice order) comes from; without
+    ``share``, every one is computed here."""
+    if not share:
+        return SeamPlan([], list(range(len(patches))), {})
+    out = {p.begin for p in outgoing(grid, index)}
+    result = SeamPlan([], [], {})
+    for i, p in enumerate(patches):
+        who = owner(grid, p)
+        if who != index:
+            result.incoming.setdefault(who, []).append(i)
+        elif p.begin in out:
+            result.outgoing.append(i)
+        else:
+            result.interior.append(i)
+    return result
+
+
+def path(root: Path, step: int, index: Index) -> Path:
+    return Path(root) / SEAMS / str(step) / str(index[0]) / f"{'.'.join(map(str, index[1:]))}.npy"
+
+
+def publish(root: Path, grid: ChunkGrid, step: int, index: Index, predictions: np.ndarray) -> int:
+    """Write the part others need of each of the block's outgoing predictions (``predictions``
+    in ``outgoing`` order, float32) for ``step`` and remove its file of the step before; returns
+    the bytes written."""
+    rows, _ = layout(grid, index)
+    parts = [
+        e[(slice(None), *rows[p.begin][1].slices(p))].ravel()
+        for p, e in zip(outgoing(grid, index), predictions, strict=True)
+    ]
+    target = path(root, step, index)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{time.monotonic_ns()}")
+    with open(tmp, "wb") as f:
+        np.save(f, np.concatenate(parts).astype(np.float32, copy=False))
+    os.replace(tmp, target)
+    if step > 0:
+        path(root, step - 1, index).unlink(missing_ok=True)
+    return target.stat().st_size
+
+
+def fetch(
+    root: Path, grid: ChunkGrid, step: int, patches: list[Box], plan: SeamPlan, out: np.ndarray
+) -> list[int]:
+    """Fill ``out[i]`` (N, C, *patch) for every incoming patch whose owner has published; return
+    the positions still to compute (owner not done yet, or no readable file). Only the part of a
+    filled patch beyond its owner's core is set: all this block's core can overlap."""
+    channels = out.shape[1]
+    missing: list[int] = []
+    for who, positions in plan.incoming.items():
+        rows, voxels = layout(grid, who)
+        try:
+            data = np.load(path(root, step, who), mmap_mode="r")
+            if data.shape != (channels * voxels,) or data.dtype != np.float32:
+                raise ValueError(f"seam file of block {who}: {data.shape} {data.dtype}")
+            for i in positions:
+                offset, part = rows[patches[i].begin]
+                values = data[channels * offset : channels * (offset + part.size)]
+                out[i][(slice(None), *part.slices(patches[i]))] = values.reshape(
+                    channels, *part.shape
+                )
+        except (OSError, ValueError):  # not published (yet), or unreadable: compute them
+            missing.extend(positions)
+    return sorted(missing)

@@ -1,0 +1,106 @@
+"""Gene panels: read from a file, checked against a checkpoint's, selected from a table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from tera_pipeline.core.errors import InputError
+from tera_pipeline.inputs.files import (
+    PathLike,
+    duplicated,
+    existing_file,
+    name_list,
+    read_user_file,
+)
+from tera_pipeline.inputs.synthetic import CellTable
+
+
+def gene_index(available: Sequence[str], genes: Sequence[str] | None, source: str) -> list[int]:
+    """Indices into ``available`` of the requested genes (all when None), in request order."""
+    if genes is None:
+        dup = duplicated(available)
+        if dup:
+            raise InputError(f"{source}: duplicated gene names {name_list(dup)}")
+        return list(range(len(available)))
+    genes = requested_genes(genes)
+    dup = set(duplicated(available)) & set(genes)
+    if dup:
+        raise InputError(f"{source}: duplicated gene names {name_list(sorted(dup))}")
+    where = {name: i for i, name in enumerate(available)}
+    missing = [g for g in genes if g not in where]
+    if missing:
+        raise InputError(
+            f"{source}: {len(missing)} requested genes missing: {name_list(missing)} "
+            f"(the input has {len(available)} genes)"
+        )
+    return [where[g] for g in genes]
+
+
+def requested_genes(genes: Sequence[str]) -> tuple[str, ...]:
+    genes = tuple(str(g) for g in genes)
+    if not genes:
+        raise InputError("empty gene request: name at least one gene")
+    dup = duplicated(genes)
+    if dup:
+        raise InputError(f"duplicated gene names in the request: {name_list(dup)}")
+    return genes
+
+
+def check_panel(genes: Sequence[str], checkpoint_genes: Sequence[str]) -> None:
+    """Raise unless ``genes`` is exactly the checkpoint's panel, in the same order."""
+    genes, ckpt = [str(g) for g in genes], [str(g) for g in checkpoint_genes]
+    if genes == ckpt:
+        return
+    have, known = set(genes), set(ckpt)
+    missing = [g for g in ckpt if g not in have]
+    extra = [g for g in genes if g not in known]
+    if missing or extra:
+        raise InputError(
+            f"gene panel does not match the checkpoint ({len(genes)} vs {len(ckpt)} genes): "
+            f"missing {name_list(missing) or 'none'}; "
+            f"not in checkpoint {name_list(extra) or 'none'}"
+        )
+    dup = duplicated(genes)
+    if dup:
+        raise InputError(f"gene panel has duplicated gene names {name_list(dup)}")
+    first = next(i for i, (a, b) in enumerate(zip(genes, ckpt)) if a != b)
+    raise InputError(
+        f"gene panel order differs from the checkpoint at position {first} "
+        f"({genes[first]!r} vs {ckpt[first]!r}); reorder with select_genes(table, checkpoint_genes)"
+    )
+
+
+def read_gene_panel(path: PathLike) -> tuple[str, ...]:
+    """Gene names, one per line; blank lines and ``#`` comments are ignored."""
+    path = existing_file(path)
+    raw = read_user_file(path, "a gene panel", path.read_bytes)
+    if b"\0" in raw:
+        raise InputError(f"{path}: binary data (NUL bytes), not a gene panel text file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text; save the gene panel as UTF-8") from None
+    genes: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        name = line.split("#", 1)[0].strip()
+        if not name:
+            continue
+        if len(name.split()) > 1:
+            raise InputError(f"{path}:{number}: one gene name per line, got {name!r}")
+        genes.append(name)
+    if not genes:
+        raise InputError(f"{path}: empty gene panel")
+    dup = duplicated(genes)
+    if dup:
+        raise InputError(f"{path}: duplicated gene names {name_list(dup)}")
+    return tuple(genes)
+
+
+def select_genes(table: CellTable, genes: Sequence[str]) -> CellTable:
+    """The table with count columns for ``genes`` in that order; missing genes are named."""
+    index = gene_index(table.genes, genes, "cells")
+    return replace(table, counts=np.ascontiguousarray(table.counts[:, index]), genes=tuple(genes))

@@ -1,0 +1,208 @@
+"""The job store: one zarr v3 group; big arrays created and written with TensorStore.
+
+Arrays are sharded (blosc-zstd inner chunks) with ``dimension_names`` set, and the group holds
+1-D coordinate arrays in µm, so ``xarray.open_zarr(path)`` gives named dimensions and physical
+coordinates. Writes are whole shards by one writer. TensorStore is not fork-safe: processes that
+use it are spawned (Dask's default for local workers).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+
+from tera_pipeline.core.errors import TeraError
+from tera_pipeline.core.geometry import Box, Shape
+from tera_pipeline.storage import ownership
+from tera_pipeline.storage.atomic import write_json
+
+SCRATCH = "_scratch"
+
+
+class StoreError(TeraError):
+    """A store that cannot be used as asked (exists already, missing array, ...)."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """Layout of one array: shape, dtype, named dimensions, shard and inner chunk shapes."""
+
+    name: str
+    shape: Shape
+    dtype: str
+    dims: tuple[str, ...]
+    shard: Shape
+    chunk: Shape
+    fill: float = 0
+    attributes: dict[str, Any] | None = None
+    compression_level: int = 3
+
+
+def _tensorstore_spec(path: Path, spec: ArraySpec | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+    if spec is None:
+        return out
+    shuffle = "bitshuffle" if np.dtype(spec.dtype).itemsize == 1 else "shuffle"
+    inner = [
+        {"name": "bytes", "configuration": {"endian": "little"}},
+        {
+            "name": "blosc",
+            "configuration": {
+                "cname": "zstd",
+                "clevel": spec.compression_level,
+                "shuffle": shuffle,
+                "typesize": np.dtype(spec.dtype).itemsize,
+            },
+        },
+    ]
+    out["metadata"] = {
+        "shape": list(spec.shape),
+        "data_type": spec.dtype,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(spec.shard)}},
+        "chunk_key_encoding": {"name": "default"},
+        "fill_value": spec.fill,
+        "codecs": [
+            {
+                "name": "sharding_indexed",
+                "configuration": {
+                    "chunk_shape": list(spec.chunk),
+                    "codecs": inner,
+                    "index_codecs": [
+                        {"name": "bytes", "configuration": {"endian": "little"}},
+                        {"name": "crc32c"},
+                    ],
+                    "index_location": "end",
+                },
+            }
+        ],
+        "dimension_names": list(spec.dims),
+        "attributes": spec.attributes or {},
+    }
+    return out
+
+
+def create_array(root: Path, spec: ArraySpec) -> ts.TensorStore:
+    """Create (or replace) an array ``root/spec.name``."""
+    full = _tensorstore_spec(root / spec.name, spec)
+    return ts.open(full, create=True, delete_existing=True).result()
+
+
+@lru_cache(maxsize=64)
+def _open_cached(path: str) -> ts.TensorStore:
+    return ts.open(_tensorstore_spec(Path(path)), open=True).result()
+
+
+def open_array(root: Path, name: str) -> ts.TensorStore:
+    """Open an existing array (handles are cached per process)."""
+    path = Path(root) / name
+    if not (path / "zarr.json").is_file():
+        raise StoreError(f"{root} has no array {name!r}")
+    return _open_cached(str(path.resolve()))
+
+
+def forget_handles() -> None:
+    """Drop cached handles (after arrays were deleted or recreated)."""
+    _open_cached.cache_clear()
+
+
+def read_box(array: ts.TensorStore, box: Box, fill: float = 0.0) -> np.ndarray:
+    """Read a spatial box (the last ``box.ndim`` axes) with ``fill`` beyond the array's edge."""
+    lead = tuple(array.shape[: array.rank - box.ndim])
+    spatial = Box((0,) * box.ndim, tuple(array.shape[array.rank - box.ndim :]))
+    out = np.full((*lead, *box.shape), fill, dtype=array.dtype.numpy_dtype)
+    part = box.intersect(spatial)
+    if not part.empty:
+        index = (Ellipsis, *part.slices())
+        out[(Ellipsis, *part.slices(box))] = array[index].read().result()
+    return out
+
+
+def write_box(array: ts.TensorStore, box: Box, data: np.ndarray, crc: int = 0) -> int:
+    """Write ``data`` (all leading axes, spatial ``box``) to the array; returns the CRC-32 of
+    the bytes written (continuing ``crc``), the block's digest in the ledger."""
+    data = np.ascontiguousarray(data.astype(array.dtype.numpy_dtype, copy=False))
+    array[(Ellipsis, *box.slices())].write(data).result()
+    return zlib.crc32(data, crc)
+
+
+def create_group(root: Path, coords: dict[str, tuple[np.ndarray, dict]], attrs: dict) -> None:
+    """Create the zarr v3 group with 1-D coordinate arrays (values, attributes) and attributes."""
+    import xarray as xr
+
+    variables = {
+        name: xr.Variable((name,), values, attrs=coord_attrs)
+        for name, (values, coord_attrs) in coords.items()
+    }
+    ds = xr.Dataset(coords=variables, attrs=attrs)
+    # "a": the folder may already hold the store's lock and ledger (written first)
+    ds.to_zarr(root, zarr_format=3, mode="a", consolidated=False)
+
+
+def update_attrs(root: Path, attrs: dict) -> None:
+    """Merge ``attrs`` into the group's attributes (an atomic replace of ``zarr.json``)."""
+    update_array_attrs(root, attrs)
+
+
+def update_array_attrs(node: Path, attrs: dict) -> None:
+    """Merge ``attrs`` into the attributes of the group or array at ``node``, atomically."""
+    meta_path = Path(node) / "zarr.json"
+    meta = _read_meta(meta_path)
+    meta.setdefault("attributes", {}).update(attrs)
+    write_json(meta_path, meta)
+
+
+def _read_meta(meta_path: Path) -> dict:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{meta_path.parent} is not a zarr store (no zarr.json)") from None
+    except (OSError, ValueError) as err:
+        raise StoreError(f"{meta_path} is unreadable or truncated ({err})") from None
+    if not isinstance(meta, dict):
+        raise StoreError(f"{meta_path} is not zarr metadata")
+    return meta
+
+
+def group_attrs(root: Path) -> dict:
+    """The attributes of the group at ``root`` (a one-line ``StoreError`` if unreadable)."""
+    return _read_meta(Path(root) / "zarr.json").get("attributes", {})
+
+
+def consolidate(root: Path) -> None:
+    """Write consolidated metadata (zarr-python's inline v3 form) into the root ``zarr.json``,
+    atomically, so xarray opens the store in one read (working folders are left out)."""
+    root = Path(root)
+    nodes: dict[str, dict] = {}
+
+    def walk(folder: Path, prefix: str) -> None:
+        for child in sorted(folder.iterdir()):
+            meta_path = child / "zarr.json"
+            if child.name.startswith((".", "_pyramid_")) or not meta_path.is_file():
+                continue
+            meta = _read_meta(meta_path)
+            key = f"{prefix}{child.name}"
+            nodes[key] = {k: v for k, v in meta.items() if k != "consolidated_metadata"}
+            if meta.get("node_type") == "group":
+                nodes[key]["consolidated_metadata"] = {
+                    "kind": "inline", "must_understand": False, "metadata": {}
+                }  # fmt: skip
+                walk(child, key + "/")
+
+    walk(root, "")
+    meta = _read_meta(root / "zarr.json")
+    meta["consolidated_metadata"] = {"kind": "inline", "must_understand": False,
+                                     "metadata": nodes}  # fmt: skip
+    write_json(root / "zarr.json", meta)
+
+
+def remove(root: Path, name: str) -> None:
+    """Remove one entry the project writes inside a store of ours (``ownership.remove_entry``)."""
+    ownership.remove_entry(Path(root), name)
+    forget_handles()
