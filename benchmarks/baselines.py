@@ -45,6 +45,7 @@ import numpy as np
 
 from tera_pipeline.core.config import ClusterSpec, JobConfig
 from tera_pipeline.core.geometry import Box, patch_bins
+from tera_pipeline.core.intensity import to_uint8
 from tera_pipeline.core.noise import position_noise
 from tera_pipeline.generation import lifecycle, predictor
 from tera_pipeline.generation.blending import Accumulator, patch_window
@@ -111,7 +112,7 @@ def run_ours(job: JobConfig) -> dict:
     return {
         "seconds": sum(r.wall_s for r in steps),
         "end_to_end_s": round(end_to_end, 2),
-        "patch_evaluations_per_step": steps[0].stats.patches,
+        "patch_evaluations_per_step": steps[0].stats.items,
         "model_s": round(sum(r.stats.model_s for r in steps), 2),
         "peak_rss_mib": max(workers.values()),
         "driver_peak_rss_mib": _peak_rss_mib(),
@@ -171,7 +172,7 @@ def run_monai(job: JobConfig, checkpoint: str, same_kernels: bool = False) -> di
             t=sched.timestep(step),
         )
         state = sched.ddim_update(state, out[0].numpy(), step)
-    image = layout.to_uint8(state)
+    image = to_uint8(state)
     seconds = time.perf_counter() - t0
     return {
         "seconds": seconds,
@@ -217,7 +218,7 @@ def _dask_chunk(x, job: JobConfig, checkpoint: str, step: int, cond_path: str, b
         for p, e in zip(group, predictor(xs, sched.timestep(step), cs)):
             acc.add(p, e, window)
     out = sched.ddim_update(x[(slice(None), *core.slices(ext))], acc.result(), step)
-    return layout.to_uint8(out) if step == sched.steps - 1 else out
+    return to_uint8(out) if step == sched.steps - 1 else out
 
 
 def run_dask(job: JobConfig, checkpoint: str, work: Path) -> dict:

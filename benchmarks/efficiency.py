@@ -50,7 +50,7 @@ def main() -> None:
                 "shape": list(shape),
                 "steps": args.steps,
                 "workers": args.workers,
-                "patches_per_step": steps[0].stats.patches,
+                "patches_per_step": steps[0].stats.items,
                 "denoiser_s": round(model, 2),
                 "step_wall_s": round(wall, 2),
                 "end_to_end_s": round(end_to_end, 2),

@@ -25,11 +25,11 @@ import pyarrow.parquet as pq
 CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
-from tera_pipeline import store
-from tera_pipeline.conditioning import bin_box
-from tera_pipeline.config import JobConfig
-from tera_pipeline.partition import PartitionedSource, partition
-from tera_pipeline.synthetic import GENE_PANEL
+from tera_pipeline.core.config import JobConfig
+from tera_pipeline.core.geometry import bin_box
+from tera_pipeline.inputs.partition import PartitionedSource, partition
+from tera_pipeline.inputs.synthetic import GENE_PANEL
+from tera_pipeline.storage import store
 
 limit = int(sys.argv[2])
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

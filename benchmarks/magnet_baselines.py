@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.checkpoint import load_model
-from models.magnet import BinCNN, MagNetConfig
+from models.checkpoint import DEFAULT_MAGNET, DEFAULT_MAGNET_BIN_CNN, load_checkpoint
+from models.magnet import MagNetConfig
 from tera_pipeline.analysis.expression_metrics import expression_metrics
-from tera_pipeline.analysis.magnet import DEFAULT_MAGNET, load_magnet, predict_volume
+from tera_pipeline.analysis.magnet import load_magnet, predict_volume
 from tera_pipeline.analysis.magnet_levels import array_reader, level_inputs
 from tera_pipeline.core.geometry import Box, bin_box
-from tera_pipeline.training.magnet import as_uint8, synthetic_pairs
+from tera_pipeline.core.intensity import to_uint8
+from tera_pipeline.training.magnet import synthetic_pairs
 
 BIN = (1, 16, 16)
 
@@ -69,25 +70,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=100, help="held-out synthetic brain")
     parser.add_argument("--shape", default="4,512,512")
     parser.add_argument("--magnet", type=Path, default=DEFAULT_MAGNET)
-    parser.add_argument(
-        "--cnn", type=Path, default=DEFAULT_MAGNET.with_name("magnet_bin_cnn.safetensors")
-    )
+    parser.add_argument("--cnn", type=Path, default=DEFAULT_MAGNET_BIN_CNN)
     args = parser.parse_args()
     torch.set_num_threads(2)
     shape = tuple(int(v) for v in args.shape.split(","))
 
     magnet, meta = load_magnet(args.magnet)
-    cnn, cnn_meta = load_model(
-        args.cnn, "magnet_bin_cnn", lambda c: BinCNN(MagNetConfig.from_dict(c))
-    )
+    cnn, cnn_meta = load_checkpoint(args.cnn, "magnet_bin_cnn")
     held_out = synthetic_pairs((args.seed,), shape)[0]
-    image, truth = as_uint8(held_out), held_out.cond
+    image, truth = to_uint8(held_out.image), held_out.cond
     train_seed = meta["training"]["seed"]
     train = synthetic_pairs(tuple(train_seed + i for i in range(3)), (8, 512, 512))
 
     table, timings = {}, {}
     t0 = time.perf_counter()
-    x = np.concatenate([intensity_features(as_uint8(d), magnet.config) for d in train])
+    x = np.concatenate([intensity_features(to_uint8(d.image), magnet.config) for d in train])
     y = np.concatenate([np.log1p(bins_last(d.cond)) for d in train])
     ridge = fit_ridge(x, y)
     pred = np.expm1(np.clip(ridge(intensity_features(image, magnet.config)), 0, None))

@@ -170,10 +170,10 @@ def scratch_run(shape, block, share: bool, client) -> dict:
     return {
         "share_seams": share,
         "step_wall_s": round(wall, 2),
-        "patch_evaluations": report.stats.patches,
+        "patch_evaluations": report.stats.items,
         "patches_shared": report.stats.shared,
         "lattice_patches": lattice,
-        "measured_redundancy": round(report.stats.patches / lattice, 4),
+        "measured_redundancy": round(report.stats.items / lattice, 4),
         "state_shards_written": shards,
         "state_bytes_on_disk": state_bytes,
         "seam_files": seam_files,

@@ -22,9 +22,9 @@ from spatia_scoring import (  # benchmarks/spatia_scoring.py
     summary,
 )
 
-from models.spatia import DEFAULT_SPATIA, load_spatia
+from models.checkpoint import DEFAULT_SPATIA, load_spatia
 from tera_pipeline.analysis.spatia_plan import niche_voxels
-from tera_pipeline.training.spatia import synthetic_cells
+from tera_pipeline.training.spatia_cells import synthetic_cells
 
 
 def main() -> None:

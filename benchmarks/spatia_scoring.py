@@ -32,7 +32,7 @@ from tera_pipeline.analysis.cells import niche_positions, nucleus_area
 from tera_pipeline.analysis.perturb import GeneChange, generate, morphology, perturb
 from tera_pipeline.analysis.spatia_model import contextualise, encode_cells, group_by
 from tera_pipeline.inputs.synthetic import SIZE_DRIVER_GENE
-from tera_pipeline.training.spatia import CellSet
+from tera_pipeline.training.spatia_cells import CellSet
 
 IMPUTE_GENES = ("Camk2a", "Gad2", "Slc6a3", "Gfap", "Plp1", "Pecam1", "P2ry12")
 PCA_COMPONENTS = (8, 16, 24)

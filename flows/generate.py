@@ -28,7 +28,7 @@ from prefect.cache_policies import NONE
 
 from flows.artifacts import StepProgress, publish_run_artifacts
 from tera_pipeline.core.config import JobConfig
-from tera_pipeline.generation import integrity, lifecycle, pyramid
+from tera_pipeline.generation import integrity, lifecycle
 from tera_pipeline.runtime import tasks
 from tera_pipeline.runtime.cluster import cluster_client
 from tera_pipeline.runtime.progress import BlockProgress
@@ -73,35 +73,31 @@ def repair_blocks(config: JobConfig, client, checkpoint: Path, repair: bool, pro
     return text
 
 
-@_phase
-def rasterize_conditioning(config: JobConfig, client, progress) -> tasks.StepReport:
-    return lifecycle.conditioning_pass(config, client, progress)
+@_phase(task_run_name="{name}")
+def run_phase(name: str, phase) -> object:
+    """One phase of the job (``lifecycle.run_phases`` names them) as a Prefect task."""
+    result = phase()
+    if isinstance(result, tasks.PhaseReport):
+        get_run_logger().info(
+            "%s: %d blocks, %d patches in %.1f s",
+            name,
+            result.blocks,
+            result.stats.items,
+            result.wall_s,
+        )
+    return result
 
 
-@_phase(task_run_name="denoise step {step}")
-def denoise_step(
-    config: JobConfig, checkpoint: Path, step: int, client, progress
-) -> tasks.StepReport:
-    report = lifecycle.denoise_step(config, checkpoint, step, client, progress)
-    get_run_logger().info(
-        "step %d: %d blocks, %d patches in %.1f s",
-        step + 1,
-        report.blocks,
-        report.stats.patches,
-        report.wall_s,
-    )
-    return report
+def _reporting(steps: StepProgress | None):
+    """Run each phase as a task; after each DDIM step, the step-progress artifact moves on."""
 
+    def run(name: str, phase):
+        result = run_phase(name, phase)
+        if steps and name.startswith("denoise step"):
+            steps.done(int(name.rsplit(" ", 1)[1]))
+        return result
 
-@_phase
-def build_pyramid(config: JobConfig, client, progress) -> list:
-    """Downsampled levels, block-wise, and the OME-NGFF multiscales metadata."""
-    return pyramid.build(config, client, progress)
-
-
-@_phase
-def finalize_store(config: JobConfig, reports: list) -> None:
-    lifecycle.finalize_store(config, reports)
+    return run
 
 
 @flow(name="generate", validate_parameters=True, retries=0, persist_result=False)
@@ -138,13 +134,7 @@ def generate_flow(
         with lifecycle.holding(job), bar as progress:
             if resume and (repair or not verified):
                 repair_blocks(job, client, checkpoint, repair, progress)
-            reports = [rasterize_conditioning(job, client, progress)]
-            for step in range(job.diffusion.steps):
-                reports.append(denoise_step(job, checkpoint, step, client, progress))
-                if steps:
-                    steps.done(step + 1)
-            build_pyramid(job, client, progress)
-            finalize_store(job, reports)
+            lifecycle.run_phases(job, checkpoint, client, progress, run=_reporting(steps))
     if artifacts:
         state = publish_run_artifacts(str(job.out), return_state=True)
         if state.is_failed():  # the volume is complete; a missing artifact does not undo it

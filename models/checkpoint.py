@@ -1,24 +1,67 @@
-"""Checkpoint I/O: safetensors weights with the model's config and provenance in the metadata."""
+"""Checkpoints: safetensors weights with the model's config and provenance in the metadata.
+
+The one registry of model kinds (``KINDS``: each kind's model class, config class and committed
+default file) and the one loader (``load_checkpoint``): read the metadata, check the kind, build
+the model from its config, load the weights strictly.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
 
 from models.denoiser import ConditionalUNet3D, DenoiserConfig
+from models.magnet import BinCNN, MagNet, MagNetConfig
+from models.spatia import Spatia, SpatiaConfig
 
-DEFAULT_DENOISER = Path(__file__).parent / "checkpoints" / "denoiser.safetensors"
+CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
+"""The committed checkpoints, one per kind: ``<kind>.safetensors``."""
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, or does not match what it is used for."""
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """A kind of checkpoint: its model class, built from its config class (``from_dict``)."""
+
+    name: str
+    model: Callable[[Any], nn.Module]
+    config: type[Any]
+
+    @property
+    def default(self) -> Path:
+        """The committed checkpoint of this kind."""
+        return CHECKPOINT_DIR / f"{self.name}.safetensors"
+
+    def build(self, config: dict[str, Any]) -> nn.Module:
+        """A freshly initialised model from a checkpoint's config dict."""
+        return self.model(self.config.from_dict(config))
+
+
+KINDS: dict[str, ModelKind] = {
+    kind.name: kind
+    for kind in (
+        ModelKind("denoiser", ConditionalUNet3D, DenoiserConfig),
+        ModelKind("magnet", MagNet, MagNetConfig),
+        ModelKind("magnet_bin_cnn", BinCNN, MagNetConfig),  # MagNet's bin-crop-only baseline
+        ModelKind("spatia", Spatia, SpatiaConfig),
+    )
+}
+DEFAULT_DENOISER = KINDS["denoiser"].default
+DEFAULT_MAGNET = KINDS["magnet"].default
+DEFAULT_MAGNET_BIN_CNN = KINDS["magnet_bin_cnn"].default
+DEFAULT_SPATIA = KINDS["spatia"].default
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, kind: str, meta: dict[str, Any]) -> None:
@@ -59,16 +102,16 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_model(
-    path: Path, kind: str, build: Callable[[dict[str, Any]], torch.nn.Module]
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Load a ``kind`` model built by ``build(config_dict)``; eval mode on the CPU."""
+def load_checkpoint(path: Path, kind: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a ``kind`` model (a name in ``KINDS``) and its metadata; eval mode on the CPU."""
+    if kind not in KINDS:
+        raise CheckpointError(f"unknown model kind {kind!r}; known: {', '.join(KINDS)}")
     meta = read_metadata(path)
     if meta.get("kind") != kind:
         raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, not a {kind}")
     if "config" not in meta:
         raise CheckpointError(f"{path} has no model config in its metadata")
-    model = build(meta["config"])
+    model = KINDS[kind].build(meta["config"])
     try:
         model.load_state_dict(load_file(str(path)))
     except (SafetensorError, RuntimeError, OSError) as err:
@@ -77,7 +120,18 @@ def load_model(
 
 
 def load_denoiser(path: Path) -> tuple[ConditionalUNet3D, dict[str, Any]]:
-    """Load a denoiser and its metadata; the model is in eval mode on the CPU."""
-    return load_model(  # type: ignore[return-value]
-        path, "denoiser", lambda c: ConditionalUNet3D(DenoiserConfig.from_dict(c))
-    )
+    """A denoiser checkpoint and its metadata (``load_checkpoint``)."""
+    model, meta = load_checkpoint(path, "denoiser")
+    return cast(ConditionalUNet3D, model), meta
+
+
+def load_magnet(path: Path) -> tuple[MagNet, dict[str, Any]]:
+    """A MagNet checkpoint and its metadata (gene panel, bin shape, training figures)."""
+    model, meta = load_checkpoint(path, "magnet")
+    return cast(MagNet, model), meta
+
+
+def load_spatia(path: Path) -> tuple[Spatia, dict[str, Any]]:
+    """A SPATIA checkpoint and its metadata (``load_checkpoint``)."""
+    model, meta = load_checkpoint(path, "spatia")
+    return cast(Spatia, model), meta

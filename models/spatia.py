@@ -16,78 +16,23 @@ orchestration.
   member embeddings and a pooled embedding.
 - Generator: conditional flow matching (rectified flow) with a small UNet that maps noise to a
   cell crop given the cell's expression; sampled with a fixed-step Euler integrator, so one
-  noise draw gives the "before" and "after" images of a perturbation.
+  noise draw gives the "before" and "after" images of a perturbation
+  (``models.spatia_generator``).
+
+The sizes, and how expression enters the model, are in ``models.spatia_config``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_SPATIA = Path(__file__).parent / "checkpoints" / "spatia.safetensors"
-LIBRARY_SCALE = 100.0
-"""Expression values are log1p(LIBRARY_SCALE * count / cell total)."""
-
-
-@dataclass(frozen=True)
-class SpatiaConfig:
-    """Sizes of the model. ``crop`` is (z, y, x) voxels around the centroid; z = 1 is a 2-D crop
-    (the centroid's slice); z > 1 stacks the slices as channels of the ViT and the generator."""
-
-    genes: int = 32
-    channels: int = 2
-    crop: tuple[int, int, int] = (1, 32, 32)
-    patch: int = 4
-    dim: int = 64
-    heads: int = 4
-    morph_layers: int = 2
-    gene_layers: int = 2
-    fusion_layers: int = 1
-    embed_dim: int = 32
-    context_layers: int = 2
-    cell_types: int = 9
-    gen_channels: int = 16
-    gen_mults: tuple[int, ...] = (1, 2, 2)
-    time_dim: int = 64
-
-    def __post_init__(self) -> None:
-        if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}")
-        if self.crop[1] % self.patch or self.crop[2] % self.patch:
-            raise ValueError(f"crop {self.crop} in-plane must be whole ViT patches {self.patch}")
-        factor = 2 ** (len(self.gen_mults) - 1)
-        if self.crop[1] % factor or self.crop[2] % factor:
-            raise ValueError(f"crop {self.crop} in-plane must be divisible by {factor} (UNet)")
-
-    @property
-    def in_channels(self) -> int:
-        return self.channels * self.crop[0]
-
-    @property
-    def tokens(self) -> int:
-        return (self.crop[1] // self.patch) * (self.crop[2] // self.patch)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SpatiaConfig:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-
-def expression_values(counts: torch.Tensor, gene_mask: torch.Tensor | None = None):
-    """(log-normalised values (B, G), log1p of the observed total (B, 1)); masked genes are
-    left out of the total and read as 0."""
-    observed = counts if gene_mask is None else counts * (~gene_mask)
-    total = observed.sum(dim=1, keepdim=True)
-    values = torch.log1p(LIBRARY_SCALE * observed / total.clamp_min(1.0))
-    return values, torch.log1p(total)
+from models.spatia_config import SpatiaConfig, expression_values
+from models.spatia_generator import FlowGenerator
 
 
 # -- transformer parts --------------------------------------------------------------------------
@@ -333,112 +278,6 @@ class ContextEncoder(nn.Module):
         return h[:, 1:], h[:, 0]
 
 
-# -- generator ----------------------------------------------------------------------------------
-def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    half = dim // 2
-    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]
-    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
-
-
-def _norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(8, c), c)
-
-
-class ResBlock2D(nn.Module):
-    def __init__(self, cin: int, cout: int, cond: int) -> None:
-        super().__init__()
-        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.film = nn.Linear(cond, 2 * cout)
-        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x, c):
-        h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.film(c)[:, :, None, None].chunk(2, dim=1)
-        h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
-        return h + self.skip(x)
-
-
-class FlowGenerator(nn.Module):
-    """Velocity field v(x_t, t | expression) of a rectified flow from noise (t = 0) to cell
-    crops (t = 1), a UNet with FiLM from the time and expression embeddings."""
-
-    def __init__(self, cfg: SpatiaConfig) -> None:
-        super().__init__()
-        td = cfg.time_dim
-        self.time_dim = td
-        self.time = nn.Sequential(nn.Linear(td, td), nn.SiLU(), nn.Linear(td, td))
-        self.expression = nn.Sequential(
-            nn.Linear(cfg.genes + 1, 2 * td), nn.SiLU(), nn.Linear(2 * td, td)
-        )
-        self.null = nn.Parameter(torch.zeros(td))
-        chans = [cfg.gen_channels * m for m in cfg.gen_mults]
-        self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
-        self.down = nn.ModuleList()
-        self.pool = nn.ModuleList()
-        cin = chans[0]
-        for i, c in enumerate(chans):
-            self.down.append(ResBlock2D(cin, c, td))
-            cin = c
-            if i < len(chans) - 1:
-                self.pool.append(nn.Conv2d(c, c, 4, stride=2, padding=1))
-        self.mid = ResBlock2D(cin, cin, td)
-        self.up = nn.ModuleList()
-        for c in reversed(chans):
-            self.up.append(ResBlock2D(cin + c, c, td))
-            cin = c
-        self.norm_out = _norm(cin)
-        self.conv_out = nn.Conv2d(cin, cfg.in_channels, 3, padding=1)
-
-    def condition(self, counts: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
-        """The expression embedding; rows in ``drop`` get the learned unconditional one."""
-        values, log_total = expression_values(counts)
-        c = self.expression(torch.cat([values, log_total], dim=1))
-        if drop is not None:
-            c = torch.where(drop[:, None], self.null.expand_as(c), c)
-        return c
-
-    def forward(self, x, t, cond):
-        c = F.silu(self.time(time_embedding(t, self.time_dim)) + cond)
-        h = self.conv_in(x)
-        skips = []
-        for i, block in enumerate(self.down):
-            h = block(h, c)
-            skips.append(h)
-            if i < len(self.pool):
-                h = self.pool[i](h)
-        h = self.mid(h, c)
-        for block, skip in zip(self.up, reversed(skips), strict=True):
-            if h.shape[-2:] != skip.shape[-2:]:
-                h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
-            h = block(torch.cat([h, skip], dim=1), c)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-    def loss(self, x1, counts, gen: torch.Generator, drop_rate: float = 0.1) -> torch.Tensor:
-        """Conditional flow-matching MSE: x_t = (1 - t) x0 + t x1, target x1 - x0."""
-        x0 = torch.randn(x1.shape, generator=gen)
-        t = torch.rand(len(x1), generator=gen)
-        drop = torch.rand(len(x1), generator=gen) < drop_rate
-        xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * x1
-        return F.mse_loss(self(xt, t, self.condition(counts, drop)), x1 - x0)
-
-    @torch.no_grad()
-    def sample(self, counts, noise, steps: int = 16, guidance: float = 1.0) -> torch.Tensor:
-        """Euler integration from ``noise`` (t = 0) to images (t = 1) given ``counts``;
-        ``guidance`` > 1 is classifier-free guidance against the unconditional field."""
-        cond = self.condition(counts)
-        null = self.null.expand_as(cond)
-        x = noise
-        for k in range(steps):
-            t = torch.full((len(x),), k / steps, device=x.device)
-            v = self(x, t, cond)
-            if guidance != 1.0:
-                v = self(x, t, null) + guidance * (v - self(x, t, null))
-            x = x + v / steps
-        return x.clamp(-1.0, 1.0)
-
-
 class Spatia(nn.Module):
     """The whole model: cell encoder, niche and tissue transformers, and the generator."""
 
@@ -449,23 +288,3 @@ class Spatia(nn.Module):
         self.niche = ContextEncoder(cfg)
         self.tissue = ContextEncoder(cfg)
         self.generator = FlowGenerator(cfg)
-
-
-def load_spatia(path: Path) -> tuple[Spatia, dict[str, Any]]:
-    """Load a SPATIA checkpoint and its metadata; the model is in eval mode on the CPU."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from models.checkpoint import CheckpointError, read_metadata
-
-    meta = read_metadata(path)
-    if meta.get("kind") != "spatia":
-        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, not a SPATIA model")
-    if "config" not in meta:
-        raise CheckpointError(f"{path} has no model config in its metadata")
-    model = Spatia(SpatiaConfig.from_dict(meta["config"]))
-    try:
-        model.load_state_dict(load_file(str(path)))
-    except (SafetensorError, RuntimeError, OSError) as err:
-        raise CheckpointError(f"checkpoint {path} does not match its config: {err}") from err
-    return model.eval(), meta

@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from tera_pipeline.core.config import JobConfig
-from tera_pipeline.core.geometry import Box, ChunkGrid, GeometryError, PatchLattice
+from tera_pipeline.core.geometry import BlockGrid, Box, GeometryError, PatchLattice
 
 
 def test_box_algebra():
@@ -37,7 +37,7 @@ def test_halo_formula():
 )
 def test_patches_touching_a_core_are_exactly_those_of_the_lattice(patch, stride, volume, block):
     lattice = PatchLattice(patch, stride)
-    grid = ChunkGrid(volume, block, lattice)
+    grid = BlockGrid(volume, block, lattice)
     everything = lattice.all_patches(volume)
     covered = set()
     for blk in grid.blocks():
@@ -62,7 +62,7 @@ def test_lattice_covers_volume_edges():
 
 
 def test_grid_clips_edge_blocks():
-    grid = ChunkGrid((10, 100, 70), (4, 32, 32), PatchLattice((4, 32, 32), (2, 16, 16)))
+    grid = BlockGrid((10, 100, 70), (4, 32, 32), PatchLattice((4, 32, 32), (2, 16, 16)))
     assert grid.shape == (3, 4, 3)
     edge = grid.block((2, 3, 2))
     assert edge.core == Box((8, 96, 64), (2, 4, 6))
@@ -72,8 +72,8 @@ def test_grid_clips_edge_blocks():
 def test_block_must_be_whole_strides_and_shards():
     lattice = PatchLattice((4, 32, 32), (2, 16, 16))
     with pytest.raises(GeometryError, match="whole number of strides"):
-        ChunkGrid((16, 64, 64), (3, 32, 32), lattice)
-    grid = ChunkGrid((16, 64, 64), (4, 32, 32), lattice)
+        BlockGrid((16, 64, 64), (3, 32, 32), lattice)
+    grid = BlockGrid((16, 64, 64), (4, 32, 32), lattice)
     with pytest.raises(GeometryError, match="whole number of shards"):
         grid.check_shards((4, 64, 64))
 

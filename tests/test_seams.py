@@ -57,14 +57,14 @@ def test_blocks_in_order_compute_each_patch_once_with_the_same_bytes(job, tmp_pa
     assert touching > lattice  # the layout has seams to share
     checkpoint = _setup(job)
     stats = [block_step.denoise_block(job, checkpoint, 0, i) for i in np.ndindex(*grid.shape)]
-    assert sum(s.patches for s in stats) == lattice
+    assert sum(s.items for s in stats) == lattice
     assert sum(s.shared for s in stats) == touching - lattice
     shared = _state(job, 0)
 
     alone = job.with_overrides(out=str(tmp_path / "alone.zarr"), share_seams=False)
     checkpoint = _setup(alone)
     computed = sum(
-        block_step.denoise_block(alone, checkpoint, 0, i).patches for i in np.ndindex(*grid.shape)
+        block_step.denoise_block(alone, checkpoint, 0, i).items for i in np.ndindex(*grid.shape)
     )
     assert computed == touching
     assert not (alone.out / seams.SEAMS).exists()
@@ -81,7 +81,7 @@ def test_unreadable_seam_file_is_recomputed(job):
     seam.write_bytes(b"torn")  # a reader must never trust it
     bad = block_step.denoise_block(job, checkpoint, 0, (0, 0, 1))
     assert good.shared > 0 and bad.shared == 0
-    assert bad.patches == good.patches + good.shared
+    assert bad.items == good.items + good.shared
     # a block removes its own file of the step before when it publishes the next
     block_step.denoise_block(job, checkpoint, 0, (0, 0, 0))
     for index in np.ndindex(*grid.shape):

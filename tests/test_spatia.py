@@ -14,15 +14,13 @@ import xarray as xr
 from typer.testing import CliRunner
 
 from flows.cli import app
-from models.checkpoint import save_checkpoint
+from models.checkpoint import DEFAULT_SPATIA, load_spatia, save_checkpoint
 from models.spatia import (
-    DEFAULT_SPATIA,
     CellLossWeights,
     Spatia,
     SpatiaConfig,
     cell_losses,
     centre_weights,
-    load_spatia,
     zinb_nll,
 )
 from tera_pipeline.analysis import spatia
@@ -305,7 +303,7 @@ def test_perturb_cli_panel_and_unknown_cells(store, tiny_spatia, tmp_path):
 def test_committed_checkpoint_generates_larger_nuclei_when_the_driver_rises():
     """Acceptance 3 on held-out synthetic cells: the driver gene + 20 counts enlarges the
     measured nucleus of the generated cell in at least 80 % of cells."""
-    from tera_pipeline.training.spatia import synthetic_cells
+    from tera_pipeline.training.spatia_cells import synthetic_cells
 
     model, meta = load_spatia(DEFAULT_SPATIA)
     assert meta["genes"] == list(GENE_PANEL)

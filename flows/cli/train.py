@@ -67,7 +67,7 @@ def train_magnet_cmd(
     """Train MagNet on (image, expression per bin) pairs: synthetic renders, or yours."""
     import torch
 
-    from tera_pipeline.analysis.magnet import DEFAULT_MAGNET
+    from models.checkpoint import DEFAULT_MAGNET
     from tera_pipeline.training.magnet import train_magnet
 
     torch.set_num_threads(threads)
@@ -75,16 +75,11 @@ def train_magnet_cmd(
     if (images is None) != (cells is None):
         fail("--images and --cells go together")
     if images is not None:
-        from models.magnet import MagNetConfig
-        from tera_pipeline.training.denoiser import user_training_data
+        from tera_pipeline.training.magnet import user_pairs
 
-        side = MagNetConfig().region_bins * 16
         spacing_um = parse_spacing(spacing)
         with refusing():
-            train, val = user_training_data(
-                images, cells, spacing_um, (1, 16, 16), patch=(1, side, side)
-            )
-        data = ([train], [val])
+            data = user_pairs(images, cells, spacing_um)
     history = train_magnet(
         out or DEFAULT_MAGNET.with_name(f"{kind}.safetensors"),
         steps=steps,
@@ -119,11 +114,12 @@ def train_spatia_cmd(
     threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
 ) -> None:
     """Train SPATIA on cells with crops: the synthetic brain, or your images and cells."""
-    import numpy as np
     import torch
 
-    from models.spatia import DEFAULT_SPATIA, SpatiaConfig
-    from tera_pipeline.training.spatia import train_spatia, user_cells
+    from models.checkpoint import DEFAULT_SPATIA
+    from models.spatia import SpatiaConfig
+    from tera_pipeline.training.spatia import train_spatia
+    from tera_pipeline.training.spatia_cells import split_cells, user_cells
 
     torch.set_num_threads(threads)
     cfg = SpatiaConfig(crop=triple(crop, "--crop"))
@@ -134,9 +130,7 @@ def train_spatia_cmd(
         spacing_um = parse_spacing(spacing)
         with refusing():
             every = user_cells(images, cells, spacing_um, cfg.crop, type_key=type_key)
-        order = np.random.default_rng(seed).permutation(len(every))
-        cut = max(1, len(every) // 10)
-        data = (every.subset(order[cut:]), every.subset(order[:cut]))
+        data = split_cells(every, seed)
     target = out or DEFAULT_SPATIA
     history = train_spatia(
         target,

@@ -61,20 +61,13 @@ def prepare(root: Path, pairs: Sequence[tuple[str, str]]) -> tuple[JobConfig, st
     grid, lattice = job.grid(), job.lattice_obj()
     tiles = tuple(-(-v // s) for v, s in zip(job.volume.shape, lattice.stride))
     per_block = tuple(b // s for b, s in zip(job.storage.block, lattice.stride))
-    sp, org = job.volume.spacing_um, job.volume.origin_um
-    um = {"units": "micrometer"}
     coords = {
         "pair": (np.asarray(["/".join(p) for p in pairs], dtype=object), {}),
         "gene_to": (np.asarray(genes, dtype=object), {}),
     }
-    for axis, name in enumerate("zyx"):
-        s, p, b = lattice.stride[axis], lattice.patch[axis], job.storage.block[axis]
-        coords[f"{name}patch"] = (org[axis] + (np.arange(tiles[axis]) * s + p / 2) * sp[axis], um)
-        nb = grid.shape[axis]
-        coords[f"{name}block"] = (org[axis] + (np.arange(nb) * b + b / 2) * sp[axis], um)
-    for name in coords:
-        store.remove(root, name)
-    _add_coords(root, coords)
+    coords |= layout.grid_coordinates(job.volume, "patch", tiles, lattice.patch, lattice.stride)
+    coords |= layout.grid_coordinates(job.volume, "block", grid.shape, job.storage.block)
+    store.add_coordinates(root, coords)
     store.create_array(
         root,
         store.ArraySpec(
@@ -104,16 +97,6 @@ def prepare(root: Path, pairs: Sequence[tuple[str, str]]) -> tuple[JobConfig, st
         ),
     )
     return job, checkpoint
-
-
-def _add_coords(root: Path, coords: dict) -> None:
-    import xarray as xr
-
-    attrs = store.group_attrs(root)  # xarray's append rewrites the group's attributes
-    variables = {n: xr.Variable((n,), v, attrs=a) for n, (v, a) in coords.items()}
-    xr.Dataset(coords=variables, attrs=attrs).to_zarr(
-        root, zarr_format=3, mode="a", consolidated=False
-    )
 
 
 @gpu_task
@@ -149,7 +132,7 @@ def attention_block(
     matrix = attn.reshape(-1, len(genes), len(genes)).mean(axis=0)
     arr = store.open_array(root, MATRIX_ARRAY)
     arr[index[0], index[1], index[2]].write(matrix).result()
-    return tasks.BlockStats(patches=len(origins))
+    return tasks.BlockStats(items=len(origins))
 
 
 def run(root: Path, client, pairs_text: str | None = None, progress=None) -> dict:
@@ -159,16 +142,11 @@ def run(root: Path, client, pairs_text: str | None = None, progress=None) -> dic
     pairs = parse_pairs(pairs_text, genes)
     job, checkpoint = prepare(root, pairs)
     grid = job.grid()
-    tasks.run_blocks(
-        client,
-        attention_block,
-        (job, checkpoint, pairs),
-        np.ndindex(*grid.shape),
-        grid.num_blocks,
-        "attention",
-        tasks.in_flight(job, client),
-        progress,
+    blocks = np.ndindex(*grid.shape)
+    phase = tasks.BlockTask(
+        "attention", attention_block, (job, checkpoint, pairs), blocks, grid.num_blocks
     )
+    tasks.run_task(client, job, phase, progress)
     store.consolidate(root)
     matrix = store.open_array(root, MATRIX_ARRAY).read().result()
     return {

@@ -77,11 +77,6 @@ def inside_fraction(voxels: np.ndarray, crop: Shape, volume: Shape) -> np.ndarra
     return np.prod(inside / np.asarray(crop), axis=1)
 
 
-def to_unit(crops: np.ndarray) -> np.ndarray:
-    """uint8 crops -> float32 in [-1, 1]."""
-    return crops.astype(np.float32) / 127.5 - 1.0
-
-
 def niche_positions(voxels: np.ndarray, niche: Shape):
     """(niche index (N, 3), position in the niche in [-1, 1] (N, 3)) of centroid voxels on the
     global niche grid (niche boxes of ``niche`` voxels starting at 0)."""

@@ -8,40 +8,26 @@ conditioning (cycle consistency of a generated volume) at 1 x 1, 2 x 2 and 4 x 4
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from models.checkpoint import CheckpointError, load_model
-from models.magnet import MagNet, MagNetConfig
+from models.checkpoint import DEFAULT_MAGNET, CheckpointError, load_magnet
+from models.magnet import MagNet
 from tera_pipeline.analysis.magnet_levels import Reader, array_reader, level_inputs
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.errors import AnalysisError
 from tera_pipeline.core.geometry import Box, Shape, bin_box
 from tera_pipeline.generation import integrity
+from tera_pipeline.inputs.panel import panel_difference
 from tera_pipeline.runtime import tasks
 from tera_pipeline.runtime.cluster import gpu_task
+from tera_pipeline.runtime.model_cache import worker_model
 from tera_pipeline.storage import layout, store
 
 EXPRESSION = "magnet_expression"
-DEFAULT_MAGNET = (
-    Path(__file__).resolve().parents[2] / "models" / "checkpoints" / "magnet.safetensors"
-)
 SLABS_PER_BATCH = 4
-
-
-def load_magnet(path: Path) -> tuple[MagNet, dict]:
-    """A MagNet checkpoint and its metadata (gene panel, bin shape, training figures)."""
-    return load_model(path, "magnet", lambda c: MagNet(MagNetConfig.from_dict(c)))  # type: ignore[return-value]
-
-
-@lru_cache(maxsize=2)
-def _cached_magnet(path: str) -> tuple[MagNet, dict]:
-    """The worker's MagNet, on its GPU when it has one."""
-    model, meta = load_magnet(Path(path))
-    return model.to("cuda" if torch.cuda.is_available() else "cpu"), meta
 
 
 def to_counts(log_expression: torch.Tensor) -> np.ndarray:
@@ -72,14 +58,10 @@ def predict_volume(model: MagNet, image: np.ndarray, bin_shape: Shape) -> np.nda
 
 def check_model(meta: dict, genes: tuple[str, ...], bin_shape: Shape, path: Path) -> None:
     """A checkpoint fits a store when it was trained on the same gene panel and bin shape."""
-    trained = tuple(meta.get("genes", ()))
-    if trained != tuple(genes):
-        missing = sorted(set(genes) - set(trained))
-        extra = sorted(set(trained) - set(genes))
+    difference = panel_difference(genes, meta.get("genes", ()))
+    if difference:
         raise CheckpointError(
-            f"{path} was trained for another gene panel ({len(trained)} genes) than the store's "
-            f"({len(genes)}): missing {missing[:5]}, extra {extra[:5]}"
-            + ("" if missing or extra else "; same genes in another order")
+            f"{path} was trained for another gene panel than the store's: {difference}"
         )
     if tuple(meta.get("bin", bin_shape))[1:] != tuple(bin_shape)[1:]:
         raise CheckpointError(f"{path} reads {meta['bin']} bins; the store's are {list(bin_shape)}")
@@ -140,7 +122,7 @@ def magnet_block(job: JobConfig, checkpoint: str, index: tuple[int, ...]) -> tas
     import time
 
     t0 = time.perf_counter()
-    model, _ = _cached_magnet(checkpoint)
+    model, _ = worker_model(load_magnet, checkpoint)  # loaded once per worker
     root, b = Path(job.out), job.conditioning.bin
     image = store.open_array(root, layout.IMAGE)
     core = bin_box(job.grid().block(index).core, b)
@@ -150,26 +132,19 @@ def magnet_block(job: JobConfig, checkpoint: str, index: tuple[int, ...]) -> tas
     store.write_box(store.open_array(root, EXPRESSION), core, counts)
     end = time.perf_counter()
     return tasks.BlockStats(
-        patches=int(np.prod(core.shape)), model_s=tw - t0, write_s=end - tw, total_s=end - t0
+        items=int(np.prod(core.shape)), model_s=tw - t0, write_s=end - tw, total_s=end - t0
     )
 
 
-def run(root: Path, client, checkpoint: Path | None = None, progress=None) -> tasks.StepReport:
+def run(root: Path, client, checkpoint: Path | None = None, progress=None) -> tasks.PhaseReport:
     """MagNet over every block of the store."""
     root = Path(root)
     job, path = prepare(root, checkpoint)
     grid = job.grid()
-    report = tasks.run_blocks(
-        client,
-        magnet_block,
-        (job, path),
-        np.ndindex(*grid.shape),
-        grid.num_blocks,
-        "magnet",
-        tasks.in_flight(job, client),
-        progress,
-        retries=job.retries,
+    phase = tasks.BlockTask(
+        "magnet", magnet_block, (job, path), np.ndindex(*grid.shape), grid.num_blocks
     )
+    report = tasks.run_task(client, job, phase, progress)
     store.consolidate(root)
     return report
 

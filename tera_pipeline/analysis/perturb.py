@@ -19,6 +19,7 @@ import torch
 from models.spatia import Spatia
 from tera_pipeline.analysis.cells import CropError, nucleus_area
 from tera_pipeline.core.errors import TeraError
+from tera_pipeline.core.intensity import to_uint8
 from tera_pipeline.storage import layout, ownership
 
 STEPS = 16
@@ -114,7 +115,7 @@ def generate(
             guidance,
         )
         x = x.cpu().numpy()
-        out.append(np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8))
+        out.append(to_uint8(x))
     return np.concatenate(out) if out else np.zeros((0, *noise.shape[1:]), np.uint8)
 
 
@@ -193,21 +194,9 @@ def perturb_store(
     changes = parse_changes(changes_text, p.genes)
     grid = p.grid
     box = grid.block(tuple(n // 2 for n in grid.shape)).core
-    cells = spatia.cells_in(source, box, p.job.volume.spacing_um)
-    if cell_ids:
-        where = {int(c): i for i, c in enumerate(cells.cell_id)}
-        missing = [c for c in cell_ids if int(c) not in where]
-        if missing:
-            raise CropError(
-                f"cells {missing[:5]} are not in the volume's central block {box} "
-                f"({len(cells)} cells there)"
-            )
-        cells = cells.select(np.array([where[int(c)] for c in cell_ids]))
-    else:
-        if len(cells) == 0:
-            raise PerturbError(f"no cells in the central block {box} of {root}")
-        pick = np.random.default_rng(seed).choice(len(cells), min(n_cells, len(cells)), False)
-        cells = cells.select(np.sort(pick))
+    cells = _chosen_cells(
+        spatia.cells_in(source, box, p.job.volume.spacing_um), box, cell_ids, n_cells, seed, root
+    )
     model = spatia.get_model(p.checkpoint)
     result = perturb(model, cells.counts, cells.cell_id, p.genes, changes, seed)
     voxels = cell_voxels(cells.position_um, p.job.volume.spacing_um)
@@ -222,23 +211,7 @@ def perturb_store(
         "store": str(root),
         "checkpoint": p.checkpoint,
         "seed": seed,
-        "per_cell": [
-            {
-                "cell_id": int(cells.cell_id[i]),
-                "nucleus_area_px": [
-                    float(result["morphology_before"]["nucleus_area_px"][i]),
-                    float(result["morphology_after"]["nucleus_area_px"][i]),
-                ],
-                "genes_before_after": {
-                    c.gene: [
-                        float(cells.counts[i, p.genes.index(c.gene)]),
-                        float(result["counts_after"][i, p.genes.index(c.gene)]),
-                    ]
-                    for c in changes
-                },
-            }
-            for i in range(len(cells))
-        ],
+        "per_cell": _per_cell(cells, result, p.genes, changes),
     }
     json_path = out_dir / f"{root.stem}.perturb.json"
     png_path = out_dir / f"{root.stem}.perturb.png"
@@ -246,6 +219,44 @@ def perturb_store(
         json_path.write_text(json.dumps(report, indent=2))
         panel_png(real, result, p.crop[0], report, png_path)
     return {**report, "json": str(json_path), "png": str(png_path)}
+
+
+def _chosen_cells(cells, box, cell_ids: Sequence[int], n_cells: int, seed: int, root: Path):
+    """The cells of ``box`` to perturb: those named by ``cell_ids``, else ``n_cells`` at random."""
+    if cell_ids:
+        where = {int(c): i for i, c in enumerate(cells.cell_id)}
+        missing = [c for c in cell_ids if int(c) not in where]
+        if missing:
+            raise CropError(
+                f"cells {missing[:5]} are not in the volume's central block {box} "
+                f"({len(cells)} cells there)"
+            )
+        return cells.select(np.array([where[int(c)] for c in cell_ids]))
+    if len(cells) == 0:
+        raise PerturbError(f"no cells in the central block {box} of {root}")
+    pick = np.random.default_rng(seed).choice(len(cells), min(n_cells, len(cells)), False)
+    return cells.select(np.sort(pick))
+
+
+def _per_cell(cells, result: dict, genes: Sequence[str], changes) -> list[dict]:
+    """Each perturbed cell's nucleus area and changed genes, before and after."""
+    return [
+        {
+            "cell_id": int(cells.cell_id[i]),
+            "nucleus_area_px": [
+                float(result["morphology_before"]["nucleus_area_px"][i]),
+                float(result["morphology_after"]["nucleus_area_px"][i]),
+            ],
+            "genes_before_after": {
+                c.gene: [
+                    float(cells.counts[i, genes.index(c.gene)]),
+                    float(result["counts_after"][i, genes.index(c.gene)]),
+                ]
+                for c in changes
+            },
+        }
+        for i in range(len(cells))
+    ]
 
 
 def panel_png(real, result: dict, crop_z: int, report: dict, path: Path) -> Path:

@@ -18,17 +18,14 @@ store ``spatia_niche`` (zniche, yniche, xniche, feature), ``spatia_niche_cells``
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import replace
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from models.checkpoint import read_metadata
-from models.spatia import Spatia, load_spatia
+from models.checkpoint import load_spatia, read_metadata
+from models.spatia import Spatia
 from tera_pipeline.analysis.cells import (
     cell_voxels,
     centred,
@@ -43,7 +40,7 @@ from tera_pipeline.core.geometry import Box, Shape
 from tera_pipeline.inputs.synthetic import CellTable
 from tera_pipeline.runtime import tasks
 from tera_pipeline.runtime.cluster import gpu_task
-from tera_pipeline.runtime.memory import keep_freed_memory
+from tera_pipeline.runtime.model_cache import worker_model
 from tera_pipeline.storage import layout, ownership, store
 
 PARTS_MARKER = ".tera-spatia-parts"
@@ -54,15 +51,9 @@ H5AD_SUFFIX = ".spatia.h5ad"
 
 
 # -- block tasks ----------------------------------------------------------------------------------
-@lru_cache(maxsize=2)
 def get_model(checkpoint: str) -> Spatia:
     """The worker's cached model (loaded once per process), on the worker's GPU if it has one."""
-    keep_freed_memory()
-    threads = int(os.environ.get("TERA_TORCH_THREADS", "0"))
-    if threads > 0:
-        torch.set_num_threads(threads)
-    model = load_spatia(Path(checkpoint))[0]
-    return model.to("cuda") if torch.cuda.is_available() else model
+    return worker_model(load_spatia, checkpoint)[0]
 
 
 def cells_in(source, box: Box, spacing_um: Sequence[float]) -> CellTable:
@@ -124,7 +115,7 @@ def spatia_block(p: Plan, index: tuple[int, ...]) -> tasks.BlockStats:
         _write_part(p, index, cells, voxels, index3, enc, context)
     store.write_box(_fresh(root, NICHE_ARRAY), niches, np.moveaxis(niche_emb, -1, 0))
     store.write_box(_fresh(root, NICHE_CELLS), niches, niche_count)
-    return tasks.BlockStats(patches=len(cells), total_s=time.perf_counter() - t0)
+    return tasks.BlockStats(items=len(cells), total_s=time.perf_counter() - t0)
 
 
 def _fresh(root: Path, name: str):
@@ -155,7 +146,7 @@ def tissue_block(p: Plan, index: tuple[int, ...]) -> tasks.BlockStats:
         _, pooled = contextualise(model.tissue, features, pos, [np.arange(len(present))])
         out[:, 0, 0, 0] = pooled[0]
     store.write_box(_fresh(root, TISSUE_ARRAY), Box(index, (1, 1, 1)), out)
-    return tasks.BlockStats(patches=len(present))
+    return tasks.BlockStats(items=len(present))
 
 
 def _write_part(p: Plan, index, cells: CellTable, voxels, niche_index, enc, context) -> None:
@@ -239,32 +230,12 @@ def prepare(p: Plan) -> None:
     ]
     for spec in specs:
         store.create_array(root, spec)
-    sp, org = p.job.volume.spacing_um, p.job.volume.origin_um
-    um = {"units": "micrometer"}
+    tile = tuple(n * t for n, t in zip(p.niche, p.tissue, strict=True))
     coords = {feature: (np.arange(e), {})}
-    for axis, name in enumerate("zyx"):
-        n = p.niche[axis]
-        coords[f"{name}niche"] = (
-            org[axis] + (np.arange(p.niche_grid[axis]) + 0.5) * n * sp[axis],
-            um,
-        )
-        t = n * p.tissue[axis]
-        centres = org[axis] + (np.arange(p.tissue_grid[axis]) + 0.5) * t * sp[axis]
-        coords[f"{name}tissue"] = (centres, um)
-    _add_coords(root, coords)
+    coords |= layout.grid_coordinates(p.job.volume, "niche", p.niche_grid, p.niche)
+    coords |= layout.grid_coordinates(p.job.volume, "tissue", p.tissue_grid, tile)
+    store.add_coordinates(root, coords)
     ownership.make_side_dir(Path(p.parts), PARTS_MARKER)  # fresh; only a folder of ours is reused
-
-
-def _add_coords(root: Path, coords: dict) -> None:
-    import xarray as xr
-
-    for name in coords:
-        store.remove(root, name)
-    attrs = store.group_attrs(root)  # xarray's append rewrites the group's attributes
-    variables = {n: xr.Variable((n,), v, attrs=a) for n, (v, a) in coords.items()}
-    xr.Dataset(coords=variables, attrs=attrs).to_zarr(
-        root, zarr_format=3, mode="a", consolidated=False
-    )
 
 
 def h5ad_path(root: Path) -> Path:
@@ -309,21 +280,23 @@ def run(
     root = Path(root)
     p, _ = plan(root, checkpoint, masked, block)
     prepare(p)
-    flight = tasks.in_flight(p.job, client)
-    grid = p.grid
-    cells = tasks.run_blocks(client, spatia_block, (p,), np.ndindex(*grid.shape),
-                              grid.num_blocks, "spatia cells", flight, progress)  # fmt: skip
-    tiles = p.tissue_grid
-    tasks.run_blocks(client, tissue_block, (p,), np.ndindex(*tiles), math.prod(tiles),
-                      "spatia tissue", flight, progress)  # fmt: skip
+    grid, tiles = p.grid, p.tissue_grid
+    cell_phase = tasks.BlockTask(
+        "spatia cells", spatia_block, (p,), np.ndindex(*grid.shape), grid.num_blocks
+    )
+    cells = tasks.run_task(client, p.job, cell_phase, progress)
+    tissue_phase = tasks.BlockTask(
+        "spatia tissue", tissue_block, (p,), np.ndindex(*tiles), math.prod(tiles)
+    )
+    tasks.run_task(client, p.job, tissue_phase, progress)
     out = assemble(p)
-    attrs = {"h5ad": str(out), "cells": cells.stats.patches, **p.uns}
+    attrs = {"h5ad": str(out), "cells": cells.stats.items, **p.uns}
     store.update_attrs(root, {"spatia": attrs})
     store.consolidate(root)
     return {
         "h5ad": str(out),
         "store": str(root),
-        "cells": cells.stats.patches,
+        "cells": cells.stats.items,
         "blocks": grid.num_blocks,
         "block": list(p.block),
         "niches": list(p.niche_grid),

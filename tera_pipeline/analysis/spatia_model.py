@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from models.spatia import Spatia
-from tera_pipeline.analysis.cells import to_unit
+from tera_pipeline.core.intensity import from_uint8
 
 BATCH = 64
 """Cells per encoder call; every call is padded to this many, so results do not depend on
@@ -30,7 +30,7 @@ def encode_cells(
         k = min(BATCH, n - s)
         x = np.zeros((BATCH, *crops.shape[1:]), np.float32)
         c = np.zeros((BATCH, counts.shape[1]), np.float32)
-        x[:k], c[:k] = to_unit(crops[s : s + k]), counts[s : s + k]
+        x[:k], c[:k] = from_uint8(crops[s : s + k]), counts[s : s + k]
         m = None
         if gene_mask is not None:
             m = torch.zeros(BATCH, counts.shape[1], dtype=torch.bool)

@@ -8,15 +8,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models.checkpoint import file_digest, read_metadata
-from models.spatia import DEFAULT_SPATIA
+from models.checkpoint import DEFAULT_SPATIA, file_digest, read_metadata
 from tera_pipeline.analysis.cells import (
     check_crop,
 )
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.errors import TeraError
-from tera_pipeline.core.geometry import ChunkGrid, PatchLattice, Shape
+from tera_pipeline.core.geometry import BlockGrid, PatchLattice, Shape
 from tera_pipeline.generation import integrity
+from tera_pipeline.inputs.panel import panel_difference
 from tera_pipeline.storage import layout, store
 
 
@@ -40,10 +40,10 @@ class Plan:
     uns: dict = field(default_factory=dict, hash=False, compare=False)
 
     @property
-    def grid(self) -> ChunkGrid:
+    def grid(self) -> BlockGrid:
         """The analysis block grid: the job's blocks, coarsened to whole niches if needed (only
         cores are used: no patch lattice constrains it)."""
-        return ChunkGrid(self.job.volume.shape, self.block, PatchLattice((1, 1, 1), (1, 1, 1)))
+        return BlockGrid(self.job.volume.shape, self.block, PatchLattice((1, 1, 1), (1, 1, 1)))
 
     @property
     def niche_grid(self) -> Shape:
@@ -84,7 +84,12 @@ def plan(
     meta = read_metadata(ckpt)
     if meta.get("kind") != "spatia":
         raise CheckpointError(f"{ckpt} holds a {meta.get('kind')!r} model, not a SPATIA model")
-    check_panel(meta, genes, ckpt)
+    difference = panel_difference(genes, meta.get("genes", []))
+    if difference:
+        raise CheckpointError(
+            f"SPATIA checkpoint {ckpt} was trained on another gene panel than the store's: "
+            f"{difference}"
+        )
     source = open_source(job, genes)
     if not hasattr(source, "cells"):
         raise SpatiaError(
@@ -114,15 +119,3 @@ def plan(
     p = Plan(job, str(ckpt), genes, crop, niche, tuple(meta["tissue_niches"]), block,
              str(parts), tuple(masked), uns)  # fmt: skip
     return p, source
-
-
-def check_panel(meta: dict, genes: Sequence[str], path: Path) -> None:
-    from models.checkpoint import CheckpointError
-
-    panel = list(meta.get("genes", []))
-    if panel != list(genes):
-        differ = sorted(set(panel) ^ set(genes))
-        raise CheckpointError(
-            f"SPATIA checkpoint {path} was trained on another gene panel ({len(panel)} genes) "
-            f"than the store's ({len(genes)} genes); differing: {differ[:8] or 'the order'}"
-        )

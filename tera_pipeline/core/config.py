@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tera_pipeline.core.errors import TeraError
-from tera_pipeline.core.geometry import ChunkGrid, GeometryError, PatchLattice
+from tera_pipeline.core.geometry import BlockGrid, GeometryError, PatchLattice
 
 Triple = tuple[int, int, int]
 Positive = Annotated[int, Field(gt=0)]
@@ -153,7 +153,7 @@ class DiffusionSpec(_Section):
     seed: Seed = 0
 
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "infra" / "clusters"
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "infra" / "clusters"
 """Cluster recipes chosen by name (``cluster.recipe``); ``TERA_RECIPES`` names another folder."""
 
 
@@ -317,8 +317,8 @@ class JobConfig(_Section):
     def lattice_obj(self) -> PatchLattice:
         return PatchLattice(self.lattice.patch, self.lattice.stride)
 
-    def grid(self) -> ChunkGrid:
-        return ChunkGrid(self.volume.shape, self.storage.block, self.lattice_obj())
+    def grid(self) -> BlockGrid:
+        return BlockGrid(self.volume.shape, self.storage.block, self.lattice_obj())
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: object) -> JobConfig:

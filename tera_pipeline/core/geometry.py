@@ -159,7 +159,7 @@ class Block:
 
 
 @dataclass(frozen=True)
-class ChunkGrid:
+class BlockGrid:
     """The block grid over a volume, tied to the patch lattice and the storage shards.
 
     Cores start on multiples of ``block`` (clipped at the volume edge); the read box is the core

@@ -23,6 +23,7 @@ import numpy as np
 
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.geometry import Box, bin_box, patch_bins
+from tera_pipeline.core.intensity import to_uint8
 from tera_pipeline.core.noise import position_noise
 from tera_pipeline.generation.blending import Accumulator, patch_window
 from tera_pipeline.generation.predictor import get_predictor, schedule_of
@@ -39,7 +40,6 @@ from tera_pipeline.storage.layout import (
     IMAGE,
     STATES,
     job_genes,
-    to_uint8,
 )
 
 
@@ -120,7 +120,7 @@ def denoise_block(
         tm = time.perf_counter()
         preds[group] = predictor(xs, t, cs)
         stats.model_s += time.perf_counter() - tm
-        stats.patches += len(group)
+        stats.items += len(group)
         if unpublished > 0:
             unpublished -= len(group)
             if unpublished <= 0:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from tera_pipeline.generation.block_step import denoise_block, rasterize_block
 from tera_pipeline.generation.predictor import check_checkpoint, resolve_checkpoint
 from tera_pipeline.inputs.conditioning import CELLS_DIR, open_source
 from tera_pipeline.inputs.partition import PartitionedSource, partition
-from tera_pipeline.runtime.tasks import Blocks, Progress, StepReport, in_flight, run_blocks
+from tera_pipeline.runtime.tasks import Blocks, BlockTask, PhaseReport, Progress, run_task
 from tera_pipeline.storage import ledger, lock, ownership, store
 from tera_pipeline.storage.layout import array_specs, bytes_needed, coordinates
 from tera_pipeline.storage.ledger import has_ledger
@@ -172,7 +173,7 @@ def _version() -> str:
 
 def conditioning_pass(
     config: JobConfig, client, progress: Progress | None = None, indices: Blocks | None = None
-) -> StepReport:
+) -> PhaseReport:
     """Rasterise the conditioning of every block not yet done (or of ``indices``)."""
     return _run_phase(
         config, client, 0, "conditioning", rasterize_block, (config,), progress, indices
@@ -186,7 +187,7 @@ def denoise_step(
     client,
     progress: Progress | None = None,
     indices: Blocks | None = None,
-) -> StepReport:
+) -> PhaseReport:
     """One DDIM step over every block not yet done (or ``indices``, in that order); returns when
     all finished: the barrier between steps."""
     phase = f"step {step + 1}/{config.diffusion.steps}"
@@ -202,7 +203,7 @@ def denoise_step(
     )
 
 
-def _run_phase(config, client, row, phase, fn, args, progress, indices) -> StepReport:
+def _run_phase(config, client, row, phase, fn, args, progress, indices) -> PhaseReport:
     """Run one phase's blocks; the ledger records each finished block (and skips done ones)."""
     root = Path(config.out)
     if indices is None:
@@ -210,22 +211,14 @@ def _run_phase(config, client, row, phase, fn, args, progress, indices) -> StepR
     else:
         todo = [tuple(i) for i in indices]
         total = len(todo)
-    return run_blocks(
-        client,
-        fn,
-        args,
-        todo,
-        total,
-        phase,
-        in_flight(config, client),
-        progress,
-        on_done=lambda index, stats: ledger.mark(root, row, index, stats.digest),
-        retries=config.retries,
-        workers_lost_s=config.workers_lost_s,
-    )
+
+    def mark(index: tuple[int, ...], stats) -> None:
+        ledger.mark(root, row, index, stats.digest)
+
+    return run_task(client, config, BlockTask(phase, fn, args, todo, total, mark), progress)
 
 
-def finalize_store(config: JobConfig, reports: Sequence[StepReport]) -> None:
+def finalize_store(config: JobConfig, reports: Sequence[PhaseReport]) -> None:
     """Remove scratch, record the run's figures, consolidate metadata."""
     root = Path(config.out)
     store.remove(root, store.SCRATCH)
@@ -239,7 +232,7 @@ def finalize_store(config: JobConfig, reports: Sequence[StepReport]) -> None:
                 "phase": r.phase,
                 "blocks": r.blocks,
                 "wall_s": round(r.wall_s, 3),
-                "patches": r.stats.patches,
+                "patches": r.stats.items,
                 "model_s": round(r.stats.model_s, 3),
             }
             for r in reports
@@ -249,26 +242,48 @@ def finalize_store(config: JobConfig, reports: Sequence[StepReport]) -> None:
     store.consolidate(root)
 
 
+PhaseRunner = Callable[[str, Callable[[], object]], object]
+"""Runs one named phase (``run(name, phase)``); the Prefect flow makes each a task."""
+
+
+def _direct(name: str, phase: Callable[[], object]) -> object:
+    return phase()
+
+
+def run_phases(
+    config: JobConfig,
+    checkpoint: Path,
+    client,
+    progress: Progress | None = None,
+    run: PhaseRunner = _direct,
+) -> list[PhaseReport]:
+    """The job's phases in order: conditioning, every DDIM step (a barrier between steps), the
+    pyramid (multiscale levels and OME-NGFF metadata), the finished store. Each phase computes
+    only the blocks its ledger row does not record as done."""
+    from tera_pipeline.generation.pyramid import build as build_pyramid
+
+    reports = [run("conditioning", lambda: conditioning_pass(config, client, progress))]
+    for step in range(config.diffusion.steps):
+        phase = partial(denoise_step, config, checkpoint, step, client, progress)
+        reports.append(run(f"denoise step {step + 1}", phase))
+    run("pyramid", lambda: build_pyramid(config, client, progress))
+    run("finalize", lambda: finalize_store(config, reports))
+    return reports
+
+
 def generate(
     config: JobConfig,
     client,
     progress: Progress | None = None,
     overwrite: bool = False,
     resume: bool = False,
-) -> list[StepReport]:
-    """The whole job without an orchestrator: store, conditioning, every step, final image.
-    With ``resume``, only blocks the ledger does not record as done are computed."""
-    from tera_pipeline.generation.pyramid import build as build_pyramid
-
+) -> list[PhaseReport]:
+    """The whole job without an orchestrator: under the store's lock, create (or, with
+    ``resume``, reopen) the store, then run its phases."""
     with writing(config, resume):
         checkpoint = prepare_store(config, overwrite=overwrite, resume=resume)
         with holding(config):
-            reports = [conditioning_pass(config, client, progress)]
-            for step in range(config.diffusion.steps):
-                reports.append(denoise_step(config, checkpoint, step, client, progress))
-            build_pyramid(config, client, progress)  # multiscale levels + OME-NGFF metadata
-            finalize_store(config, reports)
-    return reports
+            return run_phases(config, checkpoint, client, progress)
 
 
 @contextmanager

@@ -10,9 +10,7 @@ least ``MIN_CPU_BATCH`` patches, so a block's last, partial batch is padded only
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,8 @@ from models.checkpoint import DEFAULT_DENOISER, load_denoiser, read_metadata
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.errors import GenerationError
 from tera_pipeline.generation.schedule import DDIMSchedule
-from tera_pipeline.runtime.memory import keep_freed_memory
+from tera_pipeline.inputs.panel import panel_difference
+from tera_pipeline.runtime.model_cache import worker_cached
 
 MIN_CPU_BATCH = 8
 """Smallest batch the CPU kernels see on one thread. Measured: on one thread, batches of 4 to 64
@@ -104,14 +103,9 @@ def _padded(a: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-@lru_cache(maxsize=4)
 def get_predictor(checkpoint: str, batch_size: int) -> PatchPredictor:
     """The worker's cached predictor for a checkpoint."""
-    keep_freed_memory()
-    threads = int(os.environ.get("TERA_TORCH_THREADS", "0"))
-    if threads > 0:
-        torch.set_num_threads(threads)
-    return PatchPredictor(Path(checkpoint), batch_size)
+    return worker_cached(PatchPredictor, Path(checkpoint), batch_size)
 
 
 def schedule_of(config: JobConfig, prediction: str = "epsilon") -> DDIMSchedule:
@@ -142,10 +136,9 @@ def check_checkpoint(config: JobConfig, genes: Sequence[str], meta: dict | None 
             f"checkpoint {path} expects gene windows {tuple(model_cfg.get('cond_window', ()))} "
             f"bins, the job's patch and bin give {window}"
         )
-    if list(meta.get("genes", [])) != list(genes):
-        missing = sorted(set(meta.get("genes", [])) ^ set(genes))
+    difference = panel_difference(genes, meta.get("genes", []))
+    if difference:
         raise GenerationError(
-            f"checkpoint {path} gene panel does not match the conditioning's "
-            f"({len(meta.get('genes', []))} vs {len(genes)} genes; differing: {missing[:8]})"
+            f"checkpoint {path} gene panel does not match the conditioning's: {difference}"
         )
     return meta

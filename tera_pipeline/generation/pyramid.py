@@ -27,10 +27,9 @@ import numpy as np
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.geometry import Box
 from tera_pipeline.runtime import tasks
-from tera_pipeline.storage import store
+from tera_pipeline.storage import layout, store
+from tera_pipeline.storage.layout import IMAGE, PYRAMID
 
-PYRAMID = "pyramid"
-IMAGE = "image"
 MIN_SIZE = 64
 """Levels are added until y and x are both at most this many voxels."""
 OME_VERSION = "0.5"
@@ -122,12 +121,10 @@ def downsample_block(root: str, source: str, level: Level, index: Triple):
 
 def coordinates(config: JobConfig, level: Level) -> dict:
     """Voxel-centre coordinates in µm of a level, and the stain names."""
-    um = {"units": "micrometer"}
-    coords = {"c": (np.asarray(list(config.volume.stains), dtype=object), {})}
-    for axis, name in enumerate("zyx"):
-        sp, org = level.spacing_um[axis], config.volume.origin_um[axis]
-        coords[name] = (org + (np.arange(level.shape[axis]) + 0.5) * sp, um)
-    return coords
+    stains = {"c": (np.asarray(list(config.volume.stains), dtype=object), {})}
+    return stains | layout.grid_coordinates(
+        config.volume, "", level.shape, (1, 1, 1), spacing_um=level.spacing_um
+    )
 
 
 def ome_metadata(config: JobConfig, levels: list[Level]) -> dict:
@@ -169,7 +166,7 @@ def ome_metadata(config: JobConfig, levels: list[Level]) -> dict:
                 "type": "mean",
                 "metadata": {
                     "description": "mean over 2-voxel windows per downsampled axis",
-                    "method": "tera_pipeline.pyramid.downsample",
+                    "method": "tera_pipeline.generation.pyramid.downsample",
                     "factors": [list(lvl.factor) for lvl in levels[1:]],
                 },
             }
@@ -192,7 +189,7 @@ def _swap_in(root: Path) -> None:
 
 def build(config: JobConfig, client, progress=None) -> list:
     """Write every downsampled level block by block on the Dask client, then the OME-NGFF
-    metadata; returns one StepReport per level."""
+    metadata; returns one PhaseReport per level."""
 
     root = Path(config.out)
     levels = plan_levels(config)
@@ -219,16 +216,17 @@ def build(config: JobConfig, client, progress=None) -> list:
         source = prev.path if prev.index == 0 else f"{NEW}/{prev.index}/{IMAGE}"
         target = Level(lvl.index, f"{NEW}/{lvl.index}/{IMAGE}", *dataclasses.astuple(lvl)[2:])
         reports.append(
-            tasks.run_blocks(
+            tasks.run_task(
                 client,
-                downsample_block,
-                (str(root), source, target),
-                lvl.blocks(),
-                total,
-                f"pyramid {lvl.index}/{len(levels) - 1}",
-                tasks.in_flight(config, client),
+                config,
+                tasks.BlockTask(
+                    f"pyramid {lvl.index}/{len(levels) - 1}",
+                    downsample_block,
+                    (str(root), source, target),
+                    lvl.blocks(),
+                    total,
+                ),
                 progress,
-                retries=config.retries,
             )
         )
     _swap_in(root)

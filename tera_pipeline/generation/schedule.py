@@ -1,7 +1,9 @@
-"""Diffusion maths: the linear-beta schedule, DDIM steps, and noise keyed by global position.
+"""Diffusion maths both ways: the linear-beta schedule, the forward noising and training target
+(training), and the DDIM steps (sampling).
 
 Everything here is a pure function of its arguments so that any block, on any worker, in any
 order, computes the same numbers for the same voxels (the scheduler half of the diffusers split).
+The schedule is the one place that knows what the model's output (ε or v) means.
 """
 
 from __future__ import annotations
@@ -70,13 +72,8 @@ class DDIMSchedule:
     ) -> np.ndarray:
         """One DDIM update of ``x`` given the model's ``output`` (ε or v; voxel-wise, float32)."""
         t, t_prev = self.timestep(step), self.previous_timestep(step)
-        a, a_prev = self.alpha(t), self.alpha(t_prev)
-        if self.prediction == "v":
-            x0 = np.sqrt(a) * x - np.sqrt(1 - a) * output
-            eps = np.sqrt(a) * output + np.sqrt(1 - a) * x
-        else:
-            x0 = (x - np.sqrt(1 - a) * output) / np.sqrt(a)
-            eps = output
+        a_prev = self.alpha(t_prev)
+        x0, eps = self.split_output(x, output, t)
         x0 = np.clip(x0, -1.0, 1.0)
         sigma = self.sigma(step)
         direction = np.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
@@ -87,7 +84,35 @@ class DDIMSchedule:
             out = out + sigma * noise
         return out.astype(np.float32)
 
+    def split_output(
+        self, x: np.ndarray, output: np.ndarray, t: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The clean sample x0 and the noise ε that the model's ``output`` (ε or v) at ``x`` =
+        x_t implies (the inverse of ``add_noise`` and ``training_target``)."""
+        a = self.alpha(t)
+        if self.prediction == "v":
+            x0 = np.sqrt(a) * x - np.sqrt(1 - a) * output
+            eps = np.sqrt(a) * output + np.sqrt(1 - a) * x
+        else:
+            x0 = (x - np.sqrt(1 - a) * output) / np.sqrt(a)
+            eps = output
+        return x0, eps
+
+    def _scales(self, t: np.ndarray, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+        """sqrt(ᾱ_t) and sqrt(1 - ᾱ_t) in float32 for a batch of timesteps, shaped (B, 1, ...) to
+        broadcast over samples of ``ndim`` dimensions."""
+        a = self.alphas_cumprod[t].astype(np.float32).reshape((-1,) + (1,) * (ndim - 1))
+        return np.sqrt(a), np.sqrt(1 - a)
+
     def add_noise(self, x0: np.ndarray, noise: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """Forward process q(x_t | x_0) for a batch (``t`` broadcast over leading axis)."""
-        a = self.alphas_cumprod[t].astype(np.float32).reshape((-1,) + (1,) * (x0.ndim - 1))
-        return np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
+        """Forward process: x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε for a batch (``t`` per sample)."""
+        signal, spread = self._scales(t, x0.ndim)
+        return signal * x0 + spread * noise
+
+    def training_target(self, x0: np.ndarray, noise: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """What the model should output at ``add_noise(x0, noise, t)``: ε, or the velocity
+        v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x0."""
+        if self.prediction == "epsilon":
+            return noise
+        signal, spread = self._scales(t, x0.ndim)
+        return signal * noise - spread * x0

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tera_pipeline.core.geometry import Box, ChunkGrid
+from tera_pipeline.core.geometry import BlockGrid, Box
 
 SEAMS = "_scratch/seams"
 
@@ -43,12 +43,12 @@ class SeamPlan:
     incoming: dict[Index, list[int]]
 
 
-def owner(grid: ChunkGrid, patch: Box) -> Index:
+def owner(grid: BlockGrid, patch: Box) -> Index:
     return tuple(b // s for b, s in zip(patch.begin, grid.block_shape, strict=True))
 
 
 @lru_cache(maxsize=256)
-def outgoing(grid: ChunkGrid, index: Index) -> tuple[Box, ...]:
+def outgoing(grid: BlockGrid, index: Index) -> tuple[Box, ...]:
     """The patches ``index`` owns that reach into another block's core, in lattice order."""
     core = grid.block(index).core
     return tuple(
@@ -71,7 +71,7 @@ def beyond(patch: Box, core: Box) -> Box:
 
 
 @lru_cache(maxsize=256)
-def layout(grid: ChunkGrid, index: Index) -> tuple[dict[tuple[int, ...], tuple[int, Box]], int]:
+def layout(grid: BlockGrid, index: Index) -> tuple[dict[tuple[int, ...], tuple[int, Box]], int]:
     """Where each outgoing patch's part sits in the block's seam file: patch origin -> (offset in
     voxels, part), and the voxels in all; the same for writer and readers, from geometry."""
     core = grid.block(index).core
@@ -83,7 +83,7 @@ def layout(grid: ChunkGrid, index: Index) -> tuple[dict[tuple[int, ...], tuple[i
     return rows, offset
 
 
-def plan(grid: ChunkGrid, index: Index, patches: list[Box], share: bool = True) -> SeamPlan:
+def plan(grid: BlockGrid, index: Index, patches: list[Box], share: bool = True) -> SeamPlan:
     """Where each of ``patches`` (the block's patches, lattice order) comes from; without
     ``share``, every one is computed here."""
     if not share:
@@ -105,7 +105,7 @@ def path(root: Path, step: int, index: Index) -> Path:
     return Path(root) / SEAMS / str(step) / str(index[0]) / f"{'.'.join(map(str, index[1:]))}.npy"
 
 
-def publish(root: Path, grid: ChunkGrid, step: int, index: Index, predictions: np.ndarray) -> int:
+def publish(root: Path, grid: BlockGrid, step: int, index: Index, predictions: np.ndarray) -> int:
     """Write the part others need of each of the block's outgoing predictions (``predictions``
     in ``outgoing`` order, float32) for ``step`` and remove its file of the step before; returns
     the bytes written."""
@@ -126,7 +126,7 @@ def publish(root: Path, grid: ChunkGrid, step: int, index: Index, predictions: n
 
 
 def fetch(
-    root: Path, grid: ChunkGrid, step: int, patches: list[Box], plan: SeamPlan, out: np.ndarray
+    root: Path, grid: BlockGrid, step: int, patches: list[Box], plan: SeamPlan, out: np.ndarray
 ) -> list[int]:
     """Fill ``out[i]`` (N, C, *patch) for every incoming patch whose owner has published; return
     the positions still to compute (owner not done yet, or no readable file). Only the part of a

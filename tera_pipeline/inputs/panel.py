@@ -49,28 +49,39 @@ def requested_genes(genes: Sequence[str]) -> tuple[str, ...]:
     return genes
 
 
-def check_panel(genes: Sequence[str], checkpoint_genes: Sequence[str]) -> None:
-    """Raise unless ``genes`` is exactly the checkpoint's panel, in the same order."""
-    genes, ckpt = [str(g) for g in genes], [str(g) for g in checkpoint_genes]
+def panel_difference(
+    genes: Sequence[str], expected: Sequence[str], what: str = "checkpoint"
+) -> str | None:
+    """The one gene-panel check: None when ``genes`` is exactly ``expected`` (the ``what``'s
+    panel) in the same order; otherwise what differs, in words."""
+    genes, ckpt = [str(g) for g in genes], [str(g) for g in expected]
     if genes == ckpt:
-        return
+        return None
     have, known = set(genes), set(ckpt)
     missing = [g for g in ckpt if g not in have]
     extra = [g for g in genes if g not in known]
     if missing or extra:
-        raise InputError(
-            f"gene panel does not match the checkpoint ({len(genes)} vs {len(ckpt)} genes): "
-            f"missing {name_list(missing) or 'none'}; "
-            f"not in checkpoint {name_list(extra) or 'none'}"
+        return (
+            f"{len(genes)} vs {len(ckpt)} genes: missing {name_list(missing) or 'none'}; "
+            f"not in {what} {name_list(extra) or 'none'}"
         )
     dup = duplicated(genes)
     if dup:
-        raise InputError(f"gene panel has duplicated gene names {name_list(dup)}")
+        return f"duplicated gene names {name_list(dup)}"
     first = next(i for i, (a, b) in enumerate(zip(genes, ckpt)) if a != b)
-    raise InputError(
-        f"gene panel order differs from the checkpoint at position {first} "
-        f"({genes[first]!r} vs {ckpt[first]!r}); reorder with select_genes(table, checkpoint_genes)"
+    return (
+        f"order differs from the {what} at position {first} ({genes[first]!r} vs {ckpt[first]!r})"
     )
+
+
+def check_panel(genes: Sequence[str], checkpoint_genes: Sequence[str]) -> None:
+    """Raise unless ``genes`` is exactly the checkpoint's panel, in the same order."""
+    difference = panel_difference(genes, checkpoint_genes)
+    if difference:
+        raise InputError(
+            f"gene panel does not match the checkpoint: {difference}; select and order the "
+            "genes as the checkpoint's (select_genes(table, checkpoint_genes))"
+        )
 
 
 def read_gene_panel(path: PathLike) -> tuple[str, ...]:

@@ -28,10 +28,11 @@ what is in flight and raises ``RunStopped`` within a second."""
 
 @dataclass
 class BlockStats:
-    """Timings of one block task, for efficiency accounting."""
+    """What one block task did and how long it took, for efficiency accounting."""
 
-    patches: int = 0
-    """Patch evaluations (each lattice patch once per step when every seam is shared)."""
+    items: int = 0
+    """Work items: patch evaluations in generation (each lattice patch once per step when every
+    seam is shared), cells in SPATIA, bins in MagNet, patches in the attention analysis."""
     shared: int = 0
     """Patch predictions taken from a neighbour's seam file instead of computed."""
     model_s: float = 0.0
@@ -43,14 +44,17 @@ class BlockStats:
 
 
 @dataclass
-class StepReport:
+class PhaseReport:
+    """One phase of block tasks (conditioning, a DDIM step, a pyramid level, an analysis): its
+    blocks, wall time and summed block statistics."""
+
     phase: str
     blocks: int
     wall_s: float
     stats: BlockStats = field(default_factory=BlockStats)
 
     def add(self, s: BlockStats) -> None:
-        for name in ("patches", "shared", "model_s", "read_s", "write_s", "total_s"):
+        for name in ("items", "shared", "model_s", "read_s", "write_s", "total_s"):
             setattr(self.stats, name, getattr(self.stats, name) + getattr(s, name))
 
 
@@ -70,7 +74,7 @@ def run_blocks(
     on_done: Callable[[tuple[int, ...], BlockStats], None] | None = None,
     retries: int = 0,
     workers_lost_s: float = WORKERS_LOST_S,
-) -> StepReport:
+) -> PhaseReport:
     """Run ``fn(*args, index)`` for every block on the Dask client, at most ``in_flight`` at once.
 
     Blocks are drawn lazily from ``indices``, so the grid is never materialised as a task list.
@@ -83,7 +87,7 @@ def run_blocks(
     from distributed import wait
 
     in_flight = _assign_on_demand(client, total, in_flight)
-    report = StepReport(phase, total, 0.0)
+    report = PhaseReport(phase, total, 0.0)
     t0 = time.perf_counter()
     it = iter(indices)
     watchdog = _WorkerWatchdog(client, workers_lost_s, phase)
@@ -195,6 +199,40 @@ def _assign_on_demand(client, total: int, in_flight: int) -> int:
         log.warning("could not set the scheduler's worker-saturation: %s", err)
         return in_flight
     return min(in_flight, threads) if total <= 2 * threads else in_flight
+
+
+@dataclass
+class BlockTask:
+    """One phase of block tasks: ``fn(*args, index)`` for every index of ``indices`` (``total``
+    of them). Generation, the pyramid and every analysis describe their phases this way, and
+    ``run_task`` runs them all alike: the job's retries, in-flight bound and worker-loss limit
+    are the framework's, not each caller's."""
+
+    name: str
+    fn: Callable[..., BlockStats]
+    args: tuple
+    indices: Iterable[tuple[int, ...]]
+    total: int
+    on_done: Callable[[tuple[int, ...], BlockStats], None] | None = None
+
+
+def run_task(
+    client, job: JobConfig, task: BlockTask, progress: Progress | None = None
+) -> PhaseReport:
+    """Run a phase on the Dask client under the job's scheduling settings; returns its report."""
+    return run_blocks(
+        client,
+        task.fn,
+        task.args,
+        task.indices,
+        task.total,
+        task.name,
+        in_flight(job, client),
+        progress,
+        on_done=task.on_done,
+        retries=job.retries,
+        workers_lost_s=job.workers_lost_s,
+    )
 
 
 def in_flight(config: JobConfig, client) -> int:

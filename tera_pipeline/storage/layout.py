@@ -1,5 +1,5 @@
 """What a job's store holds and where: array names, their specs on the block grid, the
-coordinates in µm, the job and panel recorded in it, and the [-1, 1] to uint8 mapping."""
+coordinates in µm, and the job and panel recorded in it."""
 
 from __future__ import annotations
 
@@ -9,14 +9,17 @@ from pathlib import Path
 
 import numpy as np
 
-from tera_pipeline.core.config import JobConfig
+from tera_pipeline.core.config import JobConfig, VolumeSpec
 from tera_pipeline.core.geometry import Box, bin_box
 from tera_pipeline.storage import store
 
 IMAGE = "image"
+PYRAMID = "pyramid"
+"""The group of the image's coarser levels (``pyramid/<k>/image``)."""
 CONDITIONING = "conditioning"
 CELL_COUNT = "cell_count"
 STATES = (f"{store.SCRATCH}/state0", f"{store.SCRATCH}/state1")
+UM = {"units": "micrometer"}
 
 
 def array_specs(config: JobConfig, genes: Sequence[str]) -> list[store.ArraySpec]:
@@ -75,22 +78,36 @@ def array_specs(config: JobConfig, genes: Sequence[str]) -> list[store.ArraySpec
 
 
 def coordinates(config: JobConfig, genes: Sequence[str]) -> dict:
-    """1-D coordinates in µm (voxel and bin centres), stain and gene names."""
-    vol, sp, org, b = (
-        config.volume.shape,
-        config.volume.spacing_um,
-        config.volume.origin_um,
-        config.conditioning.bin,
-    )
-    um = {"units": "micrometer"}
-    names = {"c": config.volume.stains, "gene": genes}
+    """1-D coordinates of the job's arrays: voxel and bin centres in µm, stain and gene names."""
+    vol = config.volume
+    names = {"c": vol.stains, "gene": genes}
     coords = {k: (np.asarray(list(v), dtype=object), {}) for k, v in names.items()}
-    for axis, name in enumerate("zyx"):
-        n = vol[axis]
-        coords[name] = (org[axis] + (np.arange(n) + 0.5) * sp[axis], um)
-        nb = -(-n // b[axis])
-        coords[f"{name}bin"] = (org[axis] + (np.arange(nb) + 0.5) * b[axis] * sp[axis], um)
-    return coords
+    coords |= grid_coordinates(vol, "", vol.shape, (1, 1, 1))
+    bins = tuple(-(-n // b) for n, b in zip(vol.shape, config.conditioning.bin, strict=True))
+    return coords | grid_coordinates(vol, "bin", bins, config.conditioning.bin)
+
+
+def grid_coordinates(
+    volume: VolumeSpec,
+    suffix: str,
+    counts: Sequence[int],
+    size: Sequence[int],
+    stride: Sequence[int] | None = None,
+    spacing_um: Sequence[float] | None = None,
+) -> dict:
+    """The µm centres of ``counts`` boxes of ``size`` voxels, one every ``stride`` (default
+    ``size``) voxels, along z, y and x, as coordinates ``z<suffix>``, ``y<suffix>``, ``x<suffix>``
+    (voxels of ``spacing_um``, by default the volume's). Every array of a store, analyses and
+    pyramid levels included, places its elements this way."""
+    stride = size if stride is None else stride
+    sp = volume.spacing_um if spacing_um is None else spacing_um
+    return {
+        f"{name}{suffix}": (
+            volume.origin_um[a] + (np.arange(counts[a]) * stride[a] + size[a] / 2) * sp[a],
+            UM,
+        )
+        for a, name in enumerate("zyx")
+    }
 
 
 def bytes_needed(config: JobConfig, genes: Sequence[str]) -> int:
@@ -107,11 +124,6 @@ def bytes_needed(config: JobConfig, genes: Sequence[str]) -> int:
 def job_genes(root: Path) -> tuple[str, ...]:
     """The gene panel of a job's store (read once per process)."""
     return tuple(store.group_attrs(root)["tera_pipeline"]["genes"])
-
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """Map the model's [-1, 1] range to uint8 intensities."""
-    return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def job_of(root: Path) -> JobConfig:

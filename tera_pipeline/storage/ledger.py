@@ -1,10 +1,10 @@
-"""Done-block records and the one-writer lock of a job, kept in its store.
+"""Done-block records of a job, kept in its store.
 
 The ledger is a chunked uint8 array ``_ledger`` of shape (phases, *block grid): phase 0 is the
 conditioning pass, phase k + 1 is DDIM step k; 1 marks a block whose output is fully written. Its
 attributes hold a hash of everything that decides the output bytes, so a resume under another
-layout or config is refused with the fields that differ. The lock ``_lock.json`` names the run
-that holds the store (``tera_pipeline.lock``).
+layout or config is refused with the fields that differ. (The run holding the store is named by
+its lock, ``storage.lock``.)
 
 Beside it, ``_digests`` (uint32, same shape) holds the CRC-32 of the bytes each finished block
 wrote (phase 0: its conditioning and cell counts; step k: its state, or the image at the last

@@ -145,6 +145,13 @@ def create_group(root: Path, coords: dict[str, tuple[np.ndarray, dict]], attrs: 
     ds.to_zarr(root, zarr_format=3, mode="a", consolidated=False)
 
 
+def add_coordinates(root: Path, coords: dict[str, tuple[np.ndarray, dict]]) -> None:
+    """Add (or replace) 1-D coordinate arrays of an existing group, keeping its attributes."""
+    for name in coords:
+        remove(root, name)
+    create_group(root, coords, group_attrs(root))
+
+
 def update_attrs(root: Path, attrs: dict) -> None:
     """Merge ``attrs`` into the group's attributes (an atomic replace of ``zarr.json``)."""
     update_array_attrs(root, attrs)

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
-import shlex
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,13 +11,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.checkpoint import CheckpointError, load_denoiser, save_checkpoint
+from models.checkpoint import CheckpointError, load_denoiser
 from models.denoiser import ConditionalUNet3D, DenoiserConfig
 from tera_pipeline.core.geometry import Box, Shape, bin_box, patch_bins
+from tera_pipeline.core.intensity import from_uint8
 from tera_pipeline.generation.schedule import DDIMSchedule, Prediction
 from tera_pipeline.inputs.conditioning import rasterize
+from tera_pipeline.inputs.panel import panel_difference
 from tera_pipeline.inputs.synthetic import SyntheticBrain
 from tera_pipeline.runtime.memory import keep_freed_memory
+from tera_pipeline.training.loop import Losses, Stage, TrainingLog, run_stage, save_trained
 
 log = logging.getLogger("tera_pipeline.training")
 
@@ -42,7 +41,7 @@ def synthetic_training_data(
     """Render a synthetic brain volume and rasterise its cells (training and validation data)."""
     brain = SyntheticBrain(seed, spacing_um)
     box = Box((0, 0, 0), shape)
-    image = brain.render(box).astype(np.float32) / 127.5 - 1.0
+    image = from_uint8(brain.render(box))
     bins = bin_box(box, bin_shape)
     cond = rasterize(brain.cells(box), bins, spacing_um, bin_shape)
     return TrainingData(image, cond, brain.genes, tuple(bin_shape))
@@ -81,12 +80,13 @@ def diffusion_loss(
     sched: DDIMSchedule,
     gen: torch.Generator,
 ) -> torch.Tensor:
-    """MSE of the model's output against its target (ε or v) at uniformly drawn timesteps."""
+    """MSE of the model's output against the schedule's training target (ε or v) at uniformly
+    drawn timesteps."""
     t = torch.randint(0, sched.train_steps, (len(x0),), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
-    a = torch.from_numpy(sched.alphas_cumprod[t.numpy()]).float().view(-1, 1, 1, 1, 1)
-    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    target = noise if sched.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    clean, eps, steps = x0.numpy(), noise.numpy(), t.numpy()
+    xt = torch.from_numpy(sched.add_noise(clean, eps, steps))
+    target = torch.from_numpy(sched.training_target(clean, eps, steps))
     return F.mse_loss(model(xt, t, cond), target)
 
 
@@ -105,7 +105,7 @@ def user_training_data(
     from tera_pipeline.core.errors import InputError
     from tera_pipeline.inputs.cells import load_cells
 
-    image = _read_image(Path(images))
+    image = read_image(Path(images))
     shape = image.shape[1:]
     table = load_cells(cells, genes, volume=VolumeSpec(shape=shape, spacing_um=spacing_um))
     box = Box((0, 0, 0), shape)
@@ -115,14 +115,14 @@ def user_training_data(
     if split < patch[1] or shape[0] < patch[0] or shape[2] < patch[2]:
         raise InputError(f"{images}: volume {shape} too small to hold out a validation part")
     yb = split // bin_shape[1]
-    x = image.astype(np.float32) / 127.5 - 1.0
+    x = from_uint8(image)
     return (
         TrainingData(x[:, :, :split], cond[:, :, :yb], table.genes, tuple(bin_shape)),
         TrainingData(x[:, :, split:], cond[:, :, yb:], table.genes, tuple(bin_shape)),
     )
 
 
-def _read_image(path: Path) -> np.ndarray:
+def read_image(path: Path) -> np.ndarray:
     """A (c, z, y, x) uint8 array from a zarr array, or from a store's ``image`` array."""
     import tensorstore as ts
 
@@ -141,38 +141,6 @@ def _read_image(path: Path) -> np.ndarray:
     if array.rank != 4 or array.dtype != ts.uint8:
         raise InputError(f"{path}: need uint8 (c, z, y, x) images, got {array.dtype} {array.shape}")
     return array.read().result()
-
-
-def warmup_cosine(
-    opt: torch.optim.Optimizer, steps: int, warmup_cap: int = 100
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over min(``warmup_cap``, steps / 10 + 1) steps, then a cosine decay to 0
-    (the schedule every model of the project trains with)."""
-    warmup = min(warmup_cap, steps // 10 + 1)
-
-    def factor(i: int) -> float:
-        if i < warmup:
-            return (i + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def optimizer_step(
-    loss: torch.Tensor,
-    opt: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    clip: float | None = 1.0,
-) -> None:
-    """Backpropagate ``loss``, clip the optimizer's gradients to norm ``clip`` (None: no
-    clipping), step the optimizer and its learning-rate schedule."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip is not None:
-        params = [p for group in opt.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, clip)
-    opt.step()
-    schedule.step()
 
 
 def train_denoiser(
@@ -196,78 +164,101 @@ def train_denoiser(
     ``data`` (train, validation) defaults to a synthetic brain (``seed``; validation on another
     seed). ``resume`` continues from a checkpoint's weights, config and prediction type.
     """
-    cfg = model_config or DenoiserConfig()
-    previous: dict = {}
+    model, cfg, previous = None, model_config or DenoiserConfig(), {}
     if resume is not None:
         model, previous = load_denoiser(resume)
         cfg, prediction = model.cfg, previous.get("prediction", "epsilon")
-    if tuple(p // b for p, b in zip(cfg.patch, bin_shape, strict=True)) != tuple(cfg.cond_window):
-        raise ValueError(
-            f"model cond_window {cfg.cond_window} != patch {cfg.patch} / bin {bin_shape}"
-        )
+    _check_cond_window(cfg, bin_shape)
     keep_freed_memory()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    if data is None:
-        data = (
-            synthetic_training_data(seed, volume, spacing_um, bin_shape),
-            synthetic_training_data(seed + 1000, (volume[0], 128, 128), spacing_um, bin_shape),
+    train, val = data if data is not None else _synthetic_data(seed, volume, spacing_um, bin_shape)
+    difference = previous and panel_difference(train.genes, previous.get("genes", []))
+    if difference:
+        raise CheckpointError(
+            f"{resume} was trained on another gene panel than these data: {difference}"
         )
-    train, val = data
-    if previous and list(previous.get("genes", [])) != list(train.genes):
-        raise CheckpointError(f"{resume} was trained on another gene panel than these data")
-    if resume is None:
+    if model is None:
         cfg = replace(cfg, genes=len(train.genes))
         model = ConditionalUNet3D(cfg)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched_lr = warmup_cosine(opt, steps)
     sched = DDIMSchedule(prediction=prediction)
-    history: list[dict] = []
-    t0 = time.perf_counter()
-    running = 0.0
-    for i in range(steps):
-        x, c = sample_batch(train, cfg.patch, cfg.cond_context, batch, rng)
-        loss = diffusion_loss(model, torch.from_numpy(x), torch.from_numpy(c), sched, gen)
-        optimizer_step(loss, opt, sched_lr)
-        running += loss.item()
-        if (i + 1) % log_every == 0 or i + 1 == steps:
-            n = (i % log_every) + 1
-            entry = {
-                "step": i + 1,
-                "train_loss": running / n,
-                "val_loss": _validate(model, val, cfg, sched),
-                "lr": sched_lr.get_last_lr()[0],
-                "elapsed_s": round(time.perf_counter() - t0, 1),
-            }
-            running = 0.0
-            history.append(entry)
-            (on_log or (lambda e: log.info("%s", e)))(entry)
+    history = TrainingLog(log, on_log)
+    stage = _diffusion_stage(model, (train, val), sched, rng, gen, steps, lr, batch, log_every)
+    run_stage(stage, history)
     meta = {
         "config": cfg.to_dict(),
         "prediction": prediction,
         "genes": list(train.genes),
         "bin": list(bin_shape),
         "spacing_um": list(spacing_um),
-        "training": {
-            "steps": steps,
-            "batch": batch,
-            "lr": lr,
-            "seed": seed,
-            "volume": list(train.image.shape[1:]),
-            "resumed_from": str(resume) if resume else None,
-            "steps_total": steps + previous.get("training", {}).get("steps_total", 0),
-            "final": history[-1] if history else None,
-        },
-        "command": " ".join(shlex.quote(a) for a in ["tera", *sys.argv[1:]]),
     }
-    save_checkpoint(out, model, "denoiser", meta)
-    return history
+    training = {
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "seed": seed,
+        "volume": list(train.image.shape[1:]),
+        "resumed_from": str(resume) if resume else None,
+        "steps_total": steps + previous.get("training", {}).get("steps_total", 0),
+    }
+    save_trained(out, model, "denoiser", meta, training, history)
+    return history.entries
+
+
+def _check_cond_window(cfg: DenoiserConfig, bin_shape: Shape) -> None:
+    """The model's gene window must be its patch in bins."""
+    if tuple(p // b for p, b in zip(cfg.patch, bin_shape, strict=True)) != tuple(cfg.cond_window):
+        raise ValueError(
+            f"model cond_window {cfg.cond_window} != patch {cfg.patch} / bin {bin_shape}"
+        )
+
+
+def _diffusion_stage(
+    model: ConditionalUNet3D,
+    data: tuple[TrainingData, TrainingData],
+    sched: DDIMSchedule,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+    steps: int,
+    lr: float,
+    batch: int,
+    log_every: int,
+) -> Stage:
+    """The denoiser's training: ``batch`` random patches of the training data per step, the
+    diffusion loss, validation on the validation data; the learning rate is logged."""
+    (train, val), cfg = data, model.cfg
+
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
+        x, c = sample_batch(train, cfg.patch, cfg.cond_context, batch, rng)
+        return torch.from_numpy(x), torch.from_numpy(c)
+
+    return Stage(
+        model,
+        steps,
+        lr,
+        batch=draw,
+        loss=lambda xc: Losses.single("loss", diffusion_loss(model, *xc, sched, gen)),
+        validate=lambda: {"val_loss": _validate(model, val, cfg, sched)},
+        log_every=log_every,
+        log_lr=True,
+    )
+
+
+def _synthetic_data(
+    seed: int, volume: Shape, spacing_um: tuple[float, float, float], bin_shape: Shape
+) -> tuple[TrainingData, TrainingData]:
+    """Training data of a synthetic brain of ``seed``, validation data of another seed."""
+    return (
+        synthetic_training_data(seed, volume, spacing_um, bin_shape),
+        synthetic_training_data(seed + 1000, (volume[0], 128, 128), spacing_um, bin_shape),
+    )
 
 
 @torch.no_grad()
 def _validate(model, data: TrainingData, cfg: DenoiserConfig, sched: DDIMSchedule) -> float:
+    """The loss on 32 fixed patches of the validation data (model in eval mode)."""
     model.eval()
     rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)

@@ -3,16 +3,13 @@
 Samples are windows of ``region_bins`` x ``region_bins`` bins of one z slab, aligned to the
 region grid, read through the same ``level_inputs`` as inference; targets are log1p counts per
 bin and each spot's and region's mean over its bins. Default data: synthetic-brain renders with
-their true bin expression (validation on another seed); a user's image zarr with its cells or
-transcripts works too (``tera_pipeline.training.user_training_data``).
+their true bin expression (validation on another seed); or a user's image zarr with its cells or
+transcripts (``user_pairs``).
 """
 
 from __future__ import annotations
 
 import logging
-import shlex
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,26 +17,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.checkpoint import save_checkpoint
-from models.magnet import BinCNN, MagNet, MagNetConfig, magnet_loss, pearson
+from models.checkpoint import KINDS
+from models.magnet import MagNetConfig, magnet_loss, pearson
 from tera_pipeline.analysis.magnet_levels import array_reader, concat, level_inputs
 from tera_pipeline.core.geometry import Box, Shape
+from tera_pipeline.core.intensity import to_uint8
 from tera_pipeline.runtime.memory import keep_freed_memory
 from tera_pipeline.training.denoiser import (
     TrainingData,
-    optimizer_step,
     synthetic_training_data,
-    warmup_cosine,
+    user_training_data,
 )
+from tera_pipeline.training.loop import Losses, Stage, TrainingLog, run_stage, save_trained
 
 log = logging.getLogger("tera_pipeline.magnet_training")
 
-KINDS = {"magnet": MagNet, "magnet_bin_cnn": BinCNN}
-
-
-def as_uint8(data: TrainingData) -> np.ndarray:
-    """The training image back to uint8 stains (MagNet reads stores' uint8 images)."""
-    return np.clip(np.rint((data.image + 1.0) * 127.5), 0, 255).astype(np.uint8)
+TRAINED_KINDS = ("magnet", "magnet_bin_cnn")
+"""The kinds ``train_magnet`` trains (their classes in ``models.checkpoint.KINDS``)."""
+USER_BIN: Shape = (1, 16, 16)
+"""The bin of a user's expression (z, y, x voxels) that MagNet trains on."""
 
 
 def synthetic_pairs(
@@ -47,6 +43,20 @@ def synthetic_pairs(
 ) -> list[TrainingData]:
     """Synthetic-brain renders with their true bin expression, one per seed."""
     return [synthetic_training_data(s, shape, spacing_um, bin_shape) for s in seeds]
+
+
+def user_pairs(
+    images: Path,
+    cells: Path,
+    spacing_um: tuple[float, float, float],
+    config: MagNetConfig | None = None,
+) -> tuple[list[TrainingData], list[TrainingData]]:
+    """A user's image volume and its cells or transcripts in ``USER_BIN`` bins, as (train,
+    validation) pairs; the validation part holds at least one window of ``region_bins`` bins."""
+    w, b = (config or MagNetConfig()).region_bins, USER_BIN
+    window = (1, w * b[1], w * b[2])
+    train, val = user_training_data(images, cells, spacing_um, b, patch=window)
+    return [train], [val]
 
 
 class WindowSampler:
@@ -59,7 +69,7 @@ class WindowSampler:
 
     def __init__(self, data: list[TrainingData], config: MagNetConfig) -> None:
         self.config = config
-        self.items = [(array_reader(as_uint8(d)), d.cond, d.bin) for d in data]
+        self.items = [(array_reader(to_uint8(d.image)), d.cond, d.bin) for d in data]
         w = config.region_bins
         for _, cond, _ in self.items:
             if min(cond.shape[2:]) < w:
@@ -110,6 +120,7 @@ class WindowSampler:
 
 
 def loss_of(kind: str, pred: dict, targets: dict, config: MagNetConfig) -> torch.Tensor:
+    """MagNet's loss of its paper, or the baseline's: MSE and gene-wise PCC of the bins."""
     if kind == "magnet":
         return magnet_loss(pred, targets, config.spot_bins)["loss"]
     p, t = pred["bin"].flatten(0, 2), targets["bin"].flatten(0, 2)
@@ -149,8 +160,8 @@ def train_magnet(
     ``data`` (train, validation) defaults to synthetic renders of seeds ``seed`` .. ``seed + 2``
     (validation: ``seed + 1000``). Returns the log.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+    if kind not in TRAINED_KINDS:
+        raise ValueError(f"kind must be one of {sorted(TRAINED_KINDS)}, got {kind!r}")
     keep_freed_memory()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -163,41 +174,22 @@ def train_magnet(
     genes, bin_shape = train[0].genes, train[0].bin
     cfg = config or MagNetConfig()
     cfg = MagNetConfig.from_dict(cfg.to_dict() | {"genes": len(genes), "bin_px": bin_shape[2]})
-    model = KINDS[kind](cfg)
+    model = KINDS[kind].model(cfg)
     sampler, val_sampler = WindowSampler(train, cfg), WindowSampler(val, cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = warmup_cosine(opt, steps, warmup_cap=50)
-    history: list[dict] = []
-    t0, running = time.perf_counter(), 0.0
     model.train()
-    for i in range(steps):
-        inputs, targets = sampler.batch(batch, rng)
-        loss = loss_of(kind, model(inputs), targets, cfg)
-        optimizer_step(loss, opt, schedule)
-        running += loss.item()
-        if (i + 1) % log_every == 0 or i + 1 == steps:
-            entry = {
-                "step": i + 1,
-                "train_loss": running / ((i % log_every) + 1),
-                **validate(model, val_sampler),
-                "elapsed_s": round(time.perf_counter() - t0, 1),
-            }
-            running = 0.0
-            history.append(entry)
-            (on_log or (lambda e: log.info("%s", e)))(entry)
-    meta = {
-        "config": cfg.to_dict(),
-        "genes": list(genes),
-        "bin": list(bin_shape),
-        "training": {
-            "kind": kind,
-            "steps": steps,
-            "batch": batch,
-            "lr": lr,
-            "seed": seed,
-            "final": history[-1] if history else None,
-        },
-        "command": " ".join(shlex.quote(a) for a in ["tera", *sys.argv[1:]]),
-    }
-    save_checkpoint(Path(out), model, kind, meta)
-    return history
+    stage = Stage(
+        model,
+        steps,
+        lr,
+        batch=lambda: sampler.batch(batch, rng),
+        loss=lambda b: Losses.single("loss", loss_of(kind, model(b[0]), b[1], cfg)),
+        validate=lambda: validate(model, val_sampler),
+        log_every=log_every,
+        warmup_cap=50,
+    )
+    history = TrainingLog(log, on_log)
+    run_stage(stage, history)
+    meta = {"config": cfg.to_dict(), "genes": list(genes), "bin": list(bin_shape)}
+    training = {"kind": kind, "steps": steps, "batch": batch, "lr": lr, "seed": seed}
+    save_trained(out, model, kind, meta, training, history)
+    return history.entries

@@ -14,18 +14,17 @@ Three stages, each with its own loss, so that each fits in minutes on a CPU:
 from __future__ import annotations
 
 import logging
-import shlex
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.checkpoint import save_checkpoint
 from models.spatia import (
     CELL_LOSS_WEIGHTS,
     CellLossWeights,
@@ -34,17 +33,20 @@ from models.spatia import (
     cell_losses,
     expression_values,
 )
-from tera_pipeline.analysis.cells import (
-    cell_voxels,
-    centred,
-    crop_halo,
-    extract_crops,
-    to_unit,
-)
-from tera_pipeline.core.geometry import Box, Shape
-from tera_pipeline.inputs.synthetic import CELL_TYPES, SyntheticBrain
+from tera_pipeline.analysis.cells import centred
+from tera_pipeline.core.geometry import Shape
+from tera_pipeline.core.intensity import from_uint8
 from tera_pipeline.runtime.memory import keep_freed_memory
-from tera_pipeline.training.denoiser import optimizer_step, warmup_cosine
+from tera_pipeline.training.loop import Losses, Stage, TrainingLog, run_stage, save_trained
+from tera_pipeline.training.spatia_cells import (
+    CellSet,
+    SetBatch,
+    flip_rotate,
+    pad_sets,
+    random_windows,
+    synthetic_cells,
+    thin,
+)
 
 log = logging.getLogger("tera_pipeline.spatia_training")
 
@@ -54,145 +56,23 @@ TISSUE_NICHES = (2, 4, 4)
 """Default tissue tile in niches (z, y, x)."""
 
 
-@dataclass(frozen=True)
-class CellSet:
-    """Cells with their crops (uint8, (N, C * crop_z, Y, X)), counts and centroid voxels."""
-
-    crops: np.ndarray
-    counts: np.ndarray
-    voxels: np.ndarray
-    genes: tuple[str, ...]
-    spacing_um: tuple[float, float, float]
-    volume: Shape
-    types: np.ndarray | None = None
-    type_names: tuple[str, ...] = ()
-
-    def __len__(self) -> int:
-        return len(self.counts)
-
-    def subset(self, index: np.ndarray) -> CellSet:
-        types = None if self.types is None else self.types[index]
-        return replace(
-            self,
-            crops=self.crops[index],
-            counts=self.counts[index],
-            voxels=self.voxels[index],
-            types=types,
-        )
-
-
-def crops_of_volume(image: np.ndarray, voxels: np.ndarray, crop: Shape) -> np.ndarray:
-    """Crops of cells in a whole volume (C, Z, Y, X), with the fill 0 beyond its edges."""
-    below, above = crop_halo(crop)
-    padded = np.pad(image, [(0, 0)] + [(b, a) for b, a in zip(below, above, strict=True)])
-    frame = Box(tuple(-b for b in below), padded.shape[1:])
-    return extract_crops(padded, frame, voxels, crop)
-
-
-def synthetic_cells(
-    seed: int,
-    shape: Shape,
-    crop: Shape,
-    spacing_um: tuple[float, float, float] = (4.0, 1.0, 1.0),
-) -> CellSet:
-    """Render a synthetic brain box and crop every cell whose centroid lies in it."""
-    brain = SyntheticBrain(seed, spacing_um)
-    box = Box((0, 0, 0), shape)
-    cells = brain.cells(box)
-    voxels = cell_voxels(cells.position_um, spacing_um)
-    inside = np.all((voxels >= 0) & (voxels < np.asarray(shape)), axis=1)
-    cells, voxels = cells.select(inside), voxels[inside]
-    crops = crops_of_volume(brain.render(box), voxels, crop)
-    return CellSet(
-        crops,
-        cells.counts.astype(np.float32),
-        voxels,
-        brain.genes,
-        tuple(spacing_um),
-        tuple(shape),
-        cells.cell_type,
-        tuple(t.name for t in CELL_TYPES),
-    )
-
-
-def user_cells(
-    images: Path,
-    cells: Path,
-    spacing_um: tuple[float, float, float],
-    crop: Shape,
-    genes: tuple[str, ...] | None = None,
-    type_key: str | None = "cell_type",
-) -> CellSet:
-    """A user's image volume (zarr (c, z, y, x) uint8, or a store's ``image``) and its cell table
-    (.h5ad / cell .csv); cell types from ``obs[type_key]`` or a ``type_key`` column if present."""
-    from tera_pipeline.core.config import VolumeSpec
-    from tera_pipeline.inputs.cells import load_cells
-    from tera_pipeline.training.denoiser import _read_image
-
-    image = _read_image(Path(images))
-    shape = image.shape[1:]
-    table = load_cells(cells, genes, volume=VolumeSpec(shape=shape, spacing_um=spacing_um))
-    voxels = cell_voxels(table.position_um, spacing_um)
-    labels = _user_labels(Path(cells), type_key, len(table))
-    types, names = (None, ())
-    if labels is not None:
-        names_arr, types = np.unique(labels, return_inverse=True)
-        names = tuple(str(n) for n in names_arr)
-    return CellSet(
-        crops_of_volume(image, voxels, crop),
-        table.counts.astype(np.float32),
-        voxels,
-        table.genes,
-        tuple(spacing_um),
-        tuple(shape),
-        types,
-        names,
-    )
-
-
-def _user_labels(path: Path, key: str | None, n: int) -> np.ndarray | None:
-    if not key:
-        return None
-    if path.suffix.lower() == ".h5ad":
-        import anndata
-
-        obs = anndata.read_h5ad(path, backed="r").obs
-        values = obs[key].astype(str).to_numpy() if key in obs else None
-    elif path.suffix.lower() == ".csv":
-        import pandas as pd
-
-        header = pd.read_csv(path, nrows=0).columns
-        values = (
-            pd.read_csv(path, usecols=[key])[key].astype(str).to_numpy() if key in header else None
-        )
-    else:
-        values = None
-    return values if values is not None and len(values) == n else None
-
-
-# -- augmentation ---------------------------------------------------------------------------------
-def thin(counts: np.ndarray, rng: np.random.Generator, low: float = 0.02) -> np.ndarray:
-    """Binomial thinning to a random capture rate per cell (log-uniform in [low, 1]; half of
-    the cells keep their full depth): SPATIA sees shallow and deep cells alike, and learns to
-    reconstruct the full counts from the thinned ones."""
-    rate = np.exp(rng.uniform(np.log(low), 0.0, size=(len(counts), 1)))
-    rate[rng.random(len(counts)) < 0.5] = 1.0
-    return rng.binomial(counts.astype(np.int64), rate).astype(np.float32)
-
-
-def flip_rotate(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random in-plane rotation by 90° steps and flip of crops (N, C, Y, X)."""
-    x = np.rot90(x, int(rng.integers(4)), axes=(2, 3))
-    if rng.random() < 0.5:
-        x = x[..., ::-1]
-    return np.ascontiguousarray(x)
-
-
 # -- stage 1: cells --------------------------------------------------------------------------------
 def _masks(cfg: SpatiaConfig, n: int, gen: torch.Generator, genes: float, patches: float):
+    """Random masks of a ``genes`` share of the genes and a ``patches`` share of the patches."""
     gene_mask = torch.rand(n, cfg.genes, generator=gen) < genes
     patch_mask = torch.rand(n, cfg.tokens, generator=gen) < patches
     return gene_mask, patch_mask
+
+
+class CellBatch(NamedTuple):
+    """A stage-1 batch: cell indices, augmented crops, full and thinned counts, masks."""
+
+    index: np.ndarray
+    crops: torch.Tensor
+    counts: np.ndarray
+    thinned: torch.Tensor
+    gene_mask: torch.Tensor
+    patch_mask: torch.Tensor
 
 
 def train_cells(
@@ -210,33 +90,37 @@ def train_cells(
 ) -> None:
     """Stage 1: the cell encoder (and its type probe where types are known)."""
     enc = model.cell
-    cfg = model.cfg
-    opt = torch.optim.AdamW(enc.parameters(), lr=lr, weight_decay=1e-4)
-    sched = warmup_cosine(opt, steps)
-    running: dict[str, float] = {}
-    t0 = time.perf_counter()
-    for i in range(steps):
+
+    def draw() -> CellBatch:
         idx = rng.integers(0, len(train), batch)
-        crops = torch.from_numpy(to_unit(flip_rotate(train.crops[idx], rng)))
+        crops = torch.from_numpy(from_uint8(flip_rotate(train.crops[idx], rng)))
         full = train.counts[idx]
-        gene_mask, patch_mask = _masks(cfg, batch, gen, 0.25, 0.5)
-        out = enc(crops, torch.from_numpy(thin(full, rng)), gene_mask, patch_mask)
-        losses = cell_losses(enc, out, crops, torch.from_numpy(full), weights)
-        loss = losses["expression"] + losses["image"]
+        gene_mask, patch_mask = _masks(model.cfg, batch, gen, 0.25, 0.5)
+        return CellBatch(idx, crops, full, torch.from_numpy(thin(full, rng)), gene_mask, patch_mask)
+
+    def loss(b: CellBatch) -> Losses:
+        out = enc(b.crops, b.thinned, b.gene_mask, b.patch_mask)
+        terms = cell_losses(enc, out, b.crops, torch.from_numpy(b.counts), weights)
+        objective = terms["expression"] + terms["image"]
         if out.type_logits is not None and train.types is not None:
-            losses["probe"] = F.cross_entropy(out.type_logits, torch.from_numpy(train.types[idx]))
-            loss = loss + losses["probe"]
-        optimizer_step(loss, opt, sched)
-        for k, v in losses.items():
-            running[k] = running.get(k, 0.0) + v.item()
-        if (i + 1) % log_every == 0 or i + 1 == steps:
-            n = i % log_every + 1
-            entry = {"stage": "cells", "step": i + 1}
-            entry.update({f"train_{k}": round(v / n, 5) for k, v in running.items()})
-            entry.update(_validate_cells(model, val, weights))
-            entry["elapsed_s"] = round(time.perf_counter() - t0, 1)
-            running = {}
-            report(entry)
+            terms["probe"] = F.cross_entropy(
+                out.type_logits, torch.from_numpy(train.types[b.index])
+            )
+            objective = objective + terms["probe"]
+        return Losses(objective, terms)
+
+    stage = Stage(
+        enc,
+        steps,
+        lr,
+        batch=draw,
+        loss=loss,
+        validate=lambda: _validate_cells(model, val, weights),
+        name="cells",
+        log_every=log_every,
+        digits=5,
+    )
+    run_stage(stage, report)
 
 
 @torch.no_grad()
@@ -245,7 +129,7 @@ def _validate_cells(model: Spatia, val: CellSet, weights: CellLossWeights, n: in
     rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)
     idx = rng.choice(len(val), min(n, len(val)), replace=False)
-    crops = torch.from_numpy(to_unit(val.crops[idx]))
+    crops = torch.from_numpy(from_uint8(val.crops[idx]))
     counts = torch.from_numpy(val.counts[idx])
     gene_mask, patch_mask = _masks(model.cfg, len(idx), gen, 0.25, 0.5)
     out = model.cell(crops, counts, gene_mask, patch_mask)
@@ -265,7 +149,7 @@ def embed_cells(model: Spatia, cells: CellSet, batch: int = 256) -> np.ndarray:
     model.eval()
     out = [
         model.cell(
-            torch.from_numpy(to_unit(cells.crops[s : s + batch])),
+            torch.from_numpy(from_uint8(cells.crops[s : s + batch])),
             torch.from_numpy(cells.counts[s : s + batch]),
         ).embedding.numpy()
         for s in range(0, len(cells), batch)
@@ -275,33 +159,9 @@ def embed_cells(model: Spatia, cells: CellSet, batch: int = 256) -> np.ndarray:
 
 
 # -- stage 2: niches and tissue tiles -----------------------------------------------------------
-def _windows(points: np.ndarray, extent: np.ndarray, size: np.ndarray, k: int, rng):
-    """Members of ``k`` random windows of ``size`` inside ``extent``: (indices, positions)."""
-    sets = []
-    for _ in range(k):
-        lo = rng.uniform(0, np.maximum(extent - size, 0))
-        rel = (points - lo) / size
-        inside = np.flatnonzero(np.all((rel >= 0) & (rel < 1), axis=1))
-        sets.append((inside, (rel[inside] * 2 - 1).astype(np.float32)))
-    return sets
-
-
-def _pad_sets(sets, features: np.ndarray, max_members: int):
-    """Stack variable-size sets into padded (B, N, E), (B, N, 3), valid (B, N)."""
-    n = max(1, min(max_members, max(len(i) for i, _ in sets)))
-    x = np.zeros((len(sets), n, features.shape[1]), np.float32)
-    pos = np.zeros((len(sets), n, 3), np.float32)
-    valid = np.zeros((len(sets), n), bool)
-    members = []
-    for b, (idx, p) in enumerate(sets):
-        idx, p = idx[:n], p[:n]
-        x[b, : len(idx)], pos[b, : len(idx)], valid[b, : len(idx)] = features[idx], p, True
-        members.append(idx)
-    return torch.from_numpy(x), torch.from_numpy(pos), torch.from_numpy(valid), members
-
-
-def _context_loss(encoder, x, pos, valid, members, targets: np.ndarray, gen) -> torch.Tensor:
+def _context_loss(encoder, sets: SetBatch, gen: torch.Generator) -> Losses:
     """Hidden-member expression (MSE on log-normalised values) + the set's mean expression."""
+    x, pos, valid, members, targets = sets
     hidden = (torch.rand(valid.shape, generator=gen) < 0.2) & valid
     out, pooled = encoder(x, pos, valid, hidden)
     tgt = np.zeros((*valid.shape, targets.shape[1]), np.float32)
@@ -314,7 +174,7 @@ def _context_loss(encoder, x, pos, valid, members, targets: np.ndarray, gen) -> 
     ).sum() / w.sum().clamp_min(1.0)
     mean_t = (tgt_t * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
     pooled_loss = F.mse_loss(encoder.set_expression(pooled), mean_t)
-    return member + pooled_loss
+    return Losses.single("loss", member + pooled_loss)
 
 
 def train_context(
@@ -330,41 +190,48 @@ def train_context(
     tissue_niches: Shape = TISSUE_NICHES,
     max_members: int = 512,
 ) -> None:
-    """Stage 2: niche transformer over cells in random niche windows, then the tissue
-    transformer over niche embeddings in random tissue windows (cell encoder frozen)."""
+    """Stage 2: niche transformer over cells in random niche windows (``steps`` steps), then the
+    tissue transformer over niche embeddings in random tissue windows (``steps // 2``); the cell
+    encoder is frozen."""
     emb = embed_cells(model, train)
     values = expression_values(torch.from_numpy(train.counts))[0].numpy()
     spacing = np.asarray(train.spacing_um)
     points = (train.voxels + 0.5) * spacing
     extent = np.asarray(train.volume) * spacing
     size = np.asarray(niche_um)
-    opt = torch.optim.AdamW(model.niche.parameters(), lr=lr, weight_decay=1e-4)
-    sched = warmup_cosine(opt, steps)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        sets = [s for s in _windows(points, extent, size, batch, rng) if len(s[0])]
-        x, pos, valid, members = _pad_sets(sets, emb, max_members)
-        loss = _context_loss(model.niche, x, pos, valid, members, values, gen)
-        optimizer_step(loss, opt, sched, clip=None)
-        if (i + 1) % 100 == 0 or i + 1 == steps:
-            report({"stage": "niche", "step": i + 1, "loss": round(loss.item(), 5),
-                    "elapsed_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
-
-    # tissue: niches on a grid at a random offset each step, pooled by the trained niche model
     tile = size * np.asarray(tissue_niches)
-    opt = torch.optim.AdamW(model.tissue.parameters(), lr=lr, weight_decay=1e-4)
-    sched = warmup_cosine(opt, steps // 2)
-    for i in range(steps // 2):
-        niche_emb, niche_pts, niche_val = _grid_niches(
+
+    def niches() -> SetBatch:
+        windows = random_windows(points, extent, size, batch, rng)
+        return SetBatch(*pad_sets([w for w in windows if len(w[0])], emb, max_members), values)
+
+    def tissue_tiles() -> SetBatch:
+        """Niches on a grid at a random offset, pooled by the trained niche model, in tiles."""
+        niche_emb, centres, niche_values = _grid_niches(
             model, emb, points, values, size, extent, rng
         )
-        sets = [s for s in _windows(niche_pts, extent, tile, max(2, batch // 4), rng) if len(s[0])]
-        x, pos, valid, members = _pad_sets(sets, niche_emb, max_members)
-        loss = _context_loss(model.tissue, x, pos, valid, members, niche_val, gen)
-        optimizer_step(loss, opt, sched, clip=None)
-        if (i + 1) % 50 == 0 or i + 1 == steps // 2:
-            report({"stage": "tissue", "step": i + 1, "loss": round(loss.item(), 5),
-                    "elapsed_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
+        windows = random_windows(centres, extent, tile, max(2, batch // 4), rng)
+        sets = [w for w in windows if len(w[0])]
+        return SetBatch(*pad_sets(sets, niche_emb, max_members), niche_values)
+
+    started = time.perf_counter()
+    for encoder, name, n, draw, log_every in (
+        (model.niche, "niche", steps, niches, 100),
+        (model.tissue, "tissue", steps // 2, tissue_tiles, 50),
+    ):
+        stage = Stage(
+            encoder,
+            n,
+            lr,
+            batch=draw,
+            loss=partial(_context_loss, encoder, gen=gen),
+            name=name,
+            log_every=log_every,
+            clip=None,
+            summary="last",
+            digits=5,
+        )
+        run_stage(stage, report, started)
 
 
 @torch.no_grad()
@@ -381,7 +248,7 @@ def _grid_niches(model, emb, points, values, size, extent, rng):
     model.niche.eval()
     for s in range(0, len(sets), 32):
         part = sets[s : s + 32]
-        x, pos, valid, _ = _pad_sets(part, emb, 4096)
+        x, pos, valid, _ = pad_sets(part, emb, 4096)
         out.append(model.niche(x, pos, valid)[1].numpy())
     model.niche.train()
     centres = (keys + 0.5) * size + offset
@@ -404,37 +271,41 @@ def train_generator(
 ) -> None:
     """Stage 3: flow matching of crops given (full-depth) expression."""
     g = model.generator
-    opt = torch.optim.AdamW(g.parameters(), lr=lr, weight_decay=1e-4)
-    sched = warmup_cosine(opt, steps)
-    running, t0 = 0.0, time.perf_counter()
-    for i in range(steps):
+
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
         idx = rng.integers(0, len(train), batch)
-        x1 = torch.from_numpy(to_unit(flip_rotate(train.crops[idx], rng)))
-        loss = g.loss(x1, torch.from_numpy(train.counts[idx]), gen)
-        optimizer_step(loss, opt, sched)
-        running += loss.item()
-        if (i + 1) % log_every == 0 or i + 1 == steps:
-            with torch.no_grad():
-                g.eval()
-                vi = np.random.default_rng(0).choice(len(val), min(256, len(val)), replace=False)
-                vgen = torch.Generator().manual_seed(0)
-                vloss = g.loss(
-                    torch.from_numpy(to_unit(val.crops[vi])),
-                    torch.from_numpy(val.counts[vi]),
-                    vgen,
-                    drop_rate=0.0,
-                ).item()
-                g.train()
-            report(
-                {
-                    "stage": "generator",
-                    "step": i + 1,
-                    "train_flow": round(running / (i % log_every + 1), 5),
-                    "val_flow": round(vloss, 5),
-                    "elapsed_s": round(time.perf_counter() - t0, 1),
-                }
-            )
-            running = 0.0
+        x1 = torch.from_numpy(from_uint8(flip_rotate(train.crops[idx], rng)))
+        return x1, torch.from_numpy(train.counts[idx])
+
+    stage = Stage(
+        g,
+        steps,
+        lr,
+        batch=draw,
+        loss=lambda b: Losses.single("flow", g.loss(*b, gen)),
+        validate=lambda: _validate_generator(model, val),
+        name="generator",
+        log_every=log_every,
+        digits=5,
+    )
+    run_stage(stage, report)
+
+
+@torch.no_grad()
+def _validate_generator(model: Spatia, val: CellSet, n: int = 256) -> dict:
+    """The flow-matching loss on ``n`` fixed validation cells, without condition dropout."""
+    g = model.generator
+    g.eval()
+    vi = np.random.default_rng(0).choice(len(val), min(n, len(val)), replace=False)
+    vgen = torch.Generator().manual_seed(0)
+    vloss = g.loss(
+        torch.from_numpy(from_uint8(val.crops[vi])),
+        torch.from_numpy(val.counts[vi]),
+        vgen,
+        drop_rate=0.0,
+    ).item()
+    g.train()
+    return {"val_flow": round(vloss, 5)}
 
 
 # -- the whole training ---------------------------------------------------------------------------
@@ -464,27 +335,17 @@ def train_spatia(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    if data is None:
-        data = (
-            synthetic_cells(seed, volume, cfg.crop, spacing_um),
-            synthetic_cells(seed + 1000, (volume[0], 128, 256), cfg.crop, spacing_um),
-        )
-    train, val = data
+    train, val = data if data is not None else _synthetic_data(seed, volume, cfg.crop, spacing_um)
     if train.crops.shape[1:] != (cfg.in_channels, *cfg.crop[1:]):
         raise ValueError(f"crops {train.crops.shape[1:]} do not fit the model's crop {cfg.crop}")
     cfg = replace(cfg, genes=len(train.genes), cell_types=len(train.type_names))
     model = Spatia(cfg)
     model.train()
-    history: list[dict] = []
-
-    def report(entry: dict) -> None:
-        history.append(entry)
-        (on_log or (lambda e: log.info("%s", e)))(entry)
-
+    history = TrainingLog(log, on_log)
     t0 = time.perf_counter()
-    train_cells(model, train, val, cell_steps, batch, lr, rng, gen, report, weights=loss_weights)
-    train_context(model, train, context_steps, 16, lr, rng, gen, report, niche_um, tissue_niches)
-    train_generator(model, train, val, generator_steps, batch, lr, rng, gen, report)
+    train_cells(model, train, val, cell_steps, batch, lr, rng, gen, history, weights=loss_weights)
+    train_context(model, train, context_steps, 16, lr, rng, gen, history, niche_um, tissue_niches)
+    train_generator(model, train, val, generator_steps, batch, lr, rng, gen, history)
     meta = {
         "config": cfg.to_dict(),
         "genes": list(train.genes),
@@ -492,20 +353,28 @@ def train_spatia(
         "spacing_um": list(train.spacing_um),
         "niche_um": list(niche_um),
         "tissue_niches": list(tissue_niches),
-        "training": {
-            "cells": len(train),
-            "cell_steps": cell_steps,
-            "context_steps": context_steps,
-            "generator_steps": generator_steps,
-            "batch": batch,
-            "lr": lr,
-            "cell_loss_weights": loss_weights.to_dict(),
-            "seed": seed,
-            "volume": list(train.volume),
-            "wall_s": round(time.perf_counter() - t0, 1),
-            "final": history[-1] if history else None,
-        },
-        "command": " ".join(shlex.quote(a) for a in ["tera", *sys.argv[1:]]),
     }
-    save_checkpoint(Path(out), model, "spatia", meta)
-    return history
+    training = {
+        "cells": len(train),
+        "cell_steps": cell_steps,
+        "context_steps": context_steps,
+        "generator_steps": generator_steps,
+        "batch": batch,
+        "lr": lr,
+        "cell_loss_weights": loss_weights.to_dict(),
+        "seed": seed,
+        "volume": list(train.volume),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    save_trained(out, model, "spatia", meta, training, history)
+    return history.entries
+
+
+def _synthetic_data(
+    seed: int, volume: Shape, crop: Shape, spacing_um: tuple[float, float, float]
+) -> tuple[CellSet, CellSet]:
+    """The cells of a synthetic brain of ``seed``; validation cells of another seed."""
+    return (
+        synthetic_cells(seed, volume, crop, spacing_um),
+        synthetic_cells(seed + 1000, (volume[0], 128, 256), crop, spacing_um),
+    )
