@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.layers import group_norm, sinusoidal_embedding
+
 
 @dataclass(frozen=True)
 class DenoiserConfig:
@@ -56,26 +58,15 @@ class DenoiserConfig:
         return cls(**fields)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    half = dim // 2
-    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
-
-
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(8, channels), channels)
-
-
 class ResBlock(nn.Module):
     """Conv residual block with FiLM (scale, shift) from the time embedding."""
 
     def __init__(self, cin: int, cout: int, time_dim: int) -> None:
         super().__init__()
-        self.norm1 = _norm(cin)
+        self.norm1 = group_norm(cin)
         self.conv1 = nn.Conv3d(cin, cout, 3, padding=1)
         self.film = nn.Linear(time_dim, 2 * cout)
-        self.norm2 = _norm(cout)
+        self.norm2 = group_norm(cout)
         self.conv2 = nn.Conv3d(cout, cout, 3, padding=1)
         self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -176,11 +167,11 @@ class ConditionalUNet3D(nn.Module):
         for c in reversed(chans):
             self.up_blocks.append(ResBlock(cin + c + cfg.cond_channels, c, cfg.time_dim))
             cin = c
-        self.norm_out = _norm(cin)
+        self.norm_out = group_norm(cin)
         self.conv_out = nn.Conv3d(cin, cfg.channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        temb = self.time(timestep_embedding(t, self.cfg.time_dim))
+        temb = self.time(sinusoidal_embedding(t, self.cfg.time_dim))
         gene_map, _ = self.genes(cond)
         h = self.conv_in(torch.cat([x, F.interpolate(gene_map, size=x.shape[2:])], dim=1))
         skips = []

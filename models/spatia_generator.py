@@ -5,26 +5,12 @@ noise draw gives the "before" and "after" images of a perturbation). Pure torch.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.layers import group_norm, sinusoidal_embedding
 from models.spatia_config import SpatiaConfig, expression_values
-
-
-def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal features (B, dim) of flow times ``t`` (B,) in [0, 1]."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]
-    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
-
-
-def _norm(c: int) -> nn.GroupNorm:
-    """Group norm over ``c`` channels in up to 8 groups."""
-    return nn.GroupNorm(math.gcd(8, c), c)
 
 
 class ResBlock2D(nn.Module):
@@ -32,9 +18,9 @@ class ResBlock2D(nn.Module):
 
     def __init__(self, cin: int, cout: int, cond: int) -> None:
         super().__init__()
-        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.film = nn.Linear(cond, 2 * cout)
-        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -72,7 +58,7 @@ class FlowGenerator(nn.Module):
         for c in reversed(chans):
             self.up.append(ResBlock2D(cin + c, c, td))
             cin = c
-        self.norm_out = _norm(cin)
+        self.norm_out = group_norm(cin)
         self.conv_out = nn.Conv2d(cin, cfg.in_channels, 3, padding=1)
 
     def condition(self, counts: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,7 +70,7 @@ class FlowGenerator(nn.Module):
         return c
 
     def forward(self, x, t, cond):
-        c = F.silu(self.time(time_embedding(t, self.time_dim)) + cond)
+        c = F.silu(self.time(sinusoidal_embedding(t, self.time_dim, scale=1000.0)) + cond)
         h = self.conv_in(x)
         skips = []
         for i, block in enumerate(self.down):

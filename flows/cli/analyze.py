@@ -7,18 +7,26 @@ from typing import Annotated
 
 import typer
 
-from flows.cli.common import analyze_app, app, refusing, running_flows, triple
+from flows.cli.common import (
+    GeneratedStore,
+    Workers,
+    analyze_app,
+    app,
+    refusing,
+    running_flows,
+    triple,
+)
 
 # Prefect's analytics only log a harmless "database is locked" error in ephemeral mode.
 
 
 @analyze_app.command("attention")
 def analyze_attention(
-    store_path: Annotated[Path, typer.Argument(metavar="STORE", help="A generated store.")],
+    store_path: GeneratedStore,
     pairs: Annotated[
         str | None, typer.Option(help="Gene pairs A/B,C/D (default: Tera-MIND's pathways).")
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="Dask workers.")] = None,
+    workers: Workers = None,
 ) -> None:
     """Gene-gene self-attention maps over the chunk grid, written into the store, plus a PNG."""
     from flows.analyze import attention_flow
@@ -37,14 +45,14 @@ def analyze_attention(
 
 @analyze_app.command("magnet")
 def analyze_magnet_cmd(
-    store_path: Annotated[Path, typer.Argument(metavar="STORE", help="A generated store.")],
+    store_path: GeneratedStore,
     checkpoint: Annotated[
         Path | None, typer.Option(help="MagNet checkpoint (default: the committed one).")
     ] = None,
     metrics: Annotated[
         bool, typer.Option(help="Compare with the conditioning (cycle consistency).")
     ] = True,
-    workers: Annotated[int | None, typer.Option(help="Dask workers.")] = None,
+    workers: Workers = None,
 ) -> None:
     """Gene expression predicted back from the image (MagNet), on the conditioning's bin grid."""
     from flows.magnet import analyze_magnet
@@ -74,7 +82,7 @@ def _genes_list(text: str | None) -> list[str]:
 
 @analyze_app.command("spatia")
 def analyze_spatia_cmd(
-    store_path: Annotated[Path, typer.Argument(metavar="STORE", help="A generated store.")],
+    store_path: GeneratedStore,
     checkpoint: Annotated[
         Path | None, typer.Option(help="SPATIA checkpoint (default: the committed one).")
     ] = None,
@@ -84,7 +92,7 @@ def analyze_spatia_cmd(
     block: Annotated[
         str | None, typer.Option(help="Analysis block Z,Y,X (default: the job's, whole niches).")
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="Dask workers.")] = None,
+    workers: Workers = None,
 ) -> None:
     """SPATIA cell embeddings, types and imputed genes (.h5ad beside STORE) and niche / tissue
     embeddings (arrays in STORE)."""
@@ -138,7 +146,7 @@ def echo_spatia(result: dict) -> None:
 
 @app.command()
 def perturb(
-    store_path: Annotated[Path, typer.Argument(metavar="STORE", help="A generated store.")],
+    store_path: GeneratedStore,
     genes: Annotated[
         str, typer.Option(help="Changes GENE=VALUE, GENE=xF or GENE=+N, comma-separated.")
     ] = "Ccnd1=+20",

@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -23,31 +25,49 @@ app = typer.Typer(
 )
 train_app = typer.Typer(no_args_is_help=True, help="Train the project's models.")
 app.add_typer(train_app, name="train")
+# Options and arguments several commands share, written once.
+GeneratedStore = Annotated[Path, typer.Argument(metavar="STORE", help="A generated store.")]
+JobStore = Annotated[Path, typer.Argument(metavar="STORE", help="A job's store.")]
+Workers = Annotated[int | None, typer.Option(help="Dask workers.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v")]
+CheckpointOut = Annotated[Path | None, typer.Option(help="Checkpoint to write.")]
+LearningRate = Annotated[float, typer.Option(help="Peak learning rate.")]
+Threads = Annotated[int, typer.Option(help="torch threads.")]
+UserImages = Annotated[
+    Path | None, typer.Option(help="Your image zarr (c, z, y, x) uint8, or a store.")
+]
+Spacing = Annotated[str, typer.Option(help="Voxel spacing z,y,x in µm of --images.")]
+
 analyze_app = typer.Typer(no_args_is_help=True, help="Downstream analyses of a generated store.")
 app.add_typer(analyze_app, name="analyze")
 
 
-def triple(text: str | None, what: str) -> tuple[int, int, int] | None:
-    if text is None:
-        return None
+def _three(text: str, what: str, kind: type, unit: str) -> tuple:
     try:
-        values = tuple(int(v) for v in text.split(","))
+        values = tuple(kind(v) for v in text.split(","))
     except ValueError:
         values = ()
     if len(values) != 3:
-        raise typer.BadParameter(f"{what} must be three integers Z,Y,X, got {text!r}")
-    return values  # type: ignore[return-value]
+        raise typer.BadParameter(f"{what} must be three {unit}, got {text!r}")
+    return values
+
+
+def triple(text: str | None, what: str) -> tuple[int, int, int] | None:
+    """Three integers Z,Y,X (an option left out stays None)."""
+    return None if text is None else _three(text, what, int, "integers Z,Y,X")
 
 
 def parse_spacing(text: str) -> tuple[float, float, float]:
     """A Z,Y,X voxel spacing in µm."""
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3:
-        raise typer.BadParameter(f"--spacing must be three numbers Z,Y,X in µm, got {text!r}")
-    return values  # type: ignore[return-value]
+    return _three(text, "--spacing", float, "numbers Z,Y,X in µm")
+
+
+def user_data_spacing(images: Path | None, cells: Path | None, spacing: str):
+    """For training on a user's data: the spacing of ``--images`` (None when neither
+    ``--images`` nor ``--cells`` is given; a refusal when only one is)."""
+    if (images is None) != (cells is None):
+        fail("--images and --cells go together")
+    return None if images is None else parse_spacing(spacing)
 
 
 def echo_log(entry: dict) -> None:

@@ -11,6 +11,10 @@ from typing import Annotated
 import typer
 
 from flows.cli.common import (
+    GeneratedStore,
+    JobStore,
+    Verbose,
+    Workers,
     app,
     fail,
     one_line,
@@ -56,7 +60,7 @@ def generate(
     ignore_disk_space: Annotated[
         bool, typer.Option(help="Start even if the output filesystem looks too small.")
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Generate a volume from a YAML config, with command-line overrides."""
     from pydantic import ValidationError
@@ -164,11 +168,11 @@ def _interrupts_stop_the_run():
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("tera_demo"),
-    workers: Annotated[int | None, typer.Option(help="Dask workers.")] = None,
+    workers: Workers = None,
     steps: Annotated[int, typer.Option(help="DDIM steps.")] = 15,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing demo output.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue a stopped demo.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Synthetic brain -> conditioning -> generation under the Prefect flow, then a summary."""
     import xarray as xr
@@ -209,10 +213,10 @@ def demo(
 
 @app.command()
 def evaluate(
-    store_path: Annotated[Path, typer.Argument(metavar="STORE", help="A generated store.")],
+    store_path: GeneratedStore,
     out: Annotated[Path | None, typer.Option(help="Report folder (default: beside STORE).")] = None,
     workers: Annotated[int | None, typer.Option(help="Dask workers for the naive run.")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Fidelity, seam score (engine vs naive tiling), SSIM/PSNR, nuclei: JSON and PNG."""
     from tera_pipeline.evaluation.report import check_finished, check_outputs
@@ -247,7 +251,7 @@ def evaluate(
 
 @app.command()
 def verify(
-    store_path: Annotated[Path, typer.Argument(metavar="STORE", help="A job's store.")],
+    store_path: JobStore,
 ) -> None:
     """Read back every block the ledger calls done and compare it with its digest; exit 1 and
     name the blocks when any is missing or corrupt."""
@@ -270,7 +274,7 @@ def verify(
 
 @app.command()
 def status(
-    store_path: Annotated[Path, typer.Argument(metavar="STORE", help="A job's store.")],
+    store_path: JobStore,
 ) -> None:
     """Progress of a running, finished or dead job: blocks done per phase, time, holder, last
     error."""

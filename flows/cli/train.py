@@ -7,7 +7,18 @@ from typing import Annotated
 
 import typer
 
-from flows.cli.common import echo_log, fail, parse_spacing, refusing, train_app, triple
+from flows.cli.common import (
+    CheckpointOut,
+    LearningRate,
+    Spacing,
+    Threads,
+    UserImages,
+    echo_log,
+    refusing,
+    train_app,
+    triple,
+    user_data_spacing,
+)
 from models.checkpoint import DEFAULT_DENOISER
 
 # Prefect's analytics only log a harmless "database is locked" error in ephemeral mode.
@@ -18,11 +29,11 @@ def train_denoiser_cmd(
     out: Annotated[Path, typer.Option(help="Checkpoint to write.")] = DEFAULT_DENOISER,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 3000,
     batch: Annotated[int, typer.Option(help="Patches per step.")] = 16,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
+    lr: LearningRate = 2e-3,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic training brain.")] = 1,
     base_channels: Annotated[int, typer.Option(help="UNet base channels.")] = 16,
     prediction: Annotated[str, typer.Option(help="Model output: 'v' or 'epsilon'.")] = "v",
-    threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
+    threads: Threads = 2,
 ) -> None:
     """Train the denoiser on synthetic-brain patches; writes a safetensors checkpoint."""
     import torch
@@ -33,36 +44,27 @@ def train_denoiser_cmd(
     torch.set_num_threads(threads)
     cfg = DenoiserConfig(base_channels=base_channels)
     train_denoiser(
-        out,
-        steps=steps,
-        batch=batch,
-        lr=lr,
-        seed=seed,
-        model_config=cfg,
-        prediction=prediction,
-        on_log=echo_log,
+        out, steps, batch, lr, seed, model_config=cfg, prediction=prediction, on_log=echo_log
     )
     typer.echo(f"wrote {out}")
 
 
 @train_app.command("magnet")
 def train_magnet_cmd(
-    out: Annotated[Path | None, typer.Option(help="Checkpoint to write.")] = None,
+    out: CheckpointOut = None,
     kind: Annotated[
         str, typer.Option(help="'magnet', or the baseline 'magnet_bin_cnn' (bin crop alone).")
     ] = "magnet",
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1500,
     batch: Annotated[int, typer.Option(help="Windows (8 x 8 bins) per step.")] = 8,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    lr: LearningRate = 1e-3,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic training brains.")] = 1,
-    images: Annotated[
-        Path | None, typer.Option(help="Your image zarr (c, z, y, x) uint8, or a store.")
-    ] = None,
+    images: UserImages = None,
     cells: Annotated[
         Path | None, typer.Option(help="Its cells or transcripts (.h5ad, .parquet, .csv).")
     ] = None,
-    spacing: Annotated[str, typer.Option(help="Voxel spacing z,y,x in µm of --images.")] = "4,1,1",
-    threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
+    spacing: Spacing = "4,1,1",
+    threads: Threads = 2,
 ) -> None:
     """Train MagNet on (image, expression per bin) pairs: synthetic renders, or yours."""
     import torch
@@ -71,47 +73,34 @@ def train_magnet_cmd(
     from tera_pipeline.training.magnet import train_magnet
 
     torch.set_num_threads(threads)
-    data = None
-    if (images is None) != (cells is None):
-        fail("--images and --cells go together")
-    if images is not None:
+    data, spacing_um = None, user_data_spacing(images, cells, spacing)
+    if spacing_um is not None:
         from tera_pipeline.training.magnet import user_pairs
 
-        spacing_um = parse_spacing(spacing)
         with refusing():
             data = user_pairs(images, cells, spacing_um)
-    history = train_magnet(
-        out or DEFAULT_MAGNET.with_name(f"{kind}.safetensors"),
-        steps=steps,
-        batch=batch,
-        lr=lr,
-        seed=seed,
-        kind=kind,
-        data=data,
-        on_log=echo_log,
-    )
-    typer.echo(f"wrote {out or DEFAULT_MAGNET.with_name(f'{kind}.safetensors')}: {history[-1]}")
+    target = out or DEFAULT_MAGNET.with_name(f"{kind}.safetensors")
+    history = train_magnet(target, steps, batch, lr, seed, kind, data=data, on_log=echo_log)
+    typer.echo(f"wrote {target}: {history[-1]}")
 
 
 @train_app.command("spatia")
 def train_spatia_cmd(
-    out: Annotated[Path | None, typer.Option(help="Checkpoint to write.")] = None,
+    out: CheckpointOut = None,
     cell_steps: Annotated[int, typer.Option(help="Steps of the cell encoder.")] = 3000,
     context_steps: Annotated[int, typer.Option(help="Steps of the niche transformer.")] = 300,
     generator_steps: Annotated[int, typer.Option(help="Steps of the generator.")] = 1500,
     batch: Annotated[int, typer.Option(help="Cells per step.")] = 64,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
+    lr: LearningRate = 2e-3,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic training brain.")] = 1,
     crop: Annotated[str, typer.Option(help="Crop Z,Y,X voxels (Z > 1: 3-D crops).")] = "1,32,32",
-    images: Annotated[
-        Path | None, typer.Option(help="Your image zarr (c, z, y, x) uint8, or a store.")
-    ] = None,
+    images: UserImages = None,
     cells: Annotated[Path | None, typer.Option(help="Its cell table (.h5ad, cell .csv).")] = None,
-    spacing: Annotated[str, typer.Option(help="Voxel spacing z,y,x in µm of --images.")] = "4,1,1",
+    spacing: Spacing = "4,1,1",
     type_key: Annotated[
         str, typer.Option(help="obs / column with cell types in --cells, if any.")
     ] = "cell_type",
-    threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
+    threads: Threads = 2,
 ) -> None:
     """Train SPATIA on cells with crops: the synthetic brain, or your images and cells."""
     import torch
@@ -123,25 +112,12 @@ def train_spatia_cmd(
 
     torch.set_num_threads(threads)
     cfg = SpatiaConfig(crop=triple(crop, "--crop"))
-    data = None
-    if (images is None) != (cells is None):
-        fail("--images and --cells go together")
-    if images is not None:
-        spacing_um = parse_spacing(spacing)
+    data, spacing_um = None, user_data_spacing(images, cells, spacing)
+    if spacing_um is not None:
         with refusing():
             every = user_cells(images, cells, spacing_um, cfg.crop, type_key=type_key)
         data = split_cells(every, seed)
     target = out or DEFAULT_SPATIA
-    history = train_spatia(
-        target,
-        model_config=cfg,
-        cell_steps=cell_steps,
-        context_steps=context_steps,
-        generator_steps=generator_steps,
-        batch=batch,
-        lr=lr,
-        seed=seed,
-        data=data,
-        on_log=echo_log,
-    )
+    stage_steps = (cell_steps, context_steps, generator_steps)
+    history = train_spatia(target, cfg, *stage_steps, batch, lr, seed, data=data, on_log=echo_log)
     typer.echo(f"wrote {target}: {history[-1]}")

@@ -19,8 +19,7 @@ from tera_pipeline.generation.schedule import DDIMSchedule, Prediction
 from tera_pipeline.inputs.conditioning import rasterize
 from tera_pipeline.inputs.panel import panel_difference
 from tera_pipeline.inputs.synthetic import SyntheticBrain
-from tera_pipeline.runtime.memory import keep_freed_memory
-from tera_pipeline.training.loop import Losses, Stage, TrainingLog, run_stage, save_trained
+from tera_pipeline.training.loop import Losses, Stage, TrainingLog, run_stage, save_trained, seeded
 
 log = logging.getLogger("tera_pipeline.training")
 
@@ -169,10 +168,7 @@ def train_denoiser(
         model, previous = load_denoiser(resume)
         cfg, prediction = model.cfg, previous.get("prediction", "epsilon")
     _check_cond_window(cfg, bin_shape)
-    keep_freed_memory()
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
+    rng, gen = seeded(seed)
     train, val = data if data is not None else _synthetic_data(seed, volume, spacing_um, bin_shape)
     difference = previous and panel_difference(train.genes, previous.get("genes", []))
     if difference:

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
+import numpy as np
 import torch
 
 from models.checkpoint import save_checkpoint
+from tera_pipeline.runtime.memory import keep_freed_memory
 
 WEIGHT_DECAY = 1e-4
 """AdamW's weight decay, the same for every model."""
@@ -83,6 +85,14 @@ class TrainingLog:
     def final(self) -> dict | None:
         """The last entry (None before the first)."""
         return self.entries[-1] if self.entries else None
+
+
+def seeded(seed: int) -> tuple[np.random.Generator, torch.Generator]:
+    """Start a training process reproducibly: keep freed heap memory (``runtime.memory``), seed
+    torch's global generator, and return the run's numpy and torch random streams."""
+    keep_freed_memory()
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed), torch.Generator().manual_seed(seed)
 
 
 def warmup_cosine(

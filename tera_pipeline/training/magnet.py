@@ -22,13 +22,12 @@ from models.magnet import MagNetConfig, magnet_loss, pearson
 from tera_pipeline.analysis.magnet_levels import array_reader, concat, level_inputs
 from tera_pipeline.core.geometry import Box, Shape
 from tera_pipeline.core.intensity import to_uint8
-from tera_pipeline.runtime.memory import keep_freed_memory
 from tera_pipeline.training.denoiser import (
     TrainingData,
     synthetic_training_data,
     user_training_data,
 )
-from tera_pipeline.training.loop import Losses, Stage, TrainingLog, run_stage, save_trained
+from tera_pipeline.training.loop import Losses, Stage, TrainingLog, run_stage, save_trained, seeded
 
 log = logging.getLogger("tera_pipeline.magnet_training")
 
@@ -162,9 +161,7 @@ def train_magnet(
     """
     if kind not in TRAINED_KINDS:
         raise ValueError(f"kind must be one of {sorted(TRAINED_KINDS)}, got {kind!r}")
-    keep_freed_memory()
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    rng, _ = seeded(seed)
     if data is None:
         data = (
             synthetic_pairs((seed, seed + 1, seed + 2), volume),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -36,8 +36,7 @@ from models.spatia import (
 from tera_pipeline.analysis.cells import centred
 from tera_pipeline.core.geometry import Shape
 from tera_pipeline.core.intensity import from_uint8
-from tera_pipeline.runtime.memory import keep_freed_memory
-from tera_pipeline.training.loop import Losses, Stage, TrainingLog, run_stage, save_trained
+from tera_pipeline.training.loop import Losses, Stage, TrainingLog, run_stage, save_trained, seeded
 from tera_pipeline.training.spatia_cells import (
     CellSet,
     SetBatch,
@@ -75,20 +74,30 @@ class CellBatch(NamedTuple):
     patch_mask: torch.Tensor
 
 
+@dataclass
+class SpatiaRun:
+    """What every SPATIA stage shares: the model, the data, the batch and learning rate, the
+    random streams (each stage draws from them in turn, so a run is reproducible) and the log."""
+
+    model: Spatia
+    train: CellSet
+    val: CellSet
+    batch: int
+    lr: float
+    rng: np.random.Generator
+    gen: torch.Generator
+    report: Callable[[dict], None]
+
+
 def train_cells(
-    model: Spatia,
-    train: CellSet,
-    val: CellSet,
+    run: SpatiaRun,
     steps: int,
-    batch: int,
-    lr: float,
-    rng: np.random.Generator,
-    gen: torch.Generator,
-    report: Callable[[dict], None],
     log_every: int = 100,
     weights: CellLossWeights = CELL_LOSS_WEIGHTS,
 ) -> None:
     """Stage 1: the cell encoder (and its type probe where types are known)."""
+    model, train, val, batch, lr = run.model, run.train, run.val, run.batch, run.lr
+    rng, gen, report = run.rng, run.gen, run.report
     enc = model.cell
 
     def draw() -> CellBatch:
@@ -178,21 +187,17 @@ def _context_loss(encoder, sets: SetBatch, gen: torch.Generator) -> Losses:
 
 
 def train_context(
-    model: Spatia,
-    train: CellSet,
+    run: SpatiaRun,
     steps: int,
-    batch: int,
-    lr: float,
-    rng: np.random.Generator,
-    gen: torch.Generator,
-    report: Callable[[dict], None],
     niche_um: tuple[float, float, float] = NICHE_UM,
     tissue_niches: Shape = TISSUE_NICHES,
+    batch: int = 16,
     max_members: int = 512,
 ) -> None:
-    """Stage 2: niche transformer over cells in random niche windows (``steps`` steps), then the
-    tissue transformer over niche embeddings in random tissue windows (``steps // 2``); the cell
-    encoder is frozen."""
+    """Stage 2: niche transformer over cells in random niche windows (``steps`` steps, ``batch``
+    windows each), then the tissue transformer over niche embeddings in random tissue windows
+    (``steps // 2``); the cell encoder is frozen."""
+    model, train, lr, rng, gen, report = run.model, run.train, run.lr, run.rng, run.gen, run.report
     emb = embed_cells(model, train)
     values = expression_values(torch.from_numpy(train.counts))[0].numpy()
     spacing = np.asarray(train.spacing_um)
@@ -257,19 +262,10 @@ def _grid_niches(model, emb, points, values, size, extent, rng):
 
 
 # -- stage 3: generator -------------------------------------------------------------------------
-def train_generator(
-    model: Spatia,
-    train: CellSet,
-    val: CellSet,
-    steps: int,
-    batch: int,
-    lr: float,
-    rng: np.random.Generator,
-    gen: torch.Generator,
-    report: Callable[[dict], None],
-    log_every: int = 100,
-) -> None:
+def train_generator(run: SpatiaRun, steps: int, log_every: int = 100) -> None:
     """Stage 3: flow matching of crops given (full-depth) expression."""
+    model, train, val, batch, lr = run.model, run.train, run.val, run.batch, run.lr
+    rng, gen, report = run.rng, run.gen, run.report
     g = model.generator
 
     def draw() -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,10 +327,7 @@ def train_spatia(
     ``data`` (train, validation) defaults to the synthetic brain of ``seed`` (validation on
     seed + 1000)."""
     cfg = model_config or SpatiaConfig()
-    keep_freed_memory()
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
+    rng, gen = seeded(seed)
     train, val = data if data is not None else _synthetic_data(seed, volume, cfg.crop, spacing_um)
     if train.crops.shape[1:] != (cfg.in_channels, *cfg.crop[1:]):
         raise ValueError(f"crops {train.crops.shape[1:]} do not fit the model's crop {cfg.crop}")
@@ -343,9 +336,10 @@ def train_spatia(
     model.train()
     history = TrainingLog(log, on_log)
     t0 = time.perf_counter()
-    train_cells(model, train, val, cell_steps, batch, lr, rng, gen, history, weights=loss_weights)
-    train_context(model, train, context_steps, 16, lr, rng, gen, history, niche_um, tissue_niches)
-    train_generator(model, train, val, generator_steps, batch, lr, rng, gen, history)
+    run = SpatiaRun(model, train, val, batch, lr, rng, gen, history)
+    train_cells(run, cell_steps, weights=loss_weights)
+    train_context(run, context_steps, niche_um, tissue_niches)
+    train_generator(run, generator_steps)
     meta = {
         "config": cfg.to_dict(),
         "genes": list(train.genes),
