@@ -91,3 +91,10 @@ def test_block_must_be_whole_strides_and_shards():
 def test_config_layout_errors_name_the_problem(override, message):
     with pytest.raises(ValueError, match=message):
         JobConfig().with_overrides(**override)
+
+
+def test_patch_evaluations_per_voxel_of_the_lattices():
+    half = PatchLattice((4, 32, 32), (2, 16, 16))
+    assert round(half.evaluations_per_voxel((16, 256, 256)), 2) == 6.15  # the demo job
+    assert 7.9 < half.evaluations_per_voxel((10_000, 10_000, 10_000)) < 8.0  # far from edges: 8
+    assert PatchLattice((4, 32, 32), (4, 32, 32)).evaluations_per_voxel((16, 256, 256)) == 1.0

@@ -7,6 +7,7 @@ import re
 from typer.testing import CliRunner
 
 from flows.cli import app
+from tera_pipeline.evaluation.figures import markdown, run_figures
 from tera_pipeline.generation import lifecycle
 from tera_pipeline.storage import ledger
 from tera_pipeline.storage.status import record_error
@@ -52,3 +53,18 @@ def test_status_of_a_finished_job_shows_phase_times(small_job, client):
     print(result.output)
     assert f"{small_job.out}: complete" in result.output
     assert len(re.findall(r"27/27 +#{20}  took \d+\.\d s", result.output)) == 4
+    lattice = small_job.lattice_obj()
+    e = lattice.evaluations_per_voxel(small_job.volume.shape)
+    steps = small_job.diffusion.steps
+    assert f"cost: E = {round(e, 3):g} patch evaluations per voxel and step" in result.output
+    assert f"{round(e * steps, 2):g} model evaluations per voxel" in result.output
+    figures = run_figures(small_job.out)
+    assert figures["E"] == round(e, 3)
+    # measured from what the blocks evaluated: at least the lattice's (a seam a neighbour had not
+    # published yet is computed again)
+    steps_run = [p for p in figures["phases"] if p["phase"].startswith("step ")]
+    evaluated = sum(p["patches"] for p in steps_run) / len(steps_run)
+    voxels = small_job.volume.shape[0] * small_job.volume.shape[1] * small_job.volume.shape[2]
+    patch_voxels = lattice.patch[0] * lattice.patch[1] * lattice.patch[2]
+    assert figures["E_measured"] == round(evaluated * patch_voxels / voxels, 3) >= figures["E"]
+    assert "E: patch evaluations per voxel and step" in markdown(figures)

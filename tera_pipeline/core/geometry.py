@@ -131,6 +131,13 @@ class PatchLattice:
             for v, p, s in zip(volume, self.patch, self.stride, strict=True)
         )
 
+    def evaluations_per_voxel(self, volume: Shape) -> float:
+        """E: patch evaluations per output voxel and step when every lattice patch is evaluated
+        once (seams shared): lattice patches x patch voxels / volume voxels. 8 away from the
+        edges for a stride of half the patch on every axis; 1 for a stride of one patch."""
+        patches = math.prod(self.counts(volume))
+        return patches * math.prod(self.patch) / math.prod(volume)
+
     def patches_touching(self, core: Box, volume: Shape) -> list[Box]:
         """Every lattice patch that intersects ``core``, in lattice (C) order."""
         ranges = []

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tera_pipeline.storage import store
+from tera_pipeline.storage.status import sampling_cost
 
 MEASURE_VOXELS = 2**27
 """Largest volume (voxels per stain) whose fidelity and seam score a run measures itself."""
@@ -44,8 +45,12 @@ def run_figures(root: Path, measure_voxels: int = MEASURE_VOXELS) -> dict:
         "pyramid": attrs.get("pyramid"),
         "status": attrs.get("status"),
     }
+    figures |= sampling_cost(config)
     if steps:
         figures["time_per_step_s"] = float(np.mean(figures["step_s"]))
+        evaluated = float(np.mean([p.get("patches", 0) for p in steps]))
+        patch = config["lattice"]["patch"]
+        figures["E_measured"] = round(evaluated * np.prod(patch) / np.prod(shape), 3)
     evaluation = _evaluation(root)
     if evaluation:
         figures["fidelity_r"] = evaluation["fidelity"]["pearson_r"]
@@ -72,6 +77,11 @@ def _evaluation(root: Path) -> dict | None:
     return report
 
 
+def _cost(figures: dict) -> str:
+    measured = figures.get("E_measured")
+    return f"{figures['E']:g}" + (f" (measured {measured:g})" if measured is not None else "")
+
+
 def markdown(figures: dict) -> str:
     """The figures as markdown: a summary table and one row per phase."""
 
@@ -95,6 +105,8 @@ def markdown(figures: dict) -> str:
         ("blocks", f"{figures['blocks']:,} of {' × '.join(map(str, figures['block']))}"),
         ("DDIM steps", str(figures["steps"])),
         ("time per step", per_step),
+        ("E: patch evaluations per voxel and step", _cost(figures)),
+        ("model evaluations per voxel", f"{figures['model_evaluations_per_voxel']:g}"),
         ("pyramid levels", levels or "-"),
         ("conditioning fidelity r", fmt(figures.get("fidelity_r"))),
         ("seam score (1 = seamless)", fmt(figures.get("seam_score"))),

@@ -51,7 +51,18 @@ def job_status(root: Path) -> dict:
         "elapsed_s": None if started is None else now - started,
         "since_last_block_s": None if latest is None else now - latest,
         "last_error": attrs.get("last_error"),
+        "cost": sampling_cost(attrs["config"]),
     }
+
+
+def sampling_cost(config: dict) -> dict:
+    """What a job pays per output voxel: E, patch evaluations per voxel and step, and model
+    evaluations per voxel (E x one model call per step x steps)."""
+    from tera_pipeline.core.config import JobConfig
+
+    job = JobConfig.model_validate(config)
+    e = job.lattice_obj().evaluations_per_voxel(job.volume.shape)
+    return {"E": round(e, 3), "model_evaluations_per_voxel": round(e * job.diffusion.steps, 2)}
 
 
 def _holder(root: Path) -> tuple[dict | None, str | None]:
@@ -131,6 +142,12 @@ def format_status(info: dict) -> list[str]:
         when = when if p["done"] else ""
         lines.append(
             f"  {p['phase']:>14}  {p['done']:>7}/{p['total']:<7} {bar:<20}  {when}".rstrip()
+        )
+    if info.get("cost"):
+        c = info["cost"]
+        lines.append(
+            f"cost: E = {c['E']:g} patch evaluations per voxel and step, "
+            f"{c['model_evaluations_per_voxel']:g} model evaluations per voxel"
         )
     if info["last_error"]:
         err = info["last_error"]
