@@ -28,9 +28,13 @@ def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
     """
     model, meta = load_denoiser(job.checkpoint)
     model.to(memory_format=torch.channels_last_3d)
-    lattice, vol = job.lattice_obj(), job.volume.shape
-    patches = lattice.all_patches(vol)
-    span = Box.from_bounds((0, 0, 0), [max(p.end[a] for p in patches) for a in range(3)])
+    vol = job.volume.shape
+    lattices = [job.lattice_at(step) for step in range(steps_to_run)]  # shifted: one per step
+    every = [p for lattice in lattices for p in lattice.all_patches(vol)]
+    span = Box.from_bounds(
+        [min(p.begin[a] for p in every) for a in range(3)],
+        [max(p.end[a] for p in every) for a in range(3)],
+    )
     vbox = Box((0, 0, 0), vol)
     b, context = job.conditioning.bin, model.cfg.cond_context
     source = open_source(job)
@@ -40,8 +44,9 @@ def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
     window = patch_window(job.lattice.patch, job.lattice.window)
     state = position_noise(job.diffusion.seed, 0, vbox, 2)
     for step in range(steps_to_run):
+        patches = lattices[step].all_patches(vol)
         padded = np.zeros((2, *span.shape), np.float32)
-        padded[(slice(None), *vbox.slices())] = state
+        padded[(slice(None), *vbox.slices(span))] = state
         total = np.zeros((2, *vol), np.float32)
         weight = np.zeros(vol, np.float32)
         n = job.batch_size
@@ -51,7 +56,7 @@ def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
             x = torch.zeros(n, 2, *job.lattice.patch)
             c = torch.zeros(n, cond.shape[0], *model.cfg.cond_input)
             for i, p in enumerate(group):
-                x[i] = torch.from_numpy(padded[(slice(None), *p.slices())])
+                x[i] = torch.from_numpy(padded[(slice(None), *p.slices(span))])
                 bins = patch_bins(p, b, context).slices(cond_box)
                 c[i] = torch.from_numpy(cond[(slice(None), *bins)])
             with torch.inference_mode():
@@ -97,8 +102,19 @@ def test_receptive_field_exceeds_halo(small_job):
     assert delta > 1e-6
 
 
-def test_blockwise_equals_whole_volume(small_job, client):
-    """3 x 3 x 3 blocks, several DDIM steps: the out-of-core state equals the in-memory one."""
+SHIFTED = {"lattice.stride": (4, 32, 32), "lattice.mode": "shifted"}
+"""The shifted non-overlapping lattice (stride = patch, offset per step) on the same job."""
+
+
+@pytest.fixture(params=["overlapped", "shifted"])
+def any_mode_job(request, small_job) -> JobConfig:
+    return small_job if request.param == "overlapped" else small_job.with_overrides(**SHIFTED)
+
+
+def test_blockwise_equals_whole_volume(any_mode_job, client):
+    """3 x 3 x 3 blocks, several DDIM steps: the out-of-core state equals the in-memory one, in
+    the overlapped mode and in the shifted one (there with the same per-step lattices)."""
+    small_job = any_mode_job
     assert small_job.grid().shape == (3, 3, 3)
     steps = 2
     blockwise = _state_after(small_job, client, steps)
@@ -108,8 +124,11 @@ def test_blockwise_equals_whole_volume(small_job, client):
     assert rel < 1e-5
 
 
-def test_same_output_whatever_blocks_workers_order(small_job, tmp_path, client):
+def test_same_output_whatever_blocks_workers_order(any_mode_job, tmp_path, client):
     """Same seed: same image for another block size, one worker vs two, reversed block order."""
+    small_job = any_mode_job
+    shifted = small_job.lattice.mode == "shifted"
+    other_block = (8, 64, 64) if shifted else (6, 48, 48)  # whole strides of the mode's lattice
     from tera_pipeline.core.config import ClusterSpec
     from tera_pipeline.runtime.cluster import cluster_client
 
@@ -122,7 +141,7 @@ def test_same_output_whatever_blocks_workers_order(small_job, tmp_path, client):
     first = image(small_job)
 
     bigger = small_job.with_overrides(
-        out=str(tmp_path / "b.zarr"), **{"storage.block": (6, 48, 48)}
+        out=str(tmp_path / "b.zarr"), **{"storage.block": other_block}
     )
     assert bigger.grid().shape == (2, 2, 2)
     with cluster_client(ClusterSpec(kind="local", workers=1, dashboard_address=":0")) as one:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 
 from tera_pipeline.core.config import JobConfig
@@ -98,3 +99,40 @@ def test_patch_evaluations_per_voxel_of_the_lattices():
     assert round(half.evaluations_per_voxel((16, 256, 256)), 2) == 6.15  # the demo job
     assert 7.9 < half.evaluations_per_voxel((10_000, 10_000, 10_000)) < 8.0  # far from edges: 8
     assert PatchLattice((4, 32, 32), (4, 32, 32)).evaluations_per_voxel((16, 256, 256)) == 1.0
+
+
+def test_a_shifted_lattice_predicts_each_voxel_once_and_blocks_see_exactly_its_patches():
+    """Offsets in bins (y, x: 16 of 32) and slices (z): every voxel lies in one patch, and the
+    patches touching each block's core are those of the whole lattice that meet it."""
+    volume, patch = (12, 96, 96), (4, 32, 32)
+    for offset in [(0, 0, 0), (1, 16, 0), (3, 16, 16), (2, 0, 16)]:
+        lattice = PatchLattice(patch, patch, offset)
+        every = lattice.all_patches(volume)
+        cover = np.zeros(volume, np.int32)
+        for p in every:
+            cover[p.intersect(Box((0, 0, 0), volume)).slices()] += 1
+        assert (cover == 1).all(), offset
+        assert len(every) == np.prod(lattice.counts(volume))
+        grid = BlockGrid(volume, (4, 32, 32), lattice)
+        for block in grid.blocks():
+            touching = lattice.patches_touching(block.core, volume)
+            assert touching == [p for p in every if p.intersect(block.core).size > 0]
+            for p in touching:
+                assert block.read.contains(p.intersect(grid.volume_box))
+    with pytest.raises(GeometryError, match="stride = patch"):
+        PatchLattice(patch, (2, 16, 16), (1, 0, 0))
+
+
+def test_shifted_mode_draws_one_lattice_per_step_from_the_seed():
+    job = JobConfig.model_validate(
+        {"lattice": {"stride": (4, 32, 32), "mode": "shifted"}, "diffusion": {"seed": 3}}
+    )
+    shifts = [job.lattice_at(k).offset for k in range(job.diffusion.steps)]
+    assert all(s[1] % 16 == 0 and s[2] % 16 == 0 for s in shifts)  # whole gene bins
+    # every seam of a step moves at the next: consecutive offsets differ on every axis
+    assert all(a != b for s, n in zip(shifts, shifts[1:]) for a, b in zip(s, n))
+    again = JobConfig.model_validate(job.model_dump())
+    assert [again.lattice_at(k).offset for k in range(job.diffusion.steps)] == shifts
+    assert 1.0 <= job.evaluations_per_voxel() < 1.5
+    with pytest.raises(ValueError, match="stride = patch"):
+        JobConfig.model_validate({"lattice": {"mode": "shifted"}})

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tera_pipeline.core.errors import TeraError
 from tera_pipeline.core.geometry import BlockGrid, GeometryError, PatchLattice
+from tera_pipeline.core.noise import lattice_shift
 
 Triple = tuple[int, int, int]
 Positive = Annotated[int, Field(gt=0)]
@@ -101,6 +102,20 @@ class LatticeSpec(_Section):
     patch: PositiveTriple = (4, 32, 32)
     stride: PositiveTriple = (2, 16, 16)
     window: Literal["cosine", "gaussian", "constant"] = "cosine"
+    mode: Literal["overlapped", "shifted"] = "overlapped"
+    """``overlapped``: one fixed lattice of stride ``stride``, predictions blended. ``shifted``:
+    non-overlapping patches (stride = patch) on a lattice offset at every step by a pure function
+    of (seed, step), so each voxel is predicted by one patch and one step's seams move at the
+    next (after SpotDiffusion)."""
+
+    @model_validator(mode="after")
+    def _shifted_is_non_overlapping(self) -> LatticeSpec:
+        if self.mode == "shifted" and self.stride != self.patch:
+            raise ValueError(
+                f"lattice.mode shifted needs stride = patch: set lattice.stride to {self.patch} "
+                f"(got {self.stride})"
+            )
+        return self
 
 
 class StorageSpec(_Section):
@@ -315,10 +330,27 @@ class JobConfig(_Section):
         return self
 
     def lattice_obj(self) -> PatchLattice:
+        """The lattice without a shift (the overlapped mode's one lattice)."""
         return PatchLattice(self.lattice.patch, self.lattice.stride)
 
-    def grid(self) -> BlockGrid:
-        return BlockGrid(self.volume.shape, self.storage.block, self.lattice_obj())
+    def lattice_at(self, step: int) -> PatchLattice:
+        """The lattice DDIM step ``step`` denoises on: in ``shifted`` mode offset by
+        ``lattice_shift(seed, step)``, else the one lattice."""
+        if self.lattice.mode != "shifted":
+            return self.lattice_obj()
+        shift = lattice_shift(self.diffusion.seed, step, self.lattice.patch, self.conditioning.bin)
+        return PatchLattice(self.lattice.patch, self.lattice.stride, shift)
+
+    def grid(self, step: int | None = None) -> BlockGrid:
+        """The block grid, with the lattice of ``step`` (default: the unshifted lattice)."""
+        lattice = self.lattice_obj() if step is None else self.lattice_at(step)
+        return BlockGrid(self.volume.shape, self.storage.block, lattice)
+
+    def evaluations_per_voxel(self) -> float:
+        """E: patch evaluations per output voxel and step (seams shared), over the run's steps."""
+        steps = range(self.diffusion.steps)
+        per_step = [self.lattice_at(k).evaluations_per_voxel(self.volume.shape) for k in steps]
+        return sum(per_step) / len(per_step)
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: object) -> JobConfig:

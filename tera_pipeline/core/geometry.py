@@ -92,24 +92,41 @@ class Box:
 
 @dataclass(frozen=True)
 class PatchLattice:
-    """The global lattice of patches: origins at multiples of ``stride``, size ``patch``.
+    """The global lattice of patches: origins at ``offset`` + multiples of ``stride``, size
+    ``patch``.
 
-    Along each axis of length ``V`` there are ``max(1, ceil((V - P) / S) + 1)`` patches, so the
-    lattice covers the volume; a patch may reach beyond the volume's far edge, where the state
-    reads as a fixed fill. Choosing ``V - P`` a multiple of ``S`` avoids that.
+    Without an offset, along each axis of length ``V`` there are ``max(1, ceil((V - P) / S) + 1)``
+    patches from 0, so the lattice covers the volume; a patch may reach beyond the volume's far
+    edge, where the state reads as a fixed fill. Choosing ``V - P`` a multiple of ``S`` avoids
+    that. An ``offset`` (the shifted non-overlapping lattice: stride = patch) moves every origin;
+    the patches are those meeting the volume, the first one starting at or below 0.
     """
 
     patch: Shape
     stride: Shape
+    offset: Shape = (0, 0, 0)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch", _tuple(self.patch))
         object.__setattr__(self, "stride", _tuple(self.stride))
+        object.__setattr__(self, "offset", _tuple(self.offset))
         for p, s in zip(self.patch, self.stride, strict=True):
             if s <= 0 or p < s:
                 raise GeometryError(
                     f"patch {self.patch} and stride {self.stride}: need 0 < stride <= patch"
                 )
+        if self.shifted and (
+            self.stride != self.patch
+            or any(not 0 <= o < p for o, p in zip(self.offset, self.patch))
+        ):
+            raise GeometryError(
+                f"an offset lattice needs stride = patch and 0 <= offset < patch: patch "
+                f"{self.patch}, stride {self.stride}, offset {self.offset}"
+            )
+
+    @property
+    def shifted(self) -> bool:
+        return any(self.offset)
 
     @property
     def overlap(self) -> Shape:
@@ -118,14 +135,27 @@ class PatchLattice:
     @property
     def halo_below(self) -> Shape:
         """Voxels below a stride-aligned core that patches touching it can start at."""
+        if self.shifted:
+            return tuple((p - o) % p for p, o in zip(self.patch, self.offset, strict=True))
         return tuple(s * math.ceil(o / s) for s, o in zip(self.stride, self.overlap, strict=True))
 
     @property
     def halo_above(self) -> Shape:
+        if self.shifted:
+            return self.offset
         return self.overlap
+
+    def _first(self, axis: int) -> int:
+        """Lattice index of the first patch along ``axis`` (its origin at or below 0)."""
+        return -(-self.offset[axis] // self.stride[axis])
 
     def counts(self, volume: Shape) -> Shape:
         """Number of lattice patches per axis for a volume of this shape."""
+        if self.shifted:  # from the patch holding voxel 0 to the one holding voxel V - 1
+            return tuple(
+                (v - 1 - o) // s + self._first(a) + 1
+                for a, (v, o, s) in enumerate(zip(volume, self.offset, self.stride, strict=True))
+            )
         return tuple(
             max(1, math.ceil((v - p) / s) + 1)
             for v, p, s in zip(volume, self.patch, self.stride, strict=True)
@@ -141,16 +171,21 @@ class PatchLattice:
     def patches_touching(self, core: Box, volume: Shape) -> list[Box]:
         """Every lattice patch that intersects ``core``, in lattice (C) order."""
         ranges = []
-        for b, e, p, s, n in zip(
-            core.begin, core.end, self.patch, self.stride, self.counts(volume), strict=True
+        for a, (b, e, p, s, n) in enumerate(
+            zip(core.begin, core.end, self.patch, self.stride, self.counts(volume), strict=True)
         ):
-            first = max(0, -(-(b - p + 1) // s))  # smallest k with k*s + p > b
-            last = min(n - 1, (e - 1) // s)  # largest k with k*s < e
+            o, k0 = self.offset[a], self._first(a)  # patch j of the axis starts at o + (j - k0) s
+            first = max(0, -(-(b - o - p + 1) // s) + k0)  # smallest j with its end > b
+            last = min(n - 1, (e - 1 - o) // s + k0)  # largest j with its start < e
             ranges.append(range(first, last + 1))
-        return [
-            Box(tuple(k * s for k, s in zip(index, self.stride, strict=True)), self.patch)
-            for index in itertools.product(*ranges)
-        ]
+        return [Box(self.origin(index), self.patch) for index in itertools.product(*ranges)]
+
+    def origin(self, index: Sequence[int]) -> Shape:
+        """The origin of the lattice patch ``index`` (numbered from 0 along each axis)."""
+        return tuple(
+            o + (j - self._first(a)) * s
+            for a, (j, o, s) in enumerate(zip(index, self.offset, self.stride, strict=True))
+        )
 
     def all_patches(self, volume: Shape) -> list[Box]:
         return self.patches_touching(Box((0,) * len(volume), volume), volume)

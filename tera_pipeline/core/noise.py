@@ -33,3 +33,27 @@ def position_noise(seed: int, stream: int, box: Box, channels: int) -> np.ndarra
                 part = tile.intersect(box)
                 out[(slice(None), *part.slices(box))] = values[(slice(None), *part.slices(tile))]
     return out
+
+
+LATTICE_STREAM = 0x5_1F7
+"""Key of the lattice shifts, apart from every noise stream."""
+
+
+def lattice_shift(seed: int, step: int, patch: Shape, unit: Shape) -> Shape:
+    """The offset of step ``step``'s shifted lattice, a pure function of (seed, step): per axis a
+    multiple of ``unit`` (a gene bin, so patches keep whole bins) below ``patch``. The offset of
+    step 0 is drawn, and each later step moves it by a drawn nonzero amount, so every seam of a
+    step moves at the next (with two positions on an axis, they alternate)."""
+    offsets = []
+    for axis, (p, u) in enumerate(zip(patch, unit, strict=True)):
+        n = p // u  # positions on this axis
+        position = int(_draw(seed, 0, axis, n))
+        for k in range(1, step + 1):
+            position = (position + 1 + int(_draw(seed, k, axis, max(n - 1, 1)))) % n
+        offsets.append(u * position if n > 1 else 0)
+    return tuple(offsets)
+
+
+def _draw(seed: int, step: int, axis: int, n: int) -> int:
+    key = np.random.SeedSequence([seed, LATTICE_STREAM, step, axis])
+    return int(np.random.Generator(np.random.Philox(key)).integers(0, n))

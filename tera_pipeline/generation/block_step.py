@@ -79,7 +79,7 @@ def denoise_block(
     predictor = get_predictor(checkpoint, config.batch_size)  # loaded once per worker
     t0 = time.perf_counter()
     stats = BlockStats()
-    grid = config.grid()
+    grid = config.grid(step)  # the step's lattice (shifted mode: offset per step)
     core = grid.block(index).core
     patches, span = read_span(grid, core)
     sched = schedule_of(config, predictor.meta.get("prediction", "epsilon"))

@@ -166,12 +166,13 @@ def cone(config: JobConfig, bad: list[Index]) -> list[list[Index]]:
     cones[-1] = set(bad)
     for k in range(steps - 1, 0, -1):
         for index in cones[k]:
-            cones[k - 1].update(_blocks_read_by(config, index))
+            cones[k - 1].update(_blocks_read_by(config, index, k))
     return [sorted(c) for c in cones]
 
 
-def _blocks_read_by(config: JobConfig, index: Index) -> Iterator[Index]:
-    grid = config.grid()
+def _blocks_read_by(config: JobConfig, index: Index, step: int) -> Iterator[Index]:
+    """The blocks whose cores block ``index`` reads at ``step`` (its lattice's halo span)."""
+    grid = config.grid(step)
     _, span = block_step.read_span(grid, grid.block(index).core)
     span = span.intersect(grid.volume_box)
     block = config.storage.block

@@ -44,7 +44,9 @@ class SeamPlan:
 
 
 def owner(grid: BlockGrid, patch: Box) -> Index:
-    return tuple(b // s for b, s in zip(patch.begin, grid.block_shape, strict=True))
+    """The block whose core holds the patch's origin (clipped to the volume: a shifted lattice's
+    first patch starts below 0)."""
+    return tuple(max(b, 0) // s for b, s in zip(patch.begin, grid.block_shape, strict=True))
 
 
 @lru_cache(maxsize=256)

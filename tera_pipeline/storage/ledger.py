@@ -42,6 +42,8 @@ def output_identity(config: JobConfig, checkpoint_sha: str) -> dict:
     data = {k: v for k, v in config.model_dump(mode="json").items() if k not in _IGNORED}
     data["checkpoint_sha256"] = checkpoint_sha
     data.pop("checkpoint", None)
+    if data["lattice"].get("mode") == "overlapped":  # the default: identities stay as before it
+        data["lattice"].pop("mode")
     return data
 
 

@@ -1,4 +1,4 @@
-"""What a job's store says of its run: progress per phase, holder, state, last error."""
+"""What a job's store says of its run: progress per phase, holder, state, last error, cost."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def sampling_cost(config: dict) -> dict:
     from tera_pipeline.core.config import JobConfig
 
     job = JobConfig.model_validate(config)
-    e = job.lattice_obj().evaluations_per_voxel(job.volume.shape)
+    e = job.evaluations_per_voxel()
     return {"E": round(e, 3), "model_evaluations_per_voxel": round(e * job.diffusion.steps, 2)}
 
 

@@ -1,4 +1,5 @@
-"""Training the denoiser on synthetic-brain patches (ε-prediction, MSE), saving safetensors."""
+"""Training the denoiser on patches of the synthetic brain or of a user's images (v- or
+ε-prediction, MSE against the schedule's target), saving safetensors."""
 
 from __future__ import annotations
 
