@@ -106,9 +106,12 @@ SHIFTED = {"lattice.stride": (4, 32, 32), "lattice.mode": "shifted"}
 """The shifted non-overlapping lattice (stride = patch, offset per step) on the same job."""
 
 
-@pytest.fixture(params=["overlapped", "shifted"])
+@pytest.fixture(params=["overlapped", "shifted", "shifted, last steps overlapped"])
 def any_mode_job(request, small_job) -> JobConfig:
-    return small_job if request.param == "overlapped" else small_job.with_overrides(**SHIFTED)
+    if request.param == "overlapped":
+        return small_job
+    final = 2 if "last" in request.param else 0  # steps 1 and 2 of 3 overlapped
+    return small_job.with_overrides(**SHIFTED, **{"lattice.overlapped_final_steps": final})
 
 
 def test_blockwise_equals_whole_volume(any_mode_job, client):

@@ -136,3 +136,7 @@ def test_shifted_mode_draws_one_lattice_per_step_from_the_seed():
     assert 1.0 <= job.evaluations_per_voxel() < 1.5
     with pytest.raises(ValueError, match="stride = patch"):
         JobConfig.model_validate({"lattice": {"mode": "shifted"}})
+    hybrid = job.with_overrides(**{"lattice.overlapped_final_steps": 2})
+    last = [hybrid.lattice_at(k) for k in (job.diffusion.steps - 2, job.diffusion.steps - 1)]
+    assert all(lat.stride == (2, 16, 16) and not lat.shifted for lat in last)
+    assert hybrid.lattice_at(0) == job.lattice_at(0)

@@ -107,6 +107,9 @@ class LatticeSpec(_Section):
     non-overlapping patches (stride = patch) on a lattice offset at every step by a pure function
     of (seed, step), so each voxel is predicted by one patch and one step's seams move at the
     next (after SpotDiffusion)."""
+    overlapped_final_steps: int = Field(0, ge=0)
+    """In ``shifted`` mode, the last steps run on the overlapped lattice of stride half the patch
+    (blended predictions, no seams left by the last step)."""
 
     @model_validator(mode="after")
     def _shifted_is_non_overlapping(self) -> LatticeSpec:
@@ -338,6 +341,9 @@ class JobConfig(_Section):
         ``lattice_shift(seed, step)``, else the one lattice."""
         if self.lattice.mode != "shifted":
             return self.lattice_obj()
+        if step >= self.diffusion.steps - self.lattice.overlapped_final_steps:
+            half = tuple(max(b, p // 2) for p, b in zip(self.lattice.patch, self.conditioning.bin))
+            return PatchLattice(self.lattice.patch, half)
         shift = lattice_shift(self.diffusion.seed, step, self.lattice.patch, self.conditioning.bin)
         return PatchLattice(self.lattice.patch, self.lattice.stride, shift)
 
