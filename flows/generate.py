@@ -91,10 +91,14 @@ def run_phase(name: str, phase) -> object:
 def _reporting(steps: StepProgress | None):
     """Run each phase as a task; after each DDIM step, the step-progress artifact moves on."""
 
+    done = 0
+
     def run(name: str, phase):
+        nonlocal done
         result = run_phase(name, phase)
         if steps and name.startswith("denoise step"):
-            steps.done(int(name.rsplit(" ", 1)[1]))
+            done += 1
+            steps.done(done)
         return result
 
     return run

@@ -3,6 +3,8 @@ any order, draws the same numbers for the same voxels."""
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from tera_pipeline.core.geometry import Box, Shape
@@ -39,6 +41,7 @@ LATTICE_STREAM = 0x5_1F7
 """Key of the lattice shifts, apart from every noise stream."""
 
 
+@lru_cache(maxsize=1024)
 def lattice_shift(seed: int, step: int, patch: Shape, unit: Shape) -> Shape:
     """The offset of step ``step``'s shifted lattice, a pure function of (seed, step): per axis a
     multiple of ``unit`` (a gene bin, so patches keep whole bins) below ``patch``. The offset of
