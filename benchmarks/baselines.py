@@ -313,6 +313,8 @@ def compare(a: np.ndarray, b: np.ndarray) -> dict:
     }
 
 
+# Each benchmark is a standalone script with options of its own; their declarations share a
+# shape on purpose.
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", default="16,256,256")

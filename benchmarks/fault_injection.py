@@ -74,6 +74,8 @@ def _cmd(proc: psutil.Process) -> list[str]:
         return []
 
 
+# Deliberately also in tests/test_faults.py: a benchmark is a standalone script, and tests
+# do not import benchmarks.
 def _alive(pids: list[int], within_s: float = 20.0) -> list[int]:
     deadline = time.time() + within_s
     while True:

@@ -211,6 +211,8 @@ def scratch_runs(shape, block, repeat: int) -> dict:
     }
 
 
+# Each benchmark is a standalone script with options of its own; their declarations share a
+# shape on purpose.
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--volume", default="10000,10000,10000")

@@ -6,17 +6,18 @@ is concatenated into every decoder level. Pure torch: no storage, no orchestrati
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import group_norm, sinusoidal_embedding
+from models.config import ModelConfig, check_heads, check_unet_plane
+from models.layers import group_norm, resized_like, sinusoidal_embedding, unet_down
 
 
 @dataclass(frozen=True)
-class DenoiserConfig:
+class DenoiserConfig(ModelConfig):
     """Sizes of the denoiser. ``patch`` is (z, y, x) voxels; ``cond_window`` is the (z, y, x) bins
     of the patch's footprint, seen with ``cond_context`` more bins on each side (Tera-MIND
     conditions a 2-slice chunk on a 4-slice gene window)."""
@@ -34,28 +35,14 @@ class DenoiserConfig:
     cond_channels: int = 8
     time_dim: int = 64
 
-    def __post_init__(self) -> None:
-        factor = 2 ** (len(self.channel_mults) - 1)
-        if self.patch[1] % factor or self.patch[2] % factor:
-            raise ValueError(
-                f"patch {self.patch} in-plane size must be divisible by {factor} "
-                f"({len(self.channel_mults)} UNet levels)"
-            )
-        if self.gene_dim % self.gene_heads:
-            raise ValueError("gene_dim must be divisible by gene_heads")
-
     @property
     def cond_input(self) -> tuple[int, int, int]:
         """Bins (z, y, x) of the gene window the model takes: footprint plus context."""
         return tuple(w + 2 * c for w, c in zip(self.cond_window, self.cond_context, strict=True))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> DenoiserConfig:
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**fields)
+    def __post_init__(self) -> None:
+        check_unet_plane(self.patch, len(self.channel_mults), "patch")
+        check_heads(self.gene_dim, self.gene_heads, "gene_dim")
 
 
 class ResBlock(nn.Module):
@@ -174,17 +161,11 @@ class ConditionalUNet3D(nn.Module):
         temb = self.time(sinusoidal_embedding(t, self.cfg.time_dim))
         gene_map, _ = self.genes(cond)
         h = self.conv_in(torch.cat([x, F.interpolate(gene_map, size=x.shape[2:])], dim=1))
-        skips = []
-        for i, block in enumerate(self.down_blocks):
-            h = block(h, temb)
-            skips.append(h)
-            if i < len(self.downsamplers):
-                h = self.downsamplers[i](h)
+        h, skips = unet_down(h, self.down_blocks, self.downsamplers, temb)
         h = self.mid(h, temb)
         for level, block in zip(reversed(range(len(skips))), self.up_blocks, strict=True):
             skip = skips[level]
-            if h.shape[2:] != skip.shape[2:]:
-                h = F.interpolate(h, size=skip.shape[2:], mode="nearest")
+            h = resized_like(h, skip)
             cond_feat = F.interpolate(gene_map, size=skip.shape[2:], mode="nearest")
             cond_feat = self.cond_levels[level](cond_feat)
             h = block(torch.cat([h, skip, cond_feat], dim=1), temb)

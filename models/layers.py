@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -20,3 +21,25 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, scale: float = 1.0) -> torch
 def group_norm(channels: int) -> nn.GroupNorm:
     """Group norm over ``channels`` in up to 8 groups."""
     return nn.GroupNorm(math.gcd(8, channels), channels)
+
+
+def resized_like(h: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``h`` resized (nearest) to ``ref``'s spatial size where a UNet's down-sampling of an odd
+    size left them apart; ``h`` itself otherwise."""
+    if h.shape[2:] == ref.shape[2:]:
+        return h
+    return F.interpolate(h, size=ref.shape[2:], mode="nearest")
+
+
+def unet_down(
+    h: torch.Tensor, blocks: nn.ModuleList, downsamplers: nn.ModuleList, emb: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A UNet's encoder: each block (given ``emb``) in turn, its output kept as a skip and
+    down-sampled before the next; returns the deepest features and the skips."""
+    skips = []
+    for i, block in enumerate(blocks):
+        h = block(h, emb)
+        skips.append(h)
+        if i < len(downsamplers):
+            h = downsamplers[i](h)
+    return h, skips

@@ -16,17 +16,19 @@ the same numbers. Pure torch: no storage, no orchestration.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.config import ModelConfig, check_heads
+
 LEVELS = ("bin", "spot", "region")
 
 
 @dataclass(frozen=True)
-class MagNetConfig:
+class MagNetConfig(ModelConfig):
     """Sizes of MagNet. Images enter as (C, px, px) in [0, 1]: the bin crop at full resolution
     (``bin_px`` plus ``margin_px`` each side), spot and region tiles (``spot_bins`` and
     ``region_bins`` bins a side) mean-pooled to ``tile_px``."""
@@ -43,8 +45,7 @@ class MagNetConfig:
     level_layers: int = 2
 
     def __post_init__(self) -> None:
-        if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}")
+        check_heads(self.dim, self.heads)
         if self.region_bins % self.spot_bins:
             raise ValueError("region_bins must be a multiple of spot_bins")
         for name in ("spot", "region"):
@@ -59,13 +60,6 @@ class MagNetConfig:
     def pool(self, level: str) -> int:
         """Pixels of the full-resolution image per pixel of ``level``'s tile."""
         return getattr(self, f"{level}_bins") * self.bin_px // self.tile_px
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> MagNetConfig:
-        return cls(**data)
 
 
 def conv_encoder(channels: int, dim: int, downsamplings: int) -> nn.Sequential:

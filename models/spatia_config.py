@@ -3,16 +3,18 @@ generator)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
+
+from models.config import ModelConfig, check_heads, check_unet_plane
 
 LIBRARY_SCALE = 100.0
 """Expression values are log1p(LIBRARY_SCALE * count / cell total)."""
 
 
 @dataclass(frozen=True)
-class SpatiaConfig:
+class SpatiaConfig(ModelConfig):
     """Sizes of the model. ``crop`` is (z, y, x) voxels around the centroid; z = 1 is a 2-D crop
     (the centroid's slice); z > 1 stacks the slices as channels of the ViT and the generator."""
 
@@ -33,13 +35,10 @@ class SpatiaConfig:
     time_dim: int = 64
 
     def __post_init__(self) -> None:
-        if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}")
+        check_heads(self.dim, self.heads)
         if self.crop[1] % self.patch or self.crop[2] % self.patch:
             raise ValueError(f"crop {self.crop} in-plane must be whole ViT patches {self.patch}")
-        factor = 2 ** (len(self.gen_mults) - 1)
-        if self.crop[1] % factor or self.crop[2] % factor:
-            raise ValueError(f"crop {self.crop} in-plane must be divisible by {factor} (UNet)")
+        check_unet_plane(self.crop, len(self.gen_mults), "crop")
 
     @property
     def in_channels(self) -> int:
@@ -48,13 +47,6 @@ class SpatiaConfig:
     @property
     def tokens(self) -> int:
         return (self.crop[1] // self.patch) * (self.crop[2] // self.patch)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SpatiaConfig:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def expression_values(counts: torch.Tensor, gene_mask: torch.Tensor | None = None):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import group_norm, sinusoidal_embedding
+from models.layers import group_norm, resized_like, sinusoidal_embedding, unet_down
 from models.spatia_config import SpatiaConfig, expression_values
 
 
@@ -72,17 +72,10 @@ class FlowGenerator(nn.Module):
     def forward(self, x, t, cond):
         c = F.silu(self.time(sinusoidal_embedding(t, self.time_dim, scale=1000.0)) + cond)
         h = self.conv_in(x)
-        skips = []
-        for i, block in enumerate(self.down):
-            h = block(h, c)
-            skips.append(h)
-            if i < len(self.pool):
-                h = self.pool[i](h)
+        h, skips = unet_down(h, self.down, self.pool, c)
         h = self.mid(h, c)
         for block, skip in zip(self.up, reversed(skips), strict=True):
-            if h.shape[-2:] != skip.shape[-2:]:
-                h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
-            h = block(torch.cat([h, skip], dim=1), c)
+            h = block(torch.cat([resized_like(h, skip), skip], dim=1), c)
         return self.conv_out(F.silu(self.norm_out(h)))
 
     def loss(self, x1, counts, gen: torch.Generator, drop_rate: float = 0.1) -> torch.Tensor:

@@ -64,6 +64,23 @@ def client():
         yield c
 
 
+def tiny_job(
+    out: Path, shape: tuple, block: tuple, steps: int, seed: int, checkpoint: Path, **fields
+) -> JobConfig:
+    """A job of ``shape`` in ``block``s with the tiny denoiser; ``fields`` are more JobConfig
+    fields."""
+    return JobConfig.model_validate(
+        {
+            "out": str(out),
+            "volume": {"shape": shape},
+            "storage": {"block": block},
+            "diffusion": {"steps": steps, "seed": seed},
+            "checkpoint": str(checkpoint),
+        }
+        | fields
+    )
+
+
 @pytest.fixture
 def small_job(tmp_path, tiny_checkpoint) -> JobConfig:
     """A 3 x 3 x 3-block job on a 12 x 96 x 96 volume with the tiny denoiser."""

@@ -28,6 +28,8 @@ from tera_pipeline.runtime.cluster import (
     slurm_cluster,
 )
 
+from .conftest import tiny_job
+
 
 def test_plan_without_gpus_is_a_local_cpu_cluster():
     plan = plan_cluster(ClusterSpec(), gpus=0, cores=8)
@@ -288,16 +290,9 @@ def test_job_against_an_existing_scheduler_sends_model_tasks_to_gpu_workers(
         import json
 
         address = json.loads(sched_file.read_text())["address"]
-        job = JobConfig.model_validate(
-            {
-                "out": str(tmp_path / "addr.zarr"),
-                "volume": {"shape": (4, 64, 64)},
-                "storage": {"block": (4, 32, 32)},
-                "diffusion": {"steps": 2, "seed": 1},
-                "checkpoint": str(tiny_checkpoint),
-                "cluster": {"kind": "address", "address": address},
-            }
-        )
+        cluster = {"kind": "address", "address": address}
+        job = tiny_job(tmp_path / "addr.zarr", (4, 64, 64), (4, 32, 32), 2, 1, tiny_checkpoint,
+                       cluster=cluster)  # fmt: skip
         with cluster_client(job.cluster) as client:
             client.wait_for_workers(2, timeout=60)
             workers = client.scheduler_info(n_workers=-1)["workers"]

@@ -8,7 +8,7 @@ import pytest
 from tera_pipeline.core.geometry import Box
 from tera_pipeline.core.noise import position_noise
 from tera_pipeline.generation.blending import Accumulator, patch_window
-from tera_pipeline.generation.schedule import DDIMSchedule
+from tera_pipeline.generation.schedule import Schedule
 
 
 def test_noise_is_a_function_of_position_only():
@@ -23,18 +23,18 @@ def test_noise_is_a_function_of_position_only():
 
 
 def test_schedule_matches_tera_mind():
-    s = DDIMSchedule(steps=15)
+    s = Schedule(steps=15)
     assert s.timesteps[0] == 924 and s.timesteps[-1] == 0 and len(s.timesteps) == 15
     np.testing.assert_allclose(s.alphas_cumprod[0], 1 - 1e-4)
     assert s.sigma(3) == 0.0
-    assert DDIMSchedule(steps=15, eta=1.0).sigma(3) > 0
+    assert Schedule(steps=15, eta=1.0).sigma(3) > 0
     with pytest.raises(ValueError):
-        DDIMSchedule(steps=0)
+        Schedule(steps=0)
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])
 def test_ddim_with_an_oracle_recovers_x0(prediction):
-    s = DDIMSchedule(steps=10, prediction=prediction)
+    s = Schedule(steps=10, prediction=prediction)
     rng = np.random.default_rng(0)
     x0 = rng.uniform(-1, 1, (2, 4, 8, 8)).astype(np.float32)
     eps = rng.standard_normal(x0.shape).astype(np.float32)
@@ -46,6 +46,50 @@ def test_ddim_with_an_oracle_recovers_x0(prediction):
         v_hat = np.sqrt(a) * eps_hat - np.sqrt(1 - a) * x0
         x = s.ddim_update(x, eps_hat if prediction == "epsilon" else v_hat, step)
     np.testing.assert_allclose(x, x0, atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_dpm_solver_with_an_oracle_recovers_x0(prediction):
+    s = Schedule(steps=6, prediction=prediction, sampler="dpmpp_2m")
+    rng = np.random.default_rng(1)
+    x0 = rng.uniform(-1, 1, (2, 4, 8, 8)).astype(np.float32)
+    x = s.add_noise(x0[None], rng.standard_normal((1, *x0.shape)), np.array([s.timestep(0)]))[0]
+    previous = None
+    for step in range(s.steps):
+        a = s.alpha(s.timestep(step))
+        eps_hat = (x - np.sqrt(a) * x0) / np.sqrt(1 - a)
+        v_hat = np.sqrt(a) * eps_hat - np.sqrt(1 - a) * x0
+        x, previous = s.update(
+            x, eps_hat if prediction == "epsilon" else v_hat, step, None, previous
+        )
+    np.testing.assert_allclose(x, x0, atol=1e-4)
+    with pytest.raises(ValueError, match="previous x0"):
+        s.update(x, x, 2)
+    with pytest.raises(ValueError, match="eta must be 0"):
+        Schedule(sampler="dpmpp_2m", eta=0.5)
+
+
+def test_dpm_solver_follows_the_probability_flow_closer_than_ddim():
+    """Gaussian data x0 ~ N(0, s^2): the ideal denoiser is linear and the probability-flow ODE
+    keeps x_t / sqrt(a s^2 + 1 - a), so the exact x0 of a start is known. In 5 and 8 steps the
+    second-order solver lands several times closer than DDIM."""
+    spread = 0.3
+    x_start = np.random.default_rng(2).standard_normal(10_000).astype(np.float32)
+    for steps in (5, 8):
+        errors = {}
+        for sampler in ("ddim", "dpmpp_2m"):
+            s = Schedule(steps=steps, sampler=sampler)
+            a0 = s.alpha(s.timestep(0))
+            exact = spread * x_start / np.sqrt(a0 * spread**2 + 1 - a0)
+            x, previous = x_start.copy(), None
+            for step in range(steps):
+                a = s.alpha(s.timestep(step))
+                d = np.sqrt(a) * spread**2 / (a * spread**2 + 1 - a) * x  # E[x0 | x_t]
+                eps = (x - np.sqrt(a) * d) / np.sqrt(1 - a)
+                x, previous = s.update(x, eps.astype(np.float32), step, None, previous)
+            errors[sampler] = float(np.abs(x - exact).mean())
+        print(steps, errors)
+        assert errors["dpmpp_2m"] < errors["ddim"] / 2
 
 
 @pytest.mark.parametrize("kind", ["cosine", "gaussian", "constant"])

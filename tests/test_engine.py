@@ -43,6 +43,7 @@ def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
     sched = predictor.schedule_of(job, meta["prediction"])
     window = patch_window(job.lattice.patch, job.lattice.window)
     state = position_noise(job.diffusion.seed, 0, vbox, 2)
+    x0 = None
     for step in range(steps_to_run):
         patches = lattices[step].all_patches(vol)
         padded = np.zeros((2, *span.shape), np.float32)
@@ -64,7 +65,7 @@ def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
                 eps_batch = model(x, t, c).numpy()
             for p, eps in zip(group, eps_batch):
                 _blend(p, eps, vbox, window, total, weight)
-        state = sched.ddim_update(state, total / weight, step)
+        state, x0 = sched.update(state, total / weight, step, previous_x0=x0)
     return state
 
 
@@ -106,12 +107,25 @@ SHIFTED = {"lattice.stride": (4, 32, 32), "lattice.mode": "shifted"}
 """The shifted non-overlapping lattice (stride = patch, offset per step) on the same job."""
 
 
-@pytest.fixture(params=["overlapped", "shifted", "shifted, last steps overlapped"])
+@pytest.fixture(
+    params=[
+        "overlapped",
+        "shifted",
+        "shifted, last steps overlapped",
+        "overlapped, dpmpp_2m",
+        "shifted, dpmpp_2m",
+    ]
+)
 def any_mode_job(request, small_job) -> JobConfig:
-    if request.param == "overlapped":
-        return small_job
-    final = 2 if "last" in request.param else 0  # steps 1 and 2 of 3 overlapped
-    return small_job.with_overrides(**SHIFTED, **{"lattice.overlapped_final_steps": final})
+    """The small job in each lattice mode and sampler (DPM-Solver++: its second-order step, the
+    second of three, reads the first step's x0 from scratch)."""
+    job = small_job
+    if "shifted" in request.param:
+        final = 2 if "last" in request.param else 0  # steps 1 and 2 of 3 overlapped
+        job = job.with_overrides(**SHIFTED, **{"lattice.overlapped_final_steps": final})
+    if "dpmpp_2m" in request.param:
+        job = job.with_overrides(**{"diffusion.sampler": "dpmpp_2m"})
+    return job
 
 
 def test_blockwise_equals_whole_volume(any_mode_job, client):

@@ -11,8 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tera_pipeline.core.config import JobConfig
 from tera_pipeline.generation import lifecycle
+
+from .conftest import tiny_job
 
 runner = CliRunner()
 
@@ -29,15 +30,7 @@ def stores(tmp_path_factory, tiny_checkpoint, client) -> dict[str, Path]:
         mp.setenv("HOME", str(folder))
         mp.chdir(folder)
         for name, block in BLOCKS.items():
-            job = JobConfig.model_validate(
-                {
-                    "out": str(folder / f"{name}.zarr"),
-                    "volume": {"shape": (4, 48, 48)},
-                    "storage": {"block": block},
-                    "diffusion": {"steps": 2, "seed": 3},
-                    "checkpoint": str(tiny_checkpoint),
-                }
-            )
+            job = tiny_job(folder / f"{name}.zarr", (4, 48, 48), block, 2, 3, tiny_checkpoint)
             lifecycle.generate(job, client)
     return {name: folder / f"{name}.zarr" for name in BLOCKS}
 

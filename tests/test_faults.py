@@ -24,6 +24,8 @@ from tera_pipeline.generation import lifecycle, predictor
 from tera_pipeline.runtime.cluster import cluster_client
 from tera_pipeline.storage import layout, ledger, lock, store
 
+from .conftest import tiny_job
+
 runner = CliRunner()
 SHAPE, BLOCK = "12,96,96", "4,32,32"
 
@@ -63,15 +65,7 @@ def reference(tmp_path_factory, tiny_checkpoint):
 
 
 def test_workers_killed_three_times(tmp_path, tiny_checkpoint, reference):
-    job = JobConfig.model_validate(
-        {
-            "out": str(tmp_path / "k.zarr"),
-            "volume": {"shape": (12, 96, 96)},
-            "storage": {"block": (4, 32, 32)},
-            "diffusion": {"steps": 4, "seed": 3},
-            "checkpoint": str(tiny_checkpoint),
-        }
-    )
+    job = tiny_job(tmp_path / "k.zarr", (12, 96, 96), (4, 32, 32), 4, 3, tiny_checkpoint)
     kills = []
     with cluster_client(ClusterSpec(kind="local", workers=2, dashboard_address=":0")) as client:
 
@@ -217,6 +211,7 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
+# Deliberately also in benchmarks/fault_injection.py (tests do not import benchmarks).
 def _left_running(pids: list[int], within_s: float = 20.0) -> list[int]:
     import psutil
 
@@ -298,16 +293,8 @@ def test_losing_every_worker_fails_within_the_bound(tmp_path, tiny_checkpoint):
     the bound, and no worker process is left."""
     import psutil
 
-    job = JobConfig.model_validate(
-        {
-            "out": str(tmp_path / "lost.zarr"),
-            "volume": {"shape": (12, 96, 96)},
-            "storage": {"block": (4, 32, 32)},
-            "diffusion": {"steps": 4, "seed": 3},
-            "checkpoint": str(tiny_checkpoint),
-            "workers_lost_s": 20,
-        }
-    )
+    job = tiny_job(tmp_path / "lost.zarr", (12, 96, 96), (4, 32, 32), 4, 3, tiny_checkpoint,
+                   workers_lost_s=20)  # fmt: skip
     stop = threading.Event()
     seen: set[int] = set()
 

@@ -17,13 +17,15 @@ from models.magnet import MagNet, MagNetConfig, magnet_loss
 from tera_pipeline.analysis import magnet
 from tera_pipeline.analysis.expression_metrics import expression_metrics
 from tera_pipeline.analysis.magnet_levels import array_reader, level_inputs
-from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.errors import AnalysisError
 from tera_pipeline.core.geometry import Box
 from tera_pipeline.generation import lifecycle
 from tera_pipeline.inputs.synthetic import GENE_PANEL
 from tera_pipeline.storage import layout, store
+from tera_pipeline.training.loop import Recipe
 from tera_pipeline.training.magnet import WindowSampler, synthetic_pairs, train_magnet
+
+from .conftest import tiny_job
 
 SMALL = MagNetConfig(dim=32, heads=2, level_layers=1)
 
@@ -47,15 +49,7 @@ def stores(tmp_path_factory, tiny_checkpoint, client):
     root = tmp_path_factory.mktemp("magnet-stores")
     out = {}
     for block in ((4, 32, 64), (4, 96, 48)):
-        job = JobConfig.model_validate(
-            {
-                "out": str(root / f"b{block[1]}.zarr"),
-                "volume": {"shape": (4, 176, 208)},
-                "storage": {"block": block},
-                "diffusion": {"steps": 1, "seed": 3},
-                "checkpoint": str(tiny_checkpoint),
-            }
-        )
+        job = tiny_job(root / f"b{block[1]}.zarr", (4, 176, 208), block, 1, 3, tiny_checkpoint)
         lifecycle.generate(job, client)
         out[block] = job.out
     return out
@@ -119,7 +113,7 @@ def test_loss_has_the_papers_terms_and_trains(tmp_path):
     assert set(terms) >= {"mse", "pcc", "pcc_spot", "pcc_region", "consistency", "loss"}
     assert terms["loss"].requires_grad
     history = train_magnet(
-        tmp_path / "m.safetensors", steps=6, batch=2, config=SMALL, data=(data, data), log_every=3
+        tmp_path / "m.safetensors", 6, Recipe(2, 1e-3), config=SMALL, data=(data, data), log_every=3
     )
     assert history[-1]["train_loss"] < history[0]["train_loss"] * 1.5
     model, meta = magnet.load_magnet(tmp_path / "m.safetensors")

@@ -12,6 +12,8 @@ from tera_pipeline.core.config import JobConfig
 from tera_pipeline.generation import lifecycle, predictor
 from tera_pipeline.inputs.synthetic import GENE_PANEL
 from tera_pipeline.training.denoiser import train_denoiser
+from tera_pipeline.training.loop import Recipe
+from tera_pipeline.training.user_data import UserData
 
 from .conftest import TINY, write_random_checkpoint
 
@@ -39,7 +41,7 @@ def test_conditioning_changes_the_prediction():
 def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "d.safetensors"
     history = train_denoiser(
-        out, steps=40, batch=8, lr=3e-3, volume=(4, 128, 128), model_config=TINY, log_every=20
+        out, 40, Recipe(batch=8, lr=3e-3), volume=(4, 128, 128), model_config=TINY, log_every=20
     )
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     model, meta = load_denoiser(out)
@@ -99,12 +101,13 @@ def test_training_on_user_images_and_cells_resumes(tmp_path, client):
     for g, name in enumerate(GENE_PANEL):
         frame[name] = cells.counts[:, g]
     frame.to_csv(tmp_path / "cells.csv", index=False)
-    data = user_training_data(job.out, tmp_path / "cells.csv", (4.0, 1.0, 1.0), (1, 16, 16))
+    user = UserData(job.out, tmp_path / "cells.csv", (4.0, 1.0, 1.0))
+    data = user_training_data(user, (1, 16, 16))
     assert data[0].image.shape == (2, 4, 96, 128) and data[1].image.shape == (2, 4, 32, 128)
     first = tmp_path / "first.safetensors"
-    train_denoiser(first, steps=4, batch=4, model_config=TINY, data=data, log_every=2)
+    train_denoiser(first, 4, Recipe(batch=4, lr=2e-3), model_config=TINY, data=data, log_every=2)
     history = train_denoiser(
-        tmp_path / "second.safetensors", steps=4, batch=4, data=data, resume=first, log_every=2
+        tmp_path / "second.safetensors", 4, Recipe(4, 2e-3), data=data, resume=first, log_every=2
     )
     assert {"train_loss", "val_loss"} <= set(history[-1])
     _, meta = load_denoiser(tmp_path / "second.safetensors")

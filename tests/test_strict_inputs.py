@@ -159,6 +159,7 @@ def test_bom_and_crlf_read_like_the_clean_file(tmp_path, newline, bom):
 
 
 # -- decimal commas, non-numeric values, fields per row ------------------------------------------
+# Deliberate repetition (duplicates lists its shape): the cases are data, one entry each.
 CELL_CASES = {
     "semicolons": (
         lambda: [line.replace(",", ";").replace(".", ",") for line in cell_lines()],

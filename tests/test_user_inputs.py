@@ -139,6 +139,8 @@ def existing_store(tmp_path_factory, tiny_checkpoint):
     return job.out
 
 
+# Deliberate repetition (duplicates lists its shape): one branch per kind of bad input,
+# spelled out so that each reads as the case it tests.
 def _bad(tmp: Path, kind: str) -> tuple[list[str], str]:
     """Extra CLI arguments for one kind of bad input, and the words its error must contain."""
     cells = _cells()

@@ -9,6 +9,7 @@ import typer
 
 from flows.cli.common import (
     GeneratedStore,
+    ModelCheckpoint,
     Workers,
     analyze_app,
     app,
@@ -46,9 +47,7 @@ def analyze_attention(
 @analyze_app.command("magnet")
 def analyze_magnet_cmd(
     store_path: GeneratedStore,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="MagNet checkpoint (default: the committed one).")
-    ] = None,
+    checkpoint: ModelCheckpoint = None,
     metrics: Annotated[
         bool, typer.Option(help="Compare with the conditioning (cycle consistency).")
     ] = True,
@@ -83,9 +82,7 @@ def _genes_list(text: str | None) -> list[str]:
 @analyze_app.command("spatia")
 def analyze_spatia_cmd(
     store_path: GeneratedStore,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="SPATIA checkpoint (default: the committed one).")
-    ] = None,
+    checkpoint: ModelCheckpoint = None,
     impute: Annotated[
         str | None, typer.Option(help="Genes hidden from the input and imputed: A,B.")
     ] = None,
@@ -155,7 +152,7 @@ def perturb(
         list[int] | None, typer.Option(help="Specific cell ids (repeatable) instead.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Cell choice and generation noise.")] = 0,
-    checkpoint: Annotated[Path | None, typer.Option(help="SPATIA checkpoint.")] = None,
+    checkpoint: ModelCheckpoint = None,
     out: Annotated[Path | None, typer.Option(help="Folder for the PNG and JSON.")] = None,
 ) -> None:
     """Change named genes of chosen cells, generate each cell before and after (SPATIA's

@@ -28,10 +28,16 @@ app.add_typer(train_app, name="train")
 # Options and arguments several commands share, written once.
 GeneratedStore = Annotated[Path, typer.Argument(metavar="STORE", help="A generated store.")]
 JobStore = Annotated[Path, typer.Argument(metavar="STORE", help="A job's store.")]
-Workers = Annotated[int | None, typer.Option(help="Dask workers.")]
+Workers = Annotated[int | None, typer.Option(help="Dask workers (default: one per GPU or core).")]
+ModelCheckpoint = Annotated[
+    Path | None, typer.Option(help="Model checkpoint (default: the committed one).")
+]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v")]
 CheckpointOut = Annotated[Path | None, typer.Option(help="Checkpoint to write.")]
 LearningRate = Annotated[float, typer.Option(help="Peak learning rate.")]
+TrainingSteps = Annotated[int, typer.Option(help="Optimiser steps.")]
+Batch = Annotated[int, typer.Option(help="Samples per step (patches, windows or cells).")]
+Seed = Annotated[int, typer.Option(help="Seed of the weights and the synthetic training data.")]
 Threads = Annotated[int, typer.Option(help="torch threads.")]
 UserImages = Annotated[
     Path | None, typer.Option(help="Your image zarr (c, z, y, x) uint8, or a store.")

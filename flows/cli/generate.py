@@ -13,6 +13,7 @@ import typer
 from flows.cli.common import (
     GeneratedStore,
     JobStore,
+    ModelCheckpoint,
     Verbose,
     Workers,
     app,
@@ -34,12 +35,13 @@ def generate(
     out: Annotated[Path | None, typer.Option(help="Output zarr store.")] = None,
     shape: Annotated[str | None, typer.Option(help="Volume Z,Y,X in voxels.")] = None,
     block: Annotated[str | None, typer.Option(help="Block core Z,Y,X (whole shards).")] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="Dask workers (default: per GPU or core).")
-    ] = None,
+    workers: Workers = None,
     seed: Annotated[int | None, typer.Option(help="Noise seed.")] = None,
-    steps: Annotated[int | None, typer.Option(help="DDIM steps.")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="Denoiser checkpoint.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps.")] = None,
+    sampler: Annotated[
+        str | None, typer.Option(help="Sampler: ddim, or dpmpp_2m (DPM-Solver++(2M)).")
+    ] = None,
+    checkpoint: ModelCheckpoint = None,
     cells: Annotated[
         Path | None, typer.Option(help="Cells or transcripts: .h5ad, .parquet, .csv.")
     ] = None,
@@ -75,6 +77,7 @@ def generate(
         "cluster.workers": workers,
         "diffusion.seed": seed,
         "diffusion.steps": steps,
+        "diffusion.sampler": sampler,
         "checkpoint": str(checkpoint) if checkpoint else None,
         "conditioning.source": str(cells) if cells else None,
         "conditioning.gene_panel": str(gene_panel) if gene_panel else None,
@@ -169,7 +172,7 @@ def _interrupts_stop_the_run():
 def demo(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("tera_demo"),
     workers: Workers = None,
-    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 15,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps (default: the job's).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing demo output.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue a stopped demo.")] = False,
     verbose: Verbose = False,

@@ -8,10 +8,13 @@ from typing import Annotated
 import typer
 
 from flows.cli.common import (
+    Batch,
     CheckpointOut,
     LearningRate,
+    Seed,
     Spacing,
     Threads,
+    TrainingSteps,
     UserImages,
     echo_log,
     refusing,
@@ -27,10 +30,10 @@ from models.checkpoint import DEFAULT_DENOISER
 @train_app.command("denoiser")
 def train_denoiser_cmd(
     out: Annotated[Path, typer.Option(help="Checkpoint to write.")] = DEFAULT_DENOISER,
-    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 3000,
-    batch: Annotated[int, typer.Option(help="Patches per step.")] = 16,
+    steps: TrainingSteps = 3000,
+    batch: Batch = 16,
     lr: LearningRate = 2e-3,
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic training brain.")] = 1,
+    seed: Seed = 1,
     base_channels: Annotated[int, typer.Option(help="UNet base channels.")] = 16,
     prediction: Annotated[str, typer.Option(help="Model output: 'v' or 'epsilon'.")] = "v",
     threads: Threads = 2,
@@ -40,12 +43,12 @@ def train_denoiser_cmd(
 
     from models.denoiser import DenoiserConfig
     from tera_pipeline.training.denoiser import train_denoiser
+    from tera_pipeline.training.loop import Recipe
 
     torch.set_num_threads(threads)
     cfg = DenoiserConfig(base_channels=base_channels)
-    train_denoiser(
-        out, steps, batch, lr, seed, model_config=cfg, prediction=prediction, on_log=echo_log
-    )
+    recipe = Recipe(batch, lr, seed)
+    train_denoiser(out, steps, recipe, model_config=cfg, prediction=prediction, on_log=echo_log)
     typer.echo(f"wrote {out}")
 
 
@@ -55,10 +58,10 @@ def train_magnet_cmd(
     kind: Annotated[
         str, typer.Option(help="'magnet', or the baseline 'magnet_bin_cnn' (bin crop alone).")
     ] = "magnet",
-    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1500,
-    batch: Annotated[int, typer.Option(help="Windows (8 x 8 bins) per step.")] = 8,
+    steps: TrainingSteps = 1500,
+    batch: Batch = 8,
     lr: LearningRate = 1e-3,
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic training brains.")] = 1,
+    seed: Seed = 1,
     images: UserImages = None,
     cells: Annotated[
         Path | None, typer.Option(help="Its cells or transcripts (.h5ad, .parquet, .csv).")
@@ -70,7 +73,9 @@ def train_magnet_cmd(
     import torch
 
     from models.checkpoint import DEFAULT_MAGNET
+    from tera_pipeline.training.loop import Recipe
     from tera_pipeline.training.magnet import train_magnet
+    from tera_pipeline.training.user_data import UserData
 
     torch.set_num_threads(threads)
     data, spacing_um = None, user_data_spacing(images, cells, spacing)
@@ -78,9 +83,10 @@ def train_magnet_cmd(
         from tera_pipeline.training.magnet import user_pairs
 
         with refusing():
-            data = user_pairs(images, cells, spacing_um)
+            data = user_pairs(UserData(images, cells, spacing_um))
     target = out or DEFAULT_MAGNET.with_name(f"{kind}.safetensors")
-    history = train_magnet(target, steps, batch, lr, seed, kind, data=data, on_log=echo_log)
+    recipe = Recipe(batch, lr, seed)
+    history = train_magnet(target, steps, recipe, kind, data=data, on_log=echo_log)
     typer.echo(f"wrote {target}: {history[-1]}")
 
 
@@ -90,9 +96,9 @@ def train_spatia_cmd(
     cell_steps: Annotated[int, typer.Option(help="Steps of the cell encoder.")] = 3000,
     context_steps: Annotated[int, typer.Option(help="Steps of the niche transformer.")] = 300,
     generator_steps: Annotated[int, typer.Option(help="Steps of the generator.")] = 1500,
-    batch: Annotated[int, typer.Option(help="Cells per step.")] = 64,
+    batch: Batch = 64,
     lr: LearningRate = 2e-3,
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic training brain.")] = 1,
+    seed: Seed = 1,
     crop: Annotated[str, typer.Option(help="Crop Z,Y,X voxels (Z > 1: 3-D crops).")] = "1,32,32",
     images: UserImages = None,
     cells: Annotated[Path | None, typer.Option(help="Its cell table (.h5ad, cell .csv).")] = None,
@@ -107,17 +113,20 @@ def train_spatia_cmd(
 
     from models.checkpoint import DEFAULT_SPATIA
     from models.spatia import SpatiaConfig
+    from tera_pipeline.training.loop import Recipe
     from tera_pipeline.training.spatia import train_spatia
     from tera_pipeline.training.spatia_cells import split_cells, user_cells
+    from tera_pipeline.training.user_data import UserData
 
     torch.set_num_threads(threads)
     cfg = SpatiaConfig(crop=triple(crop, "--crop"))
     data, spacing_um = None, user_data_spacing(images, cells, spacing)
     if spacing_um is not None:
         with refusing():
-            every = user_cells(images, cells, spacing_um, cfg.crop, type_key=type_key)
+            every = user_cells(UserData(images, cells, spacing_um), cfg.crop, type_key)
         data = split_cells(every, seed)
     target = out or DEFAULT_SPATIA
     stage_steps = (cell_steps, context_steps, generator_steps)
-    history = train_spatia(target, cfg, *stage_steps, batch, lr, seed, data=data, on_log=echo_log)
+    recipe = Recipe(batch, lr, seed)
+    history = train_spatia(target, cfg, *stage_steps, recipe, data=data, on_log=echo_log)
     typer.echo(f"wrote {target}: {history[-1]}")

@@ -76,7 +76,6 @@ def prepare(root: Path, pairs: Sequence[tuple[str, str]]) -> tuple[JobConfig, st
             "float32",
             ("pair", "zpatch", "ypatch", "xpatch"),
             (len(pairs), *per_block),
-            (len(pairs), *per_block),
             attributes={
                 "long_name": "gene-gene attention level",
                 "pairs": ["/".join(p) for p in pairs],
@@ -91,7 +90,6 @@ def prepare(root: Path, pairs: Sequence[tuple[str, str]]) -> tuple[JobConfig, st
             (*grid.shape, g, g),
             "float32",
             ("zblock", "yblock", "xblock", "gene", "gene_to"),
-            (1, 1, 1, g, g),
             (1, 1, 1, g, g),
             attributes={"long_name": "mean gene-gene self-attention per block"},
         ),

@@ -204,7 +204,6 @@ def prepare(p: Plan) -> None:
             "float32",
             (feature, "zniche", "yniche", "xniche"),
             (e, *per_block),
-            (e, *per_block),
             fill=nan,
             attributes={"long_name": "SPATIA niche embedding (NaN: no cells)"},
         ),
@@ -214,7 +213,6 @@ def prepare(p: Plan) -> None:
             "int32",
             ("zniche", "yniche", "xniche"),
             per_block,
-            per_block,
             attributes={"long_name": "cells per niche"},
         ),
         store.ArraySpec(
@@ -222,7 +220,6 @@ def prepare(p: Plan) -> None:
             (e, *p.tissue_grid),
             "float32",
             (feature, "ztissue", "ytissue", "xtissue"),
-            (e, 1, 1, 1),
             (e, 1, 1, 1),
             fill=nan,
             attributes={"long_name": "SPATIA tissue embedding"},

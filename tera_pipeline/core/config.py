@@ -108,8 +108,10 @@ class LatticeSpec(_Section):
     of (seed, step), so each voxel is predicted by one patch and one step's seams move at the
     next (after SpotDiffusion)."""
     overlapped_final_steps: int = Field(0, ge=0)
-    """In ``shifted`` mode, the last steps run on the overlapped lattice of stride half the patch
-    (blended predictions, no seams left by the last step)."""
+    """In ``shifted`` mode, the last steps run on an unshifted overlapped lattice of stride
+    ``final_stride`` (blended predictions, no seams left by the last step)."""
+    final_stride: PositiveTriple | None = None
+    """The stride of those last steps; default half the patch (in whole gene bins)."""
 
     @model_validator(mode="after")
     def _shifted_is_non_overlapping(self) -> LatticeSpec:
@@ -165,10 +167,26 @@ class ConditioningSpec(_Section):
 
 class DiffusionSpec(_Section):
     steps: int = Field(15, ge=1, le=1000)
-    """DDIM steps, at most the schedule's 1000 training steps."""
+    """Sampling steps (model calls per voxel and patch), at most the schedule's 1000."""
     eta: float = Field(0.0, ge=0.0, le=1.0)
     """DDIM noise: 0 deterministic, 1 as DDPM."""
     seed: Seed = 0
+    sampler: Literal["ddim", "dpmpp_2m"] = "ddim"
+    """``ddim``, or ``dpmpp_2m``: DPM-Solver++(2M), second order from the previous step's x0
+    prediction (kept as scratch beside the state; deterministic, so ``eta`` must be 0)."""
+
+    @property
+    def keeps_previous_x0(self) -> bool:
+        """Whether steps read the previous step's x0 (DPM-Solver++ with a second-order step)."""
+        return self.sampler == "dpmpp_2m" and self.steps > 2
+
+    @model_validator(mode="after")
+    def _deterministic_solver(self) -> DiffusionSpec:
+        if self.sampler == "dpmpp_2m" and self.eta:
+            raise ValueError(
+                f"diffusion.sampler dpmpp_2m is deterministic: eta must be 0 (got {self.eta})"
+            )
+        return self
 
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "infra" / "clusters"
@@ -310,6 +328,7 @@ class JobConfig(_Section):
         try:
             grid = self.grid()
             grid.check_shards(self.storage.shard_shape)
+            self.grid(self.diffusion.steps - 1).check_shards(self.storage.shard_shape)
         except GeometryError as err:
             raise ValueError(str(err)) from None
         for axis, (s, c) in enumerate(zip(self.storage.shard_shape, self.storage.chunk_shape)):
@@ -319,7 +338,12 @@ class JobConfig(_Section):
                     f"{self.storage.chunk_shape} (axis {axis})"
                 )
         bins = self.conditioning.bin
+        last = self.lattice_at(self.diffusion.steps - 1).stride
         for axis, (p, s, b) in enumerate(zip(self.lattice.patch, self.lattice.stride, bins)):
+            if last[axis] % b:
+                raise ValueError(
+                    f"lattice.final_stride {last} must be whole gene bins {bins} (axis {axis})"
+                )
             if p % b or s % b:
                 raise ValueError(
                     f"patch {self.lattice.patch} and stride {self.lattice.stride} must be whole "
@@ -343,7 +367,7 @@ class JobConfig(_Section):
             return self.lattice_obj()
         if step >= self.diffusion.steps - self.lattice.overlapped_final_steps:
             half = tuple(max(b, p // 2) for p, b in zip(self.lattice.patch, self.conditioning.bin))
-            return PatchLattice(self.lattice.patch, half)
+            return PatchLattice(self.lattice.patch, self.lattice.final_stride or half)
         shift = lattice_shift(self.diffusion.seed, step, self.lattice.patch, self.conditioning.bin)
         return PatchLattice(self.lattice.patch, self.lattice.stride, shift)
 

@@ -23,8 +23,9 @@ MEASURE_VOXELS = 2**27
 
 def run_figures(root: Path, measure_voxels: int = MEASURE_VOXELS) -> dict:
     """Figures of the run that wrote ``root`` (a finished store)."""
+    from tera_pipeline.core.config import JobConfig
     from tera_pipeline.evaluation.fidelity import conditioning_fidelity
-    from tera_pipeline.evaluation.metrics import seam_score
+    from tera_pipeline.evaluation.metrics import run_seam_scores
 
     root = Path(root)
     attrs = store.group_attrs(root)["tera_pipeline"]
@@ -55,12 +56,14 @@ def run_figures(root: Path, measure_voxels: int = MEASURE_VOXELS) -> dict:
     if evaluation:
         figures["fidelity_r"] = evaluation["fidelity"]["pearson_r"]
         figures["seam_score"] = evaluation["seams"]["engine"]["seam_score"]
+        for key, name in (("final_lattice", "last_lattice"), ("all_lattices", "all_lattices")):
+            if f"engine_{name}" in evaluation["seams"]:
+                figures[f"seam_score_{key}"] = evaluation["seams"][f"engine_{name}"]["seam_score"]
         figures["seam_score_naive_tiling"] = evaluation["seams"]["naive_tiling"]["seam_score"]
         figures["measured_by"] = "tera evaluate"
     elif int(np.prod(shape)) <= measure_voxels:
-        stride = config["lattice"]["stride"]
         figures["fidelity_r"] = conditioning_fidelity(root)["pearson_r"]
-        figures["seam_score"] = seam_score(root, (stride[1], stride[2]))["seam_score"]
+        figures |= run_seam_scores(root, JobConfig.model_validate(config))
         figures["measured_by"] = "the run"
     return figures
 
@@ -111,6 +114,10 @@ def markdown(figures: dict) -> str:
         ("conditioning fidelity r", fmt(figures.get("fidelity_r"))),
         ("seam score (1 = seamless)", fmt(figures.get("seam_score"))),
     ]
+    if "seam_score_final_lattice" in figures:
+        rows.append(("seam score, last step's lattice", fmt(figures["seam_score_final_lattice"])))
+        rows.append(("seam score, mean over the steps' lattices",
+                     fmt(figures["seam_score_all_lattices"])))  # fmt: skip
     if "seam_score_naive_tiling" in figures:
         rows.append(("seam score, naive tiling", fmt(figures["seam_score_naive_tiling"])))
     if "measured_by" in figures:

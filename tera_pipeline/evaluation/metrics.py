@@ -12,6 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 from tera_pipeline.analysis.cells import otsu_threshold
+from tera_pipeline.core.config import JobConfig
 from tera_pipeline.storage import store
 from tera_pipeline.storage.layout import IMAGE
 
@@ -20,30 +21,58 @@ def _image(root: Path) -> np.ndarray:
     return store.open_array(root, IMAGE)
 
 
-def seam_score(root: Path, faces: tuple[int, int], stain: int = 0) -> dict:
+def seam_score(
+    root: Path, faces: tuple[int, int], stain: int = 0, offsets: tuple[int, int] = (0, 0)
+) -> dict:
     """Mean |gradient| across faces over mean |gradient| elsewhere, along y and x.
 
-    ``faces`` are the in-plane periods (y, x) of the faces to test: the patch stride (every block
-    face is also a patch face) for the engine, the patch size for naive tiling. A seamless image
-    scores 1; visible tile edges score above 1.
+    ``faces`` are the in-plane periods (y, x) of the faces to test, starting at ``offsets``: the
+    patch stride (every block face is also a patch face) for the engine, the patch size for naive
+    tiling, a shifted lattice's stride and offset. A seamless image scores 1; visible tile edges
+    score above 1.
     """
+    return lattice_seam_scores(root, [(faces, offsets)], stain)[0]
+
+
+def lattice_seam_scores(
+    root: Path, lattices: list[tuple[tuple[int, int], tuple[int, int]]], stain: int = 0
+) -> list[dict]:
+    """``seam_score`` for each (periods, offsets) of ``lattices``, reading the image once."""
     image = _image(root)
-    across, elsewhere = [0.0, 0], [0.0, 0]
+    sums = np.zeros((len(lattices), 4))  # across sum, across count, elsewhere sum, count
     for z in range(image.shape[1]):
         plane = image[stain, z].read().result().astype(np.float64)
-        for axis, period in ((0, faces[0]), (1, faces[1])):
+        for axis in (0, 1):
             grad = np.abs(np.diff(plane, axis=axis))  # grad[i] is between voxel i and i+1
-            face = (np.arange(grad.shape[axis]) + 1) % period == 0
-            sel = [slice(None), slice(None)]
-            sel[axis] = face
-            across[0] += grad[tuple(sel)].sum()
-            across[1] += grad[tuple(sel)].size
-            sel[axis] = ~face
-            elsewhere[0] += grad[tuple(sel)].sum()
-            elsewhere[1] += grad[tuple(sel)].size
-    a, e = across[0] / max(across[1], 1), elsewhere[0] / max(elsewhere[1], 1)
-    return {"seam_score": a / e if e > 0 else float("nan"), "grad_across": a, "grad_elsewhere": e,
-            "face_period": list(faces)}  # fmt: skip
+            per_line = grad.sum(axis=1 - axis)  # one total per face position
+            others = grad.shape[1 - axis]
+            for n, (periods, offsets) in enumerate(lattices):
+                face = (np.arange(grad.shape[axis]) + 1 - offsets[axis]) % periods[axis] == 0
+                sums[n] += (per_line[face].sum(), face.sum() * others,
+                            per_line[~face].sum(), (~face).sum() * others)  # fmt: skip
+    out = []
+    for (periods, offsets), (a_sum, a_n, e_sum, e_n) in zip(lattices, sums, strict=True):
+        a, e = a_sum / max(a_n, 1), e_sum / max(e_n, 1)
+        out.append({"seam_score": a / e if e > 0 else float("nan"), "grad_across": a,
+                    "grad_elsewhere": e, "face_period": list(periods),
+                    "face_offset": list(offsets)})  # fmt: skip
+    return out
+
+
+def run_seam_scores(root: Path, job: JobConfig) -> dict:
+    """The seam scores of a run: at the faces of its lattice's stride (``seam_score``, as before
+    the shifted mode), at the faces of the lattice its last step used (what nothing healed), and
+    the mean over the lattices of all its steps."""
+    lattices = [job.lattice_at(k) for k in range(job.diffusion.steps)]
+    faces = [((la.stride[1], la.stride[2]), (la.offset[1], la.offset[2])) for la in lattices]
+    stride = job.lattice.stride
+    distinct = sorted(set(faces) | {((stride[1], stride[2]), (0, 0))})
+    scores = dict(zip(distinct, lattice_seam_scores(root, distinct), strict=True))
+    return {
+        "seam_score": scores[((stride[1], stride[2]), (0, 0))]["seam_score"],
+        "seam_score_final_lattice": scores[faces[-1]]["seam_score"],
+        "seam_score_all_lattices": float(np.mean([scores[f]["seam_score"] for f in faces])),
+    }
 
 
 def ssim(a: np.ndarray, b: np.ndarray, sigma: float = 1.5, data_range: float = 255.0) -> float:

@@ -19,6 +19,7 @@ import logging
 import math
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,12 @@ from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.errors import TeraError
 from tera_pipeline.core.geometry import Box, bin_box
 from tera_pipeline.evaluation.fidelity import conditioning_fidelity
-from tera_pipeline.evaluation.metrics import compare_to_truth, detect_nuclei, seam_score
+from tera_pipeline.evaluation.metrics import (
+    compare_to_truth,
+    detect_nuclei,
+    run_seam_scores,
+    seam_score,
+)
 from tera_pipeline.generation import lifecycle
 from tera_pipeline.inputs.synthetic import SyntheticBrain
 from tera_pipeline.storage import atomic, layout, ledger, lock, store
@@ -210,20 +216,33 @@ def _measure(root: Path, job: JobConfig, naive: JobConfig) -> dict:
             "engine_at_naive_faces": seam_score(root, (patch[1], patch[2])),
         },
     }
-    truth = None
-    if job.conditioning.source == "synthetic":
-        brain = SyntheticBrain(job.synthetic_seed, job.volume.spacing_um)
-        _, ny, nx = job.volume.shape
-
-        def truth(z: int) -> np.ndarray:
-            return brain.render(Box((z, 0, 0), (1, ny, nx)))[:, 0]
-
+    lattices = run_seam_scores(root, job)
+    report["seams"]["engine_last_lattice"] = {"seam_score": lattices["seam_score_final_lattice"]}
+    report["seams"]["engine_all_lattices"] = {"seam_score": lattices["seam_score_all_lattices"]}
+    truth = synthetic_truth(job)
+    if truth is not None:
         report["truth"] = compare_to_truth(root, truth)
-    report["nuclei"] = _nuclei(root, job, truth)
+    report["nuclei"] = nuclei_counts(root, job, truth)
     return report
 
 
-def _nuclei(root: Path, job: JobConfig, truth) -> dict:
+def synthetic_truth(job: JobConfig) -> Callable[[int], np.ndarray] | None:
+    """For a job conditioned on the synthetic brain, its render slice by slice: ``truth(z)``
+    is (c, y, x) uint8. None for other sources."""
+    if job.conditioning.source != "synthetic":
+        return None
+    brain = SyntheticBrain(job.synthetic_seed, job.volume.spacing_um)
+    _, ny, nx = job.volume.shape
+
+    def truth(z: int) -> np.ndarray:
+        return brain.render(Box((z, 0, 0), (1, ny, nx)))[:, 0]
+
+    return truth
+
+
+def nuclei_counts(root: Path, job: JobConfig, truth) -> dict:
+    """Nuclei detected in the generated DAPI (and in ``truth``'s, if given) of the volume, or of
+    its central block when the volume is large."""
     vol = job.volume.shape
     box = Box((0, 0, 0), vol)
     if np.prod(vol) > MAX_NUCLEI_VOXELS:

@@ -38,8 +38,10 @@ from tera_pipeline.storage.layout import (
     CELL_COUNT,
     CONDITIONING,
     IMAGE,
+    PREVIOUS_X0,
     STATES,
     job_genes,
+    scratch_arrays,
 )
 
 
@@ -71,7 +73,8 @@ def read_span(grid, core: Box) -> tuple[list[Box], Box]:
 def denoise_block(
     config: JobConfig, checkpoint: str, step: int, index: tuple[int, ...]
 ) -> BlockStats:
-    """One DDIM step of one block: read with halo, denoise patches, blend, update, write core.
+    """One sampling step of one block: read with halo, denoise patches, blend, update, write
+    core (and, for DPM-Solver++, the core's x0 prediction).
 
     The block's own seam patches are computed first and published; those its lower neighbours
     own are taken from their files when published (``tera_pipeline.seams``), else computed.
@@ -136,13 +139,20 @@ def denoise_block(
     noise = None
     if sched.sigma(step) > 0:
         noise = position_noise(config.diffusion.seed, step + 1, core, channels)
-    x_next = sched.ddim_update(x[(slice(None), *core.slices(span))], acc.result(), step, noise)
+    previous_x0 = None
+    if sched.needs_previous_x0 and 0 < step < sched.steps - 1:
+        previous_x0 = store.read_box(store.open_array(root, PREVIOUS_X0[step % 2]), core)
+    x_core = x[(slice(None), *core.slices(span))]
+    x_next, x0 = sched.update(x_core, acc.result(), step, noise, previous_x0)
     tw = time.perf_counter()
     if step == sched.steps - 1:
         stats.digest = store.write_box(store.open_array(root, IMAGE), core, to_uint8(x_next))
     else:
-        state = store.open_array(root, STATES[(step + 1) % 2])
-        stats.digest = store.write_box(state, core, x_next)
+        phase = step + 1
+        stats.digest = store.write_box(store.open_array(root, STATES[phase % 2]), core, x_next)
+        if PREVIOUS_X0[phase % 2] in scratch_arrays(config, phase):
+            x0_array = store.open_array(root, PREVIOUS_X0[phase % 2])
+            stats.digest = store.write_box(x0_array, core, x0, stats.digest)
     stats.write_s += time.perf_counter() - tw
     stats.total_s = time.perf_counter() - t0
     return stats

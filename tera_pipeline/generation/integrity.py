@@ -64,7 +64,7 @@ def _outputs(config: JobConfig, phase: int, root: Path) -> list[tuple[str, calla
                 (layout.CELL_COUNT, lambda core: bin_box(core, b))]  # fmt: skip
     if phase == steps:
         return [(layout.IMAGE, lambda core: core)]
-    return [(layout.STATES[phase % 2], lambda core: core)]
+    return [(name, lambda core: core) for name in layout.scratch_arrays(config, phase)]
 
 
 def _phases_to_check(config: JobConfig, root: Path) -> list[int]:
@@ -210,7 +210,7 @@ def repair(config: JobConfig, client, checkpoint: Path, progress=None) -> Damage
     elif bad_steps.get(steps):
         genes = layout.job_genes(root)
         for spec in layout.array_specs(config, genes):
-            if spec.name in layout.STATES:
+            if spec.name.startswith(f"{store.SCRATCH}/"):
                 store.create_array(root, spec)
         for step, blocks in enumerate(cone(config, bad_steps[steps])):
             lifecycle.denoise_step(config, checkpoint, step, client, progress, indices=blocks)

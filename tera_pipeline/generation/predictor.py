@@ -19,7 +19,7 @@ import torch
 from models.checkpoint import DEFAULT_DENOISER, load_denoiser, read_metadata
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.errors import GenerationError
-from tera_pipeline.generation.schedule import DDIMSchedule
+from tera_pipeline.generation.schedule import Schedule
 from tera_pipeline.inputs.panel import panel_difference
 from tera_pipeline.runtime.model_cache import worker_cached
 
@@ -108,11 +108,9 @@ def get_predictor(checkpoint: str, batch_size: int) -> PatchPredictor:
     return worker_cached(PatchPredictor, Path(checkpoint), batch_size)
 
 
-def schedule_of(config: JobConfig, prediction: str = "epsilon") -> DDIMSchedule:
-    """The job's DDIM schedule for a model that outputs ``prediction`` (from its checkpoint)."""
-    return DDIMSchedule(
-        steps=config.diffusion.steps, eta=config.diffusion.eta, prediction=prediction
-    )
+def schedule_of(config: JobConfig, prediction: str = "epsilon") -> Schedule:
+    """The job's sampling schedule for a model that outputs ``prediction`` (from its checkpoint)."""
+    return Schedule(steps=config.diffusion.steps, eta=config.diffusion.eta, prediction=prediction)
 
 
 def resolve_checkpoint(config: JobConfig) -> Path:

@@ -1,5 +1,6 @@
 """Diffusion maths both ways: the linear-beta schedule, the forward noising and training target
-(training), and the DDIM steps (sampling).
+(training), and the sampling steps: DDIM, or DPM-Solver++(2M) (Lu et al. 2022), a second-order
+multistep solver that also uses the previous step's x0 prediction.
 
 Everything here is a pure function of its arguments so that any block, on any worker, in any
 order, computes the same numbers for the same voxels (the scheduler half of the diffusers split).
@@ -15,11 +16,14 @@ from typing import Literal
 import numpy as np
 
 Prediction = Literal["epsilon", "v"]
+Sampler = Literal["ddim", "dpmpp_2m"]
+SAMPLERS: tuple[Sampler, ...] = ("ddim", "dpmpp_2m")
 
 
 @dataclass(frozen=True)
-class DDIMSchedule:
-    """Linear beta schedule (T steps) sampled by DDIM with ``steps`` steps and ``eta``.
+class Schedule:
+    """Linear beta schedule (T steps) sampled in ``steps`` steps by ``sampler``: DDIM (with
+    ``eta``) or DPM-Solver++(2M) (deterministic; it needs the previous step's x0 prediction).
 
     ``prediction`` is what the model outputs: the noise ε (Tera-MIND) or the velocity
     v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x0. Both are affine in the model output per voxel, so blending
@@ -32,6 +36,7 @@ class DDIMSchedule:
     steps: int = 15
     eta: float = 0.0
     prediction: Prediction = "epsilon"
+    sampler: Sampler = "ddim"
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= self.train_steps:
@@ -40,6 +45,15 @@ class DDIMSchedule:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
         if self.prediction not in ("epsilon", "v"):
             raise ValueError(f"prediction must be 'epsilon' or 'v', got {self.prediction!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.sampler == "dpmpp_2m" and self.eta:
+            raise ValueError("the dpmpp_2m sampler is deterministic: eta must be 0")
+
+    @property
+    def needs_previous_x0(self) -> bool:
+        """Whether a step needs the x0 prediction of the step before (kept as scratch)."""
+        return self.sampler == "dpmpp_2m" and self.steps > 2
 
     @cached_property
     def alphas_cumprod(self) -> np.ndarray:
@@ -83,6 +97,49 @@ class DDIMSchedule:
                 raise ValueError("eta > 0 needs fresh noise for the update")
             out = out + sigma * noise
         return out.astype(np.float32)
+
+    def update(
+        self,
+        x: np.ndarray,
+        output: np.ndarray,
+        step: int,
+        noise: np.ndarray | None = None,
+        previous_x0: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One sampling step of ``x`` given the model's ``output``: (the next x, this step's
+        clipped x0 prediction, which the next DPM-Solver++ step takes as ``previous_x0``)."""
+        if self.sampler == "ddim":
+            x0 = np.clip(self.split_output(x, output, self.timestep(step))[0], -1.0, 1.0)
+            return self.ddim_update(x, output, step, noise), x0.astype(np.float32)
+        return self.dpmpp_2m_update(x, output, step, previous_x0)
+
+    def _log_snr(self, t: int) -> float:
+        """λ_t = log(sqrt(ᾱ_t) / sqrt(1 - ᾱ_t)), half the log signal-to-noise ratio."""
+        a = self.alpha(t)
+        return 0.5 * float(np.log(a) - np.log1p(-a))
+
+    def dpmpp_2m_update(
+        self, x: np.ndarray, output: np.ndarray, step: int, previous_x0: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One DPM-Solver++(2M) step (data prediction, multistep): first order at the first and
+        the last step (where it reduces to DDIM with x0 clipped), second order in between from
+        this and ``previous_x0``, the x0 prediction of the step before. Returns (x, x0)."""
+        t, t_prev = self.timestep(step), self.previous_timestep(step)
+        x0 = np.clip(self.split_output(x, output, t)[0], -1.0, 1.0).astype(np.float32)
+        if t_prev < 0:  # the last step: sigma 0, the sample is the data prediction
+            return x0, x0
+        a, a_prev = self.alpha(t), self.alpha(t_prev)
+        h = self._log_snr(t_prev) - self._log_snr(t)
+        d = x0
+        if step > 0 and self.needs_previous_x0:
+            if previous_x0 is None:
+                raise ValueError("a second-order DPM-Solver++ step needs the previous x0")
+            h_last = self._log_snr(t) - self._log_snr(self.timestep(step - 1))
+            r = h_last / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * previous_x0
+        ratio = np.sqrt((1 - a_prev) / (1 - a))
+        out = ratio * x - np.sqrt(a_prev) * np.expm1(-h) * d
+        return out.astype(np.float32), x0
 
     def split_output(
         self, x: np.ndarray, output: np.ndarray, t: int

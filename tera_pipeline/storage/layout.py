@@ -19,6 +19,19 @@ PYRAMID = "pyramid"
 CONDITIONING = "conditioning"
 CELL_COUNT = "cell_count"
 STATES = (f"{store.SCRATCH}/state0", f"{store.SCRATCH}/state1")
+"""The sampling state, ping-pong: phase p (after step p - 1) writes ``STATES[p % 2]``."""
+PREVIOUS_X0 = (f"{store.SCRATCH}/x0_0", f"{store.SCRATCH}/x0_1")
+"""DPM-Solver++'s x0 predictions, beside the state: phase p writes ``PREVIOUS_X0[p % 2]``."""
+
+
+def scratch_arrays(config: JobConfig, phase: int) -> list[str]:
+    """The scratch arrays that denoising phase ``phase`` (1 .. steps - 1) writes."""
+    names = [STATES[phase % 2]]
+    if config.diffusion.keeps_previous_x0 and phase < config.diffusion.steps - 1:
+        names.append(PREVIOUS_X0[phase % 2])
+    return names
+
+
 UM = {"units": "micrometer"}
 
 
@@ -28,7 +41,6 @@ def array_specs(config: JobConfig, genes: Sequence[str]) -> list[store.ArraySpec
     c = len(config.volume.stains)
     bins = bin_box(Box((0, 0, 0), vol), b).shape
     bin_shard = tuple(s // n for s, n in zip(st.shard_shape, b))
-    bin_chunk = bin_shard  # gene rasters are small: one inner chunk per shard
     lvl = st.compression_level
     specs = [
         store.ArraySpec(
@@ -46,8 +58,7 @@ def array_specs(config: JobConfig, genes: Sequence[str]) -> list[store.ArraySpec
             (len(genes), *bins),
             "float32",
             ("gene", "zbin", "ybin", "xbin"),
-            (len(genes), *bin_shard),
-            (len(genes), *bin_chunk),
+            (len(genes), *bin_shard),  # gene rasters are small: one inner chunk per shard
             attributes={"long_name": "transcript counts per bin", "bin_voxels": list(b)},
             compression_level=lvl,
         ),
@@ -57,12 +68,12 @@ def array_specs(config: JobConfig, genes: Sequence[str]) -> list[store.ArraySpec
             "float32",
             ("zbin", "ybin", "xbin"),
             bin_shard,
-            bin_chunk,
             attributes={"long_name": "cell centroids per bin"},
             compression_level=lvl,
         ),
     ]
-    for name in STATES:
+    x0 = PREVIOUS_X0 if config.diffusion.keeps_previous_x0 else ()
+    for name in (*STATES, *x0):
         specs.append(
             store.ArraySpec(
                 name,

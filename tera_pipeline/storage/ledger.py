@@ -31,6 +31,14 @@ DIGESTS = "_digests"
 # Fields that do not change the output bytes: where it goes and how it is scheduled.
 _IGNORED = {"out", "cluster", "blocks_in_flight", "retries", "share_seams", "workers_lost_s",
             "check_disk_space"}  # fmt: skip
+LATER_DEFAULTS = {
+    ("lattice", "mode"): "overlapped",
+    ("lattice", "overlapped_final_steps"): 0,
+    ("lattice", "final_stride"): None,
+    ("diffusion", "sampler"): "ddim",
+}
+"""Fields added after stores were written, with their defaults: a field at its default is left
+out of an identity, so a store written before the field existed still resumes."""
 
 
 class ResumeError(TeraError):
@@ -42,9 +50,15 @@ def output_identity(config: JobConfig, checkpoint_sha: str) -> dict:
     data = {k: v for k, v in config.model_dump(mode="json").items() if k not in _IGNORED}
     data["checkpoint_sha256"] = checkpoint_sha
     data.pop("checkpoint", None)
-    if data["lattice"].get("mode") == "overlapped":  # the default: identities stay as before it
-        data["lattice"].pop("mode")
-    return data
+    return _without_later_defaults(data)
+
+
+def _without_later_defaults(identity: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in identity.items()}
+    for (section, field), default in LATER_DEFAULTS.items():
+        if out.get(section, {}).get(field, default) == default:
+            out.get(section, {}).pop(field, None)
+    return out
 
 
 def identity_hash(identity: dict) -> str:
@@ -65,9 +79,8 @@ def create(root: Path, config: JobConfig, identity: dict) -> None:
     chunk = (1, *(min(n, 64) for n in config.grid().shape))
     dims = ("phase", "zblock", "yblock", "xblock")
     attrs = {"identity": identity, "hash": identity_hash(identity), "created": False}
-    store.create_array(root, store.ArraySpec(LEDGER, shape, "uint8", dims, chunk, chunk,
-                                             attributes=attrs))  # fmt: skip
-    store.create_array(root, store.ArraySpec(DIGESTS, shape, "uint32", dims, chunk, chunk))
+    store.create_array(root, store.ArraySpec(LEDGER, shape, "uint8", dims, chunk, attributes=attrs))
+    store.create_array(root, store.ArraySpec(DIGESTS, shape, "uint32", dims, chunk))
 
 
 def set_created(root: Path) -> None:
@@ -95,6 +108,7 @@ def check_identity(root: Path, identity: dict) -> None:
     stored = ledger_attrs(root).get("identity")
     if not isinstance(stored, dict):
         raise ResumeError(f"{root}: the ledger's job identity is missing")
+    stored = _without_later_defaults(stored)
     if identity_hash(stored) == identity_hash(identity):
         return
     a, b = _flat(stored), _flat(identity)

@@ -32,17 +32,22 @@ class StoreError(TeraError):
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """Layout of one array: shape, dtype, named dimensions, shard and inner chunk shapes."""
+    """Layout of one array: shape, dtype, named dimensions, shard and inner chunk shapes (by
+    default one chunk per shard)."""
 
     name: str
     shape: Shape
     dtype: str
     dims: tuple[str, ...]
     shard: Shape
-    chunk: Shape
+    chunk: Shape = None  # type: ignore[assignment]  # set to ``shard`` when not given
     fill: float = 0
     attributes: dict[str, Any] | None = None
     compression_level: int = 3
+
+    def __post_init__(self) -> None:
+        if self.chunk is None:
+            object.__setattr__(self, "chunk", self.shard)
 
 
 def _tensorstore_spec(path: Path, spec: ArraySpec | None = None) -> dict[str, Any]:

@@ -16,13 +16,17 @@ from models.checkpoint import CheckpointError, load_denoiser
 from models.denoiser import ConditionalUNet3D, DenoiserConfig
 from tera_pipeline.core.geometry import Box, Shape, bin_box, patch_bins
 from tera_pipeline.core.intensity import from_uint8
-from tera_pipeline.generation.schedule import DDIMSchedule, Prediction
+from tera_pipeline.generation.schedule import Prediction, Schedule
 from tera_pipeline.inputs.conditioning import rasterize
 from tera_pipeline.inputs.panel import panel_difference
 from tera_pipeline.inputs.synthetic import SyntheticBrain
-from tera_pipeline.training.loop import Losses, Stage, TrainingLog, run_stage, save_trained, seeded
+from tera_pipeline.training.loop import Losses, Recipe, Stage, TrainingLog, run_stage, save_trained
+from tera_pipeline.training.user_data import UserData
 
 log = logging.getLogger("tera_pipeline.training")
+
+DENOISER_RECIPE = Recipe(batch=16, lr=2e-3)
+"""The default batch and learning rate."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ def diffusion_loss(
     model: ConditionalUNet3D,
     x0: torch.Tensor,
     cond: torch.Tensor,
-    sched: DDIMSchedule,
+    sched: Schedule,
     gen: torch.Generator,
 ) -> torch.Tensor:
     """MSE of the model's output against the schedule's training target (ε or v) at uniformly
@@ -91,29 +95,20 @@ def diffusion_loss(
 
 
 def user_training_data(
-    images: Path,
-    cells: Path,
-    spacing_um: tuple[float, float, float],
-    bin_shape: Shape,
-    genes: tuple[str, ...] | None = None,
-    val_fraction: float = 0.125,
-    patch: Shape = (4, 32, 32),
+    data: UserData, bin_shape: Shape, val_fraction: float = 0.125, patch: Shape = (4, 32, 32)
 ) -> tuple[TrainingData, TrainingData]:
-    """A user's image volume (zarr array (c, z, y, x) uint8, or a store with ``image``) and its
-    cells or transcripts; the last ``val_fraction`` of y (at least one patch) is held out."""
-    from tera_pipeline.core.config import VolumeSpec
+    """A user's image volume and its cells or transcripts in ``bin_shape`` bins; the last
+    ``val_fraction`` of y (at least one patch) is held out."""
     from tera_pipeline.core.errors import InputError
-    from tera_pipeline.inputs.cells import load_cells
 
-    image = read_image(Path(images))
+    image, table = data.load()
     shape = image.shape[1:]
-    table = load_cells(cells, genes, volume=VolumeSpec(shape=shape, spacing_um=spacing_um))
     box = Box((0, 0, 0), shape)
-    cond = rasterize(table, bin_box(box, bin_shape), spacing_um, bin_shape)
+    cond = rasterize(table, bin_box(box, bin_shape), data.spacing_um, bin_shape)
     split = min(int(shape[1] * (1 - val_fraction)), shape[1] - patch[1])
     split = split // bin_shape[1] * bin_shape[1]
     if split < patch[1] or shape[0] < patch[0] or shape[2] < patch[2]:
-        raise InputError(f"{images}: volume {shape} too small to hold out a validation part")
+        raise InputError(f"{data.images}: volume {shape} too small to hold out a validation part")
     yb = split // bin_shape[1]
     x = from_uint8(image)
     return (
@@ -122,33 +117,10 @@ def user_training_data(
     )
 
 
-def read_image(path: Path) -> np.ndarray:
-    """A (c, z, y, x) uint8 array from a zarr array, or from a store's ``image`` array."""
-    import tensorstore as ts
-
-    from tera_pipeline.core.errors import InputError
-
-    array_path = path / "image" if (path / "image" / "zarr.json").is_file() else path
-    for driver in ("zarr3", "zarr"):
-        try:
-            spec = {"driver": driver, "kvstore": {"driver": "file", "path": str(array_path)}}
-            array = ts.open(spec, open=True).result()
-            break
-        except (ValueError, RuntimeError):
-            continue
-    else:
-        raise InputError(f"{path}: not a zarr array of images (c, z, y, x)")
-    if array.rank != 4 or array.dtype != ts.uint8:
-        raise InputError(f"{path}: need uint8 (c, z, y, x) images, got {array.dtype} {array.shape}")
-    return array.read().result()
-
-
 def train_denoiser(
     out: Path,
     steps: int = 2000,
-    batch: int = 16,
-    lr: float = 2e-3,
-    seed: int = 1,
+    recipe: Recipe = DENOISER_RECIPE,
     volume: Shape = (32, 512, 512),
     spacing_um: tuple[float, float, float] = (4.0, 1.0, 1.0),
     bin_shape: Shape = (1, 16, 16),
@@ -161,16 +133,18 @@ def train_denoiser(
 ) -> list[dict]:
     """Train a denoiser and save it to ``out``; returns the log of train and validation loss.
 
-    ``data`` (train, validation) defaults to a synthetic brain (``seed``; validation on another
-    seed). ``resume`` continues from a checkpoint's weights, config and prediction type.
+    ``data`` (train, validation) defaults to a synthetic brain (``recipe.seed``; validation on
+    another seed). ``resume`` continues from a checkpoint's weights, config and prediction type.
     """
     model, cfg, previous = None, model_config or DenoiserConfig(), {}
     if resume is not None:
         model, previous = load_denoiser(resume)
         cfg, prediction = model.cfg, previous.get("prediction", "epsilon")
     _check_cond_window(cfg, bin_shape)
-    rng, gen = seeded(seed)
-    train, val = data if data is not None else _synthetic_data(seed, volume, spacing_um, bin_shape)
+    rng, gen = recipe.start()
+    train, val = (
+        data if data is not None else _synthetic_data(recipe.seed, volume, spacing_um, bin_shape)
+    )
     difference = previous and panel_difference(train.genes, previous.get("genes", []))
     if difference:
         raise CheckpointError(
@@ -180,9 +154,9 @@ def train_denoiser(
         cfg = replace(cfg, genes=len(train.genes))
         model = ConditionalUNet3D(cfg)
     model.train()
-    sched = DDIMSchedule(prediction=prediction)
+    sched = Schedule(prediction=prediction)
     history = TrainingLog(log, on_log)
-    stage = _diffusion_stage(model, (train, val), sched, rng, gen, steps, lr, batch, log_every)
+    stage = _diffusion_stage(model, (train, val), sched, rng, gen, steps, recipe, log_every)
     run_stage(stage, history)
     meta = {
         "config": cfg.to_dict(),
@@ -193,9 +167,7 @@ def train_denoiser(
     }
     training = {
         "steps": steps,
-        "batch": batch,
-        "lr": lr,
-        "seed": seed,
+        **recipe.to_dict(),
         "volume": list(train.image.shape[1:]),
         "resumed_from": str(resume) if resume else None,
         "steps_total": steps + previous.get("training", {}).get("steps_total", 0),
@@ -215,26 +187,25 @@ def _check_cond_window(cfg: DenoiserConfig, bin_shape: Shape) -> None:
 def _diffusion_stage(
     model: ConditionalUNet3D,
     data: tuple[TrainingData, TrainingData],
-    sched: DDIMSchedule,
+    sched: Schedule,
     rng: np.random.Generator,
     gen: torch.Generator,
     steps: int,
-    lr: float,
-    batch: int,
+    recipe: Recipe,
     log_every: int,
 ) -> Stage:
-    """The denoiser's training: ``batch`` random patches of the training data per step, the
+    """The denoiser's training: ``recipe.batch`` random patches of the training data per step, the
     diffusion loss, validation on the validation data; the learning rate is logged."""
     (train, val), cfg = data, model.cfg
 
     def draw() -> tuple[torch.Tensor, torch.Tensor]:
-        x, c = sample_batch(train, cfg.patch, cfg.cond_context, batch, rng)
+        x, c = sample_batch(train, cfg.patch, cfg.cond_context, recipe.batch, rng)
         return torch.from_numpy(x), torch.from_numpy(c)
 
     return Stage(
         model,
         steps,
-        lr,
+        recipe.lr,
         batch=draw,
         loss=lambda xc: Losses.single("loss", diffusion_loss(model, *xc, sched, gen)),
         validate=lambda: {"val_loss": _validate(model, val, cfg, sched)},
@@ -254,7 +225,7 @@ def _synthetic_data(
 
 
 @torch.no_grad()
-def _validate(model, data: TrainingData, cfg: DenoiserConfig, sched: DDIMSchedule) -> float:
+def _validate(model, data: TrainingData, cfg: DenoiserConfig, sched: Schedule) -> float:
     """The loss on 32 fixed patches of the validation data (model in eval mode)."""
     model.eval()
     rng = np.random.default_rng(0)

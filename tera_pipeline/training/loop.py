@@ -44,6 +44,27 @@ class Losses(NamedTuple):
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """How a model trains, whatever its data: patches (or windows, or cells) per step, the peak
+    learning rate, and the seed of the weights and of every draw."""
+
+    batch: int
+    lr: float
+    seed: int = 1
+
+    def start(self) -> tuple[np.random.Generator, torch.Generator]:
+        """Start a training process reproducibly: keep freed heap memory (``runtime.memory``),
+        seed torch's global generator, and return the run's numpy and torch random streams."""
+        keep_freed_memory()
+        torch.manual_seed(self.seed)
+        return np.random.default_rng(self.seed), torch.Generator().manual_seed(self.seed)
+
+    def to_dict(self) -> dict[str, int | float]:
+        """The training record's ``batch``, ``lr`` and ``seed``."""
+        return {"batch": self.batch, "lr": self.lr, "seed": self.seed}
+
+
+@dataclass(frozen=True)
 class Stage(Generic[Batch]):
     """One optimisation of ``module``'s parameters for ``steps`` steps.
 
@@ -85,14 +106,6 @@ class TrainingLog:
     def final(self) -> dict | None:
         """The last entry (None before the first)."""
         return self.entries[-1] if self.entries else None
-
-
-def seeded(seed: int) -> tuple[np.random.Generator, torch.Generator]:
-    """Start a training process reproducibly: keep freed heap memory (``runtime.memory``), seed
-    torch's global generator, and return the run's numpy and torch random streams."""
-    keep_freed_memory()
-    torch.manual_seed(seed)
-    return np.random.default_rng(seed), torch.Generator().manual_seed(seed)
 
 
 def warmup_cosine(

@@ -27,7 +27,8 @@ from tera_pipeline.training.denoiser import (
     synthetic_training_data,
     user_training_data,
 )
-from tera_pipeline.training.loop import Losses, Stage, TrainingLog, run_stage, save_trained, seeded
+from tera_pipeline.training.loop import Losses, Recipe, Stage, TrainingLog, run_stage, save_trained
+from tera_pipeline.training.user_data import UserData
 
 log = logging.getLogger("tera_pipeline.magnet_training")
 
@@ -35,6 +36,8 @@ TRAINED_KINDS = ("magnet", "magnet_bin_cnn")
 """The kinds ``train_magnet`` trains (their classes in ``models.checkpoint.KINDS``)."""
 USER_BIN: Shape = (1, 16, 16)
 """The bin of a user's expression (z, y, x voxels) that MagNet trains on."""
+MAGNET_RECIPE = Recipe(batch=8, lr=1e-3)
+"""The default batch and learning rate."""
 
 
 def synthetic_pairs(
@@ -45,16 +48,13 @@ def synthetic_pairs(
 
 
 def user_pairs(
-    images: Path,
-    cells: Path,
-    spacing_um: tuple[float, float, float],
-    config: MagNetConfig | None = None,
+    data: UserData, config: MagNetConfig | None = None
 ) -> tuple[list[TrainingData], list[TrainingData]]:
     """A user's image volume and its cells or transcripts in ``USER_BIN`` bins, as (train,
     validation) pairs; the validation part holds at least one window of ``region_bins`` bins."""
     w, b = (config or MagNetConfig()).region_bins, USER_BIN
     window = (1, w * b[1], w * b[2])
-    train, val = user_training_data(images, cells, spacing_um, b, patch=window)
+    train, val = user_training_data(data, b, patch=window)
     return [train], [val]
 
 
@@ -144,9 +144,7 @@ def validate(model, sampler: WindowSampler) -> dict[str, float]:
 def train_magnet(
     out: Path,
     steps: int = 800,
-    batch: int = 8,
-    lr: float = 1e-3,
-    seed: int = 1,
+    recipe: Recipe = MAGNET_RECIPE,
     kind: str = "magnet",
     volume: Shape = (8, 512, 512),
     config: MagNetConfig | None = None,
@@ -156,12 +154,13 @@ def train_magnet(
 ) -> list[dict]:
     """Train MagNet (``kind="magnet"``) or the bin-crop CNN baseline and save it to ``out``.
 
-    ``data`` (train, validation) defaults to synthetic renders of seeds ``seed`` .. ``seed + 2``
-    (validation: ``seed + 1000``). Returns the log.
+    ``data`` (train, validation) defaults to synthetic renders of seeds ``recipe.seed`` .. ``+ 2``
+    (validation: ``recipe.seed + 1000``). Returns the log.
     """
     if kind not in TRAINED_KINDS:
         raise ValueError(f"kind must be one of {sorted(TRAINED_KINDS)}, got {kind!r}")
-    rng, _ = seeded(seed)
+    seed = recipe.seed
+    rng, _ = recipe.start()
     if data is None:
         data = (
             synthetic_pairs((seed, seed + 1, seed + 2), volume),
@@ -177,8 +176,8 @@ def train_magnet(
     stage = Stage(
         model,
         steps,
-        lr,
-        batch=lambda: sampler.batch(batch, rng),
+        recipe.lr,
+        batch=lambda: sampler.batch(recipe.batch, rng),
         loss=lambda b: Losses.single("loss", loss_of(kind, model(b[0]), b[1], cfg)),
         validate=lambda: validate(model, val_sampler),
         log_every=log_every,
@@ -187,6 +186,6 @@ def train_magnet(
     history = TrainingLog(log, on_log)
     run_stage(stage, history)
     meta = {"config": cfg.to_dict(), "genes": list(genes), "bin": list(bin_shape)}
-    training = {"kind": kind, "steps": steps, "batch": batch, "lr": lr, "seed": seed}
+    training = {"kind": kind, "steps": steps, **recipe.to_dict()}
     save_trained(out, model, kind, meta, training, history)
     return history.entries

@@ -36,7 +36,7 @@ from models.spatia import (
 from tera_pipeline.analysis.cells import centred
 from tera_pipeline.core.geometry import Shape
 from tera_pipeline.core.intensity import from_uint8
-from tera_pipeline.training.loop import Losses, Stage, TrainingLog, run_stage, save_trained, seeded
+from tera_pipeline.training.loop import Losses, Recipe, Stage, TrainingLog, run_stage, save_trained
 from tera_pipeline.training.spatia_cells import (
     CellSet,
     SetBatch,
@@ -53,6 +53,8 @@ NICHE_UM = (32.0, 64.0, 64.0)
 """Default niche (z, y, x) in µm: about a hundred cells of the synthetic brain."""
 TISSUE_NICHES = (2, 4, 4)
 """Default tissue tile in niches (z, y, x)."""
+SPATIA_RECIPE = Recipe(batch=64, lr=2e-3)
+"""The default batch and learning rate."""
 
 
 # -- stage 1: cells --------------------------------------------------------------------------------
@@ -311,9 +313,7 @@ def train_spatia(
     cell_steps: int = 3000,
     context_steps: int = 300,
     generator_steps: int = 1500,
-    batch: int = 64,
-    lr: float = 2e-3,
-    seed: int = 1,
+    recipe: Recipe = SPATIA_RECIPE,
     volume: Shape = (16, 512, 512),
     spacing_um: tuple[float, float, float] = (4.0, 1.0, 1.0),
     niche_um: tuple[float, float, float] = NICHE_UM,
@@ -324,10 +324,11 @@ def train_spatia(
 ) -> list[dict]:
     """Train SPATIA and save it to ``out``; returns the training log.
 
-    ``data`` (train, validation) defaults to the synthetic brain of ``seed`` (validation on
-    seed + 1000)."""
+    ``data`` (train, validation) defaults to the synthetic brain of ``recipe.seed`` (validation
+    on ``recipe.seed + 1000``)."""
     cfg = model_config or SpatiaConfig()
-    rng, gen = seeded(seed)
+    seed = recipe.seed
+    rng, gen = recipe.start()
     train, val = data if data is not None else _synthetic_data(seed, volume, cfg.crop, spacing_um)
     if train.crops.shape[1:] != (cfg.in_channels, *cfg.crop[1:]):
         raise ValueError(f"crops {train.crops.shape[1:]} do not fit the model's crop {cfg.crop}")
@@ -336,7 +337,7 @@ def train_spatia(
     model.train()
     history = TrainingLog(log, on_log)
     t0 = time.perf_counter()
-    run = SpatiaRun(model, train, val, batch, lr, rng, gen, history)
+    run = SpatiaRun(model, train, val, recipe.batch, recipe.lr, rng, gen, history)
     train_cells(run, cell_steps, weights=loss_weights)
     train_context(run, context_steps, niche_um, tissue_niches)
     train_generator(run, generator_steps)
@@ -353,8 +354,8 @@ def train_spatia(
         "cell_steps": cell_steps,
         "context_steps": context_steps,
         "generator_steps": generator_steps,
-        "batch": batch,
-        "lr": lr,
+        "batch": recipe.batch,
+        "lr": recipe.lr,
         "cell_loss_weights": loss_weights.to_dict(),
         "seed": seed,
         "volume": list(train.volume),

@@ -16,6 +16,7 @@ import torch
 from tera_pipeline.analysis.cells import cell_voxels, crop_halo, extract_crops
 from tera_pipeline.core.geometry import Box, Shape
 from tera_pipeline.inputs.synthetic import CELL_TYPES, SyntheticBrain
+from tera_pipeline.training.user_data import UserData
 
 
 @dataclass(frozen=True)
@@ -79,25 +80,12 @@ def synthetic_cells(
     )
 
 
-def user_cells(
-    images: Path,
-    cells: Path,
-    spacing_um: tuple[float, float, float],
-    crop: Shape,
-    genes: tuple[str, ...] | None = None,
-    type_key: str | None = "cell_type",
-) -> CellSet:
-    """A user's image volume (zarr (c, z, y, x) uint8, or a store's ``image``) and its cell table
-    (.h5ad / cell .csv); cell types from ``obs[type_key]`` or a ``type_key`` column if present."""
-    from tera_pipeline.core.config import VolumeSpec
-    from tera_pipeline.inputs.cells import load_cells
-    from tera_pipeline.training.denoiser import read_image
-
-    image = read_image(Path(images))
-    shape = image.shape[1:]
-    table = load_cells(cells, genes, volume=VolumeSpec(shape=shape, spacing_um=spacing_um))
-    voxels = cell_voxels(table.position_um, spacing_um)
-    labels = _user_labels(Path(cells), type_key, len(table))
+def user_cells(data: UserData, crop: Shape, type_key: str | None = "cell_type") -> CellSet:
+    """A user's images and cell table (.h5ad / cell .csv) as cells with crops; cell types from
+    ``obs[type_key]`` or a ``type_key`` column if present."""
+    image, table = data.load()
+    voxels = cell_voxels(table.position_um, data.spacing_um)
+    labels = _user_labels(Path(data.cells), type_key, len(table))
     types, names = (None, ())
     if labels is not None:
         names_arr, types = np.unique(labels, return_inverse=True)
@@ -107,8 +95,8 @@ def user_cells(
         table.counts.astype(np.float32),
         voxels,
         table.genes,
-        tuple(spacing_um),
-        tuple(shape),
+        tuple(data.spacing_um),
+        tuple(image.shape[1:]),
         types,
         names,
     )
