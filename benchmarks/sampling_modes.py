@@ -34,15 +34,24 @@ from tera_pipeline.runtime.cluster import cluster_client  # noqa: E402
 from tera_pipeline.storage import store  # noqa: E402
 
 SHIFTED = {"lattice.mode": "shifted", "lattice.stride": (4, 32, 32)}
+BIN_SHIFTS = SHIFTED | {"lattice.shift_unit": "bin"}
+DPM = {"diffusion.sampler": "dpmpp_2m"}
+LAST_Y = {"lattice.overlapped_final_steps": 1, "lattice.final_stride": (4, 16, 32)}
 MODES: dict[str, dict] = {
     "overlapped, DDIM 15 (before)": {},
+    "overlapped, DPM-Solver++ 10": DPM | {"diffusion.steps": 10},
     "overlapped z only (stride 2,32,32), DDIM 15": {"lattice.stride": (2, 32, 32)},
-    "shifted, DDIM 15": SHIFTED,
-    "shifted + last step overlapped, DDIM 15": SHIFTED | {"lattice.overlapped_final_steps": 1},
-    "shifted, DPM-Solver++ 10": SHIFTED | {"diffusion.sampler": "dpmpp_2m", "diffusion.steps": 10},
-    "shifted + last step overlapped, DPM-Solver++ 10": SHIFTED
-    | {"diffusion.sampler": "dpmpp_2m", "diffusion.steps": 10, "lattice.overlapped_final_steps": 1},
-    "overlapped, DPM-Solver++ 10": {"diffusion.sampler": "dpmpp_2m", "diffusion.steps": 10},
+    "shifted by bins, DDIM 15": BIN_SHIFTS,
+    "shifted by bins, DPM-Solver++ 10": BIN_SHIFTS | DPM | {"diffusion.steps": 10},
+    "shifted by bins + last step overlapped, DDIM 15": BIN_SHIFTS
+    | {"lattice.overlapped_final_steps": 1},
+    "shifted by voxels, DDIM 15": SHIFTED,
+    "shifted by voxels, DPM-Solver++ 10": SHIFTED | DPM | {"diffusion.steps": 10},
+    "shifted by voxels, DPM-Solver++ 8": SHIFTED | DPM | {"diffusion.steps": 8},
+    "shifted by voxels + last step at stride 4,16,32, DPM-Solver++ 12": SHIFTED
+    | DPM
+    | LAST_Y
+    | {"diffusion.steps": 12},
 }
 STEPS = (5, 8, 10, 15, 25)
 BIG = (10_000, 10_000, 10_000)

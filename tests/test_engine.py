@@ -37,15 +37,16 @@ def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
     )
     vbox = Box((0, 0, 0), vol)
     b, context = job.conditioning.bin, model.cfg.cond_context
-    source = open_source(job)
-    cond_box = patch_bins(span, b, context)  # every bin any patch's gene window reads
-    cond = rasterize(source.cells(vbox), cond_box, job.volume.spacing_um, b)
+    cells = open_source(job).cells(vbox)
     sched = predictor.schedule_of(job, meta["prediction"])
     window = patch_window(job.lattice.patch, job.lattice.window)
     state = position_noise(job.diffusion.seed, 0, vbox, 2)
     x0 = None
     for step in range(steps_to_run):
         patches = lattices[step].all_patches(vol)
+        phase = job.bin_phase(step)  # the bin grid of the step's patches
+        cond_box = patch_bins(span, b, context, phase)  # every bin a patch's gene window reads
+        cond = rasterize(cells, cond_box, job.volume.spacing_um, b, phase)
         padded = np.zeros((2, *span.shape), np.float32)
         padded[(slice(None), *vbox.slices(span))] = state
         total = np.zeros((2, *vol), np.float32)
@@ -58,7 +59,7 @@ def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
             c = torch.zeros(n, cond.shape[0], *model.cfg.cond_input)
             for i, p in enumerate(group):
                 x[i] = torch.from_numpy(padded[(slice(None), *p.slices(span))])
-                bins = patch_bins(p, b, context).slices(cond_box)
+                bins = patch_bins(p, b, context, phase).slices(cond_box)
                 c[i] = torch.from_numpy(cond[(slice(None), *bins)])
             with torch.inference_mode():
                 x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -111,18 +112,22 @@ SHIFTED = {"lattice.stride": (4, 32, 32), "lattice.mode": "shifted"}
     params=[
         "overlapped",
         "shifted",
+        "shifted by whole bins",
         "shifted, last steps overlapped",
         "overlapped, dpmpp_2m",
         "shifted, dpmpp_2m",
     ]
 )
 def any_mode_job(request, small_job) -> JobConfig:
-    """The small job in each lattice mode and sampler (DPM-Solver++: its second-order step, the
-    second of three, reads the first step's x0 from scratch)."""
+    """The small job in each lattice mode and sampler (shifted by voxels, the default: steps
+    offset within a bin bin their cells on the step's grid; DPM-Solver++: its second-order
+    step, the second of three, reads the first step's x0 from scratch)."""
     job = small_job
     if "shifted" in request.param:
         final = 2 if "last" in request.param else 0  # steps 1 and 2 of 3 overlapped
         job = job.with_overrides(**SHIFTED, **{"lattice.overlapped_final_steps": final})
+    if "bins" in request.param:
+        job = job.with_overrides(**{"lattice.shift_unit": "bin"})
     if "dpmpp_2m" in request.param:
         job = job.with_overrides(**{"diffusion.sampler": "dpmpp_2m"})
     return job

@@ -112,6 +112,10 @@ class LatticeSpec(_Section):
     ``final_stride`` (blended predictions, no seams left by the last step)."""
     final_stride: PositiveTriple | None = None
     """The stride of those last steps; default half the patch (in whole gene bins)."""
+    shift_unit: Literal["voxel", "bin"] = "voxel"
+    """What ``shifted`` offsets are multiples of: a voxel (the seams of a step land anywhere;
+    a step whose lattice is offset within a bin reads its gene bins on a grid offset alike,
+    binned again from the cells), or a gene bin (the stored bins serve every step)."""
 
     @model_validator(mode="after")
     def _shifted_is_non_overlapping(self) -> LatticeSpec:
@@ -133,6 +137,9 @@ class StorageSpec(_Section):
     (4, 64, 64) per axis."""
     compression_level: int = Field(3, ge=0, le=22)
     scratch_dtype: Literal["float16", "float32"] = "float16"
+    scratch_codec: Literal["zstd", "lz4", "none"] = "zstd"
+    """Compressor of the scratch state between steps (level 1): chosen by
+    ``benchmarks/scratch_codec.py``."""
 
     @property
     def shard_shape(self) -> Triple:
@@ -368,8 +375,15 @@ class JobConfig(_Section):
         if step >= self.diffusion.steps - self.lattice.overlapped_final_steps:
             half = tuple(max(b, p // 2) for p, b in zip(self.lattice.patch, self.conditioning.bin))
             return PatchLattice(self.lattice.patch, self.lattice.final_stride or half)
-        shift = lattice_shift(self.diffusion.seed, step, self.lattice.patch, self.conditioning.bin)
+        unit = (1, 1, 1) if self.lattice.shift_unit == "voxel" else self.conditioning.bin
+        shift = lattice_shift(self.diffusion.seed, step, self.lattice.patch, unit)
         return PatchLattice(self.lattice.patch, self.lattice.stride, shift)
+
+    def bin_phase(self, step: int) -> Triple:
+        """Where the gene bins of step ``step``'s patches start within a bin (0 but for shifted
+        lattices offset by voxels)."""
+        offset = self.lattice_at(step).offset
+        return tuple(o % b for o, b in zip(offset, self.conditioning.bin))  # type: ignore[return-value]
 
     def grid(self, step: int | None = None) -> BlockGrid:
         """The block grid, with the lattice of ``step`` (default: the unshifted lattice)."""

@@ -30,7 +30,7 @@ from tera_pipeline.generation.predictor import get_predictor, schedule_of
 from tera_pipeline.generation.seams import fetch as fetch_seams
 from tera_pipeline.generation.seams import plan as plan_seams
 from tera_pipeline.generation.seams import publish as publish_seams
-from tera_pipeline.inputs.conditioning import open_source
+from tera_pipeline.inputs.conditioning import open_source, phase_raster
 from tera_pipeline.runtime.cluster import gpu_task
 from tera_pipeline.runtime.tasks import BlockStats
 from tera_pipeline.storage import store
@@ -95,9 +95,18 @@ def denoise_block(
         x[:, ~mask] = 0.0  # beyond the volume the state reads as the fixed fill, as in scratch
     else:
         x = store.read_box(store.open_array(root, STATES[step % 2]), span).astype(np.float32)
-    b, context = config.conditioning.bin, predictor.config.cond_context
-    cond_span = patch_bins(span, b, context)
-    cond = store.read_box(store.open_array(root, CONDITIONING), cond_span)
+    b, context, phase = (
+        config.conditioning.bin,
+        predictor.config.cond_context,
+        config.bin_phase(step),
+    )
+    cond_span = patch_bins(span, b, context, phase)
+    if any(phase):  # the step's patches start within bins: bin the cells on their grid
+        source = open_source(config, job_genes(root))
+        sp = config.volume.spacing_um
+        cond = phase_raster(source, cond_span, grid.volume_box, sp, b, phase)
+    else:
+        cond = store.read_box(store.open_array(root, CONDITIONING), cond_span)
     stats.read_s = time.perf_counter() - t0
 
     t = sched.timestep(step)
@@ -118,7 +127,7 @@ def denoise_block(
             continue
         group = [todo.popleft() for _ in range(min(batch, len(todo)))]
         xs = np.stack([x[(slice(None), *patches[i].slices(span))] for i in group])
-        windows = [patch_bins(patches[i], b, context).slices(cond_span) for i in group]
+        windows = [patch_bins(patches[i], b, context, phase).slices(cond_span) for i in group]
         cs = np.stack([cond[(slice(None), *w)] for w in windows])
         tm = time.perf_counter()
         preds[group] = predictor(xs, t, cs)

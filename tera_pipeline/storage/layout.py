@@ -83,6 +83,7 @@ def array_specs(config: JobConfig, genes: Sequence[str]) -> list[store.ArraySpec
                 (c, *st.shard_shape),
                 (c, *st.chunk_shape),
                 compression_level=1,
+                codec=st.scratch_codec,
             )
         )
     return specs

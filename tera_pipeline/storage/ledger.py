@@ -31,10 +31,13 @@ DIGESTS = "_digests"
 # Fields that do not change the output bytes: where it goes and how it is scheduled.
 _IGNORED = {"out", "cluster", "blocks_in_flight", "retries", "share_seams", "workers_lost_s",
             "check_disk_space"}  # fmt: skip
+_IGNORED_FIELDS = {("storage", "scratch_codec")}
+"""Fields of sections that do not change the output bytes either (scratch is lossless)."""
 LATER_DEFAULTS = {
     ("lattice", "mode"): "overlapped",
     ("lattice", "overlapped_final_steps"): 0,
     ("lattice", "final_stride"): None,
+    ("lattice", "shift_unit"): "bin",
     ("diffusion", "sampler"): "ddim",
 }
 """Fields added after stores were written, with their defaults: a field at its default is left
@@ -55,6 +58,10 @@ def output_identity(config: JobConfig, checkpoint_sha: str) -> dict:
 
 def _without_later_defaults(identity: dict) -> dict:
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in identity.items()}
+    for section, field in _IGNORED_FIELDS:
+        out.get(section, {}).pop(field, None)
+    if out.get("lattice", {}).get("mode", "overlapped") == "overlapped":
+        out["lattice"].pop("shift_unit", None)  # what only a shifted lattice uses
     for (section, field), default in LATER_DEFAULTS.items():
         if out.get(section, {}).get(field, default) == default:
             out.get(section, {}).pop(field, None)

@@ -13,7 +13,7 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import tensorstore as ts
@@ -44,6 +44,8 @@ class ArraySpec:
     fill: float = 0
     attributes: dict[str, Any] | None = None
     compression_level: int = 3
+    codec: Literal["zstd", "lz4", "none"] = "zstd"
+    """Blosc's compressor of the inner chunks (shuffled first), or none."""
 
     def __post_init__(self) -> None:
         if self.chunk is None:
@@ -55,18 +57,15 @@ def _tensorstore_spec(path: Path, spec: ArraySpec | None = None) -> dict[str, An
     if spec is None:
         return out
     shuffle = "bitshuffle" if np.dtype(spec.dtype).itemsize == 1 else "shuffle"
-    inner = [
-        {"name": "bytes", "configuration": {"endian": "little"}},
-        {
-            "name": "blosc",
-            "configuration": {
-                "cname": "zstd",
-                "clevel": spec.compression_level,
-                "shuffle": shuffle,
-                "typesize": np.dtype(spec.dtype).itemsize,
-            },
-        },
-    ]
+    inner: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if spec.codec != "none":
+        blosc = {
+            "cname": spec.codec,
+            "clevel": spec.compression_level,
+            "shuffle": shuffle,
+            "typesize": np.dtype(spec.dtype).itemsize,
+        }
+        inner.append({"name": "blosc", "configuration": blosc})
     out["metadata"] = {
         "shape": list(spec.shape),
         "data_type": spec.dtype,
