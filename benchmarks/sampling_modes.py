@@ -34,25 +34,33 @@ from tera_pipeline.runtime.cluster import cluster_client  # noqa: E402
 from tera_pipeline.storage import store  # noqa: E402
 
 SHIFTED = {"lattice.mode": "shifted", "lattice.stride": (4, 32, 32)}
-BIN_SHIFTS = SHIFTED | {"lattice.shift_unit": "bin"}
+VOXEL_SHIFTS = SHIFTED | {"lattice.shift_unit": "voxel"}
+Z_SHIFTED = {"lattice.mode": "shifted", "lattice.stride": (4, 16, 16)}
+DDIM10 = {"diffusion.steps": 10}
 DPM = {"diffusion.sampler": "dpmpp_2m"}
-LAST_Y = {"lattice.overlapped_final_steps": 1, "lattice.final_stride": (4, 16, 32)}
 MODES: dict[str, dict] = {
     "overlapped, DDIM 15 (before)": {},
+    "overlapped, DDIM 10": DDIM10,
     "overlapped, DPM-Solver++ 10": DPM | {"diffusion.steps": 10},
-    "overlapped z only (stride 2,32,32), DDIM 15": {"lattice.stride": (2, 32, 32)},
-    "shifted by bins, DDIM 15": BIN_SHIFTS,
-    "shifted by bins, DPM-Solver++ 10": BIN_SHIFTS | DPM | {"diffusion.steps": 10},
-    "shifted by bins + last step overlapped, DDIM 15": BIN_SHIFTS
-    | {"lattice.overlapped_final_steps": 1},
-    "shifted by voxels, DDIM 15": SHIFTED,
-    "shifted by voxels, DPM-Solver++ 10": SHIFTED | DPM | {"diffusion.steps": 10},
-    "shifted by voxels, DPM-Solver++ 8": SHIFTED | DPM | {"diffusion.steps": 8},
-    "shifted by voxels + last step at stride 4,16,32, DPM-Solver++ 12": SHIFTED
+    "overlapped, DPM-Solver++ 8": DPM | {"diffusion.steps": 8},
+    "overlapped in-plane, z non-overlapping unshifted (stride 4,16,16), DDIM 15": {
+        "lattice.stride": (4, 16, 16)
+    },
+    "overlapped in-plane, z shifted, DDIM 15": Z_SHIFTED,
+    "overlapped in-plane, z shifted, DPM-Solver++ 10": Z_SHIFTED | DPM | {"diffusion.steps": 10},
+    "overlapped in-plane, z shifted, DPM-Solver++ 8": Z_SHIFTED | DPM | {"diffusion.steps": 8},
+    "overlapped in z, in-plane non-overlapping (stride 2,32,32), DDIM 15": {
+        "lattice.stride": (2, 32, 32)
+    },
+    "shifted by bins, DDIM 15": SHIFTED,
+    "shifted by bins, DPM-Solver++ 10": SHIFTED | DPM | {"diffusion.steps": 10},
+    "shifted by bins + last step overlapped, DPM-Solver++ 10": SHIFTED
     | DPM
-    | LAST_Y
-    | {"diffusion.steps": 12},
+    | {"diffusion.steps": 10, "lattice.overlapped_final_steps": 1},
+    "shifted by voxels, DDIM 15": VOXEL_SHIFTS,
+    "shifted by voxels, DPM-Solver++ 10": VOXEL_SHIFTS | DPM | {"diffusion.steps": 10},
 }
+CURVE_MODES = {"overlapped": {}, "z-shifted": Z_SHIFTED, "shifted": SHIFTED}
 STEPS = (5, 8, 10, 15, 25)
 BIG = (10_000, 10_000, 10_000)
 
@@ -99,9 +107,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="16,256,256", help="the demo job's volume")
     p.add_argument("--large", default="", help="a larger volume, e.g. 32,512,512 (default: none)")
-    p.add_argument("--curve-mode", default="shifted", choices=["shifted", "overlapped"])
+    p.add_argument("--large-modes", default="", help="';'-separated modes run on --large too")
+    p.add_argument("--curve-mode", default="z-shifted", choices=sorted(CURVE_MODES))
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--only", default="", help="comma-separated mode names (default: all)")
+    p.add_argument("--only", default="", help="';'-separated mode names (default: all)")
     p.add_argument("--no-curve", action="store_true")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
@@ -111,7 +120,7 @@ def main() -> None:
     spec = ClusterSpec(kind="local", workers=args.workers, dashboard_address=":0")
     try:
         with cluster_client(spec) as client:
-            names = [n for n in MODES if not args.only or n in args.only.split(",")]
+            names = [n for n in MODES if not args.only or n in args.only.split(";")]
             for i, name in enumerate(names):
                 job = JobConfig(out=work / f"m{i}.zarr").with_overrides(
                     **{"volume.shape": shape, **MODES[name]}
@@ -121,13 +130,13 @@ def main() -> None:
             if args.large:
                 large = tuple(int(v) for v in args.large.split(","))
                 result["large"] = {"shape": large, "modes": {}}
-                for name in (names[0], *names[-3:-1]):
+                for name in [n for n in names if n in args.large_modes.split(";")]:
                     job = JobConfig(out=work / "large.zarr").with_overrides(
                         **{"volume.shape": large, **MODES[name]}
                     )
                     result["large"]["modes"][name] = measure(job, client)
                     print("large", name, file=sys.stderr, flush=True)
-            base = SHIFTED if args.curve_mode == "shifted" else {}
+            base = CURVE_MODES[args.curve_mode]
             for sampler in () if args.no_curve else ("ddim", "dpmpp_2m"):
                 for steps in STEPS:
                     job = JobConfig(out=work / "c.zarr").with_overrides(

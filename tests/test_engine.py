@@ -11,8 +11,9 @@ from tera_pipeline.core import errors
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.geometry import Box, patch_bins
 from tera_pipeline.core.noise import position_noise
-from tera_pipeline.generation import lifecycle, predictor
+from tera_pipeline.generation import lifecycle
 from tera_pipeline.generation.blending import patch_window
+from tera_pipeline.generation.schedule import Schedule
 from tera_pipeline.inputs.conditioning import open_source, rasterize
 from tera_pipeline.storage import layout, store
 
@@ -38,7 +39,8 @@ def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
     vbox = Box((0, 0, 0), vol)
     b, context = job.conditioning.bin, model.cfg.cond_context
     cells = open_source(job).cells(vbox)
-    sched = predictor.schedule_of(job, meta["prediction"])
+    d = job.diffusion  # the schedule made here, not by the engine's schedule_of
+    sched = Schedule(steps=d.steps, eta=d.eta, prediction=meta["prediction"], sampler=d.sampler)
     window = patch_window(job.lattice.patch, job.lattice.window)
     state = position_noise(job.diffusion.seed, 0, vbox, 2)
     x0 = None
@@ -112,22 +114,25 @@ SHIFTED = {"lattice.stride": (4, 32, 32), "lattice.mode": "shifted"}
     params=[
         "overlapped",
         "shifted",
-        "shifted by whole bins",
+        "shifted by voxels",
         "shifted, last steps overlapped",
         "overlapped, dpmpp_2m",
+        "shifted in z only, dpmpp_2m",
         "shifted, dpmpp_2m",
     ]
 )
 def any_mode_job(request, small_job) -> JobConfig:
-    """The small job in each lattice mode and sampler (shifted by voxels, the default: steps
-    offset within a bin bin their cells on the step's grid; DPM-Solver++: its second-order
-    step, the second of three, reads the first step's x0 from scratch)."""
+    """The small job in each lattice mode and sampler (shifted by voxels: steps offset within a
+    bin bin their cells on the step's grid; DPM-Solver++: its second-order step, the second of
+    three, reads the first step's x0 from scratch)."""
     job = small_job
-    if "shifted" in request.param:
+    if "z only" in request.param:  # in-plane overlapped and blended, z non-overlapping, moving
+        job = job.with_overrides(**{"lattice.stride": (4, 16, 16), "lattice.mode": "shifted"})
+    elif "shifted" in request.param:
         final = 2 if "last" in request.param else 0  # steps 1 and 2 of 3 overlapped
         job = job.with_overrides(**SHIFTED, **{"lattice.overlapped_final_steps": final})
-    if "bins" in request.param:
-        job = job.with_overrides(**{"lattice.shift_unit": "bin"})
+    if "voxels" in request.param:
+        job = job.with_overrides(**{"lattice.shift_unit": "voxel"})
     if "dpmpp_2m" in request.param:
         job = job.with_overrides(**{"diffusion.sampler": "dpmpp_2m"})
     return job

@@ -357,3 +357,30 @@ def test_sigkill_at_creation_and_in_the_pyramid(appears, tmp_path, tiny_checkpoi
     assert resumed.exit_code == 0, resumed.output
     np.testing.assert_array_equal(_image(out), _image(finished))
     assert _relative(out / "pyramid") == _relative(finished / "pyramid")
+
+
+def test_a_store_written_before_newer_fields_still_resumes_and_a_changed_one_does_not(tmp_path):
+    """Fields added later (lattice shift unit and final stride, the sampler, ...) are left out
+    of a job's identity at their default, so older stores resume; a set one is named."""
+    from tera_pipeline.core.config import JobConfig
+    from tera_pipeline.storage import ledger
+
+    out = tmp_path / "old.zarr"
+    out.mkdir()
+    job = JobConfig(out=out)
+    identity = ledger.output_identity(job, "sha")
+    assert "sampler" not in identity["diffusion"] and "shift_unit" not in identity["lattice"]
+    older = json.loads(json.dumps(identity))
+    older["lattice"]["overlapped_final_steps"] = 0  # how stores of the previous version read
+    ledger.create(out, job, older)
+    ledger.check_identity(out, identity)
+    dpm = job.with_overrides(**{"diffusion.sampler": "dpmpp_2m"})
+    with pytest.raises(ledger.ResumeError, match="diffusion.sampler: None -> 'dpmpp_2m'"):
+        ledger.check_identity(out, ledger.output_identity(dpm, "sha"))
+    shifted = {"lattice.mode": "shifted", "lattice.stride": (4, 32, 32)}
+    by_bins = ledger.output_identity(
+        job.with_overrides(**shifted, **{"lattice.shift_unit": "bin"}), "s"
+    )
+    assert "shift_unit" not in by_bins["lattice"]  # stores shifted by bins, as before the field
+    by_voxels = ledger.output_identity(job.with_overrides(**shifted), "s")
+    assert by_voxels["lattice"]["shift_unit"] == "voxel"

@@ -104,25 +104,31 @@ class LatticeSpec(_Section):
     window: Literal["cosine", "gaussian", "constant"] = "cosine"
     mode: Literal["overlapped", "shifted"] = "overlapped"
     """``overlapped``: one fixed lattice of stride ``stride``, predictions blended. ``shifted``:
-    non-overlapping patches (stride = patch) on a lattice offset at every step by a pure function
-    of (seed, step), so each voxel is predicted by one patch and one step's seams move at the
-    next (after SpotDiffusion)."""
+    on the axes where the stride is the patch (non-overlapping), the lattice is offset at every
+    step by a pure function of (seed, step), so one step's seams move at the next (after
+    SpotDiffusion); the other axes stay overlapped and blended. Stride = patch on every axis
+    predicts each voxel once."""
     overlapped_final_steps: int = Field(0, ge=0)
     """In ``shifted`` mode, the last steps run on an unshifted overlapped lattice of stride
     ``final_stride`` (blended predictions, no seams left by the last step)."""
     final_stride: PositiveTriple | None = None
     """The stride of those last steps; default half the patch (in whole gene bins)."""
-    shift_unit: Literal["voxel", "bin"] = "voxel"
-    """What ``shifted`` offsets are multiples of: a voxel (the seams of a step land anywhere;
-    a step whose lattice is offset within a bin reads its gene bins on a grid offset alike,
-    binned again from the cells), or a gene bin (the stored bins serve every step)."""
+    shift_unit: Literal["bin", "voxel"] = "bin"
+    """What ``shifted`` offsets are multiples of: a gene bin (the stored bins serve every step),
+    or a voxel (a step's seams land anywhere; a step offset within a bin bins the cells again
+    on its own grid, which this model follows poorly: docs/PERFORMANCE.md)."""
+
+    @property
+    def shifted_axes(self) -> tuple[bool, bool, bool]:
+        """The axes a ``shifted`` lattice moves: those where the stride is the patch."""
+        return tuple(s == p for s, p in zip(self.stride, self.patch))  # type: ignore[return-value]
 
     @model_validator(mode="after")
     def _shifted_is_non_overlapping(self) -> LatticeSpec:
-        if self.mode == "shifted" and self.stride != self.patch:
+        if self.mode == "shifted" and not any(self.shifted_axes):
             raise ValueError(
-                f"lattice.mode shifted needs stride = patch: set lattice.stride to {self.patch} "
-                f"(got {self.stride})"
+                f"lattice.mode shifted needs stride = patch on the axes it moves: set "
+                f"lattice.stride to {self.patch} (or to the patch on some axes; got {self.stride})"
             )
         return self
 
@@ -376,7 +382,8 @@ class JobConfig(_Section):
             half = tuple(max(b, p // 2) for p, b in zip(self.lattice.patch, self.conditioning.bin))
             return PatchLattice(self.lattice.patch, self.lattice.final_stride or half)
         unit = (1, 1, 1) if self.lattice.shift_unit == "voxel" else self.conditioning.bin
-        shift = lattice_shift(self.diffusion.seed, step, self.lattice.patch, unit)
+        drawn = lattice_shift(self.diffusion.seed, step, self.lattice.patch, unit)
+        shift = tuple(o if moved else 0 for o, moved in zip(drawn, self.lattice.shifted_axes))
         return PatchLattice(self.lattice.patch, self.lattice.stride, shift)
 
     def bin_phase(self, step: int) -> Triple:

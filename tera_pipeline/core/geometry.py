@@ -98,7 +98,7 @@ class PatchLattice:
     Without an offset, along each axis of length ``V`` there are ``max(1, ceil((V - P) / S) + 1)``
     patches from 0, so the lattice covers the volume; a patch may reach beyond the volume's far
     edge, where the state reads as a fixed fill. Choosing ``V - P`` a multiple of ``S`` avoids
-    that. An ``offset`` (the shifted non-overlapping lattice: stride = patch) moves every origin;
+    that. An ``offset`` (a shifted lattice, on the axes where stride = patch) moves every origin;
     the patches are those meeting the volume, the first one starting at or below 0.
     """
 
@@ -115,14 +115,12 @@ class PatchLattice:
                 raise GeometryError(
                     f"patch {self.patch} and stride {self.stride}: need 0 < stride <= patch"
                 )
-        if self.shifted and (
-            self.stride != self.patch
-            or any(not 0 <= o < p for o, p in zip(self.offset, self.patch))
-        ):
-            raise GeometryError(
-                f"an offset lattice needs stride = patch and 0 <= offset < patch: patch "
-                f"{self.patch}, stride {self.stride}, offset {self.offset}"
-            )
+        for p, s, o in zip(self.patch, self.stride, self.offset, strict=True):
+            if o and (s != p or not 0 <= o < p):
+                raise GeometryError(
+                    f"an offset axis needs stride = patch and 0 <= offset < patch: patch "
+                    f"{self.patch}, stride {self.stride}, offset {self.offset}"
+                )
 
     @property
     def shifted(self) -> bool:
@@ -135,30 +133,29 @@ class PatchLattice:
     @property
     def halo_below(self) -> Shape:
         """Voxels below a stride-aligned core that patches touching it can start at."""
-        if self.shifted:
-            return tuple((p - o) % p for p, o in zip(self.patch, self.offset, strict=True))
-        return tuple(s * math.ceil(o / s) for s, o in zip(self.stride, self.overlap, strict=True))
+        return tuple(
+            (p - o) % p if o else s * math.ceil((p - s) / s)
+            for p, s, o in zip(self.patch, self.stride, self.offset, strict=True)
+        )
 
     @property
     def halo_above(self) -> Shape:
-        if self.shifted:
-            return self.offset
-        return self.overlap
+        return tuple(
+            o or p - s for p, s, o in zip(self.patch, self.stride, self.offset, strict=True)
+        )
 
     def _first(self, axis: int) -> int:
         """Lattice index of the first patch along ``axis`` (its origin at or below 0)."""
         return -(-self.offset[axis] // self.stride[axis])
 
     def counts(self, volume: Shape) -> Shape:
-        """Number of lattice patches per axis for a volume of this shape."""
-        if self.shifted:  # from the patch holding voxel 0 to the one holding voxel V - 1
-            return tuple(
-                (v - 1 - o) // s + self._first(a) + 1
-                for a, (v, o, s) in enumerate(zip(volume, self.offset, self.stride, strict=True))
-            )
+        """Number of lattice patches per axis for a volume of this shape: along an offset axis
+        from the patch holding voxel 0 to the one holding voxel V - 1."""
         return tuple(
-            max(1, math.ceil((v - p) / s) + 1)
-            for v, p, s in zip(volume, self.patch, self.stride, strict=True)
+            (v - 1 - o) // s + self._first(a) + 1 if o else max(1, math.ceil((v - p) / s) + 1)
+            for a, (v, p, s, o) in enumerate(
+                zip(volume, self.patch, self.stride, self.offset, strict=True)
+            )
         )
 
     def evaluations_per_voxel(self, volume: Shape) -> float:

@@ -59,19 +59,42 @@ def lattice_seam_scores(
     return out
 
 
+def z_seam_scores(root: Path, lattices: list[tuple[int, int]], stain: int = 0) -> list[float]:
+    """Mean |gradient| across z faces over mean |gradient| across other slices, for each
+    (period, offset) of ``lattices`` (1 = seamless)."""
+    image = _image(root)
+    per_gap, previous = [], None
+    for z in range(image.shape[1]):
+        plane = image[stain, z].read().result().astype(np.float64)
+        if previous is not None:
+            per_gap.append(float(np.abs(plane - previous).mean()))  # between slices z - 1, z
+        previous = plane
+    gaps = np.asarray(per_gap)
+    out = []
+    for period, offset in lattices:
+        face = (np.arange(len(gaps)) + 1 - offset) % period == 0
+        inside = gaps[~face].mean() if (~face).any() else float("nan")
+        out.append(float(gaps[face].mean() / inside) if face.any() else float("nan"))
+    return out
+
+
 def run_seam_scores(root: Path, job: JobConfig) -> dict:
-    """The seam scores of a run: at the faces of its lattice's stride (``seam_score``, as before
-    the shifted mode), at the faces of the lattice its last step used (what nothing healed), and
-    the mean over the lattices of all its steps."""
+    """The seam scores of a run: in-plane at the faces of its lattice's stride (``seam_score``,
+    as before the shifted mode), at the faces of the lattice its last step used (what nothing
+    healed), and the mean over the lattices of all its steps; across z, that mean too."""
     lattices = [job.lattice_at(k) for k in range(job.diffusion.steps)]
     faces = [((la.stride[1], la.stride[2]), (la.offset[1], la.offset[2])) for la in lattices]
     stride = job.lattice.stride
     distinct = sorted(set(faces) | {((stride[1], stride[2]), (0, 0))})
     scores = dict(zip(distinct, lattice_seam_scores(root, distinct), strict=True))
+    z_faces = [(la.stride[0], la.offset[0]) for la in lattices]
+    z_distinct = sorted(set(z_faces))
+    z_scores = dict(zip(z_distinct, z_seam_scores(root, z_distinct), strict=True))
     return {
         "seam_score": scores[((stride[1], stride[2]), (0, 0))]["seam_score"],
         "seam_score_final_lattice": scores[faces[-1]]["seam_score"],
         "seam_score_all_lattices": float(np.mean([scores[f]["seam_score"] for f in faces])),
+        "seam_score_z_all_lattices": float(np.nanmean([z_scores[f] for f in z_faces])),
     }
 
 

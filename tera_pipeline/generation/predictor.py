@@ -110,7 +110,8 @@ def get_predictor(checkpoint: str, batch_size: int) -> PatchPredictor:
 
 def schedule_of(config: JobConfig, prediction: str = "epsilon") -> Schedule:
     """The job's sampling schedule for a model that outputs ``prediction`` (from its checkpoint)."""
-    return Schedule(steps=config.diffusion.steps, eta=config.diffusion.eta, prediction=prediction)
+    d = config.diffusion
+    return Schedule(steps=d.steps, eta=d.eta, prediction=prediction, sampler=d.sampler)
 
 
 def resolve_checkpoint(config: JobConfig) -> Path:
