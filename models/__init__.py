@@ -1,0 +1,1 @@
+"""The networks and their checkpoints; nothing of storage, Dask or Prefect."""

@@ -1,0 +1,3 @@
+"""What every stage shares: the job configuration, voxel geometry, noise, intensities, the error
+base.
+"""

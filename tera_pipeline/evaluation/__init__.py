@@ -1,0 +1,1 @@
+"""Quality of a finished run: seams, fidelity, nuclei, its report and figures."""

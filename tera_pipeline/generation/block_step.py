@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,106 @@ def read_span(grid, core: Box) -> tuple[list[Box], Box]:
     return patches, span
 
 
+@dataclass
+class _StepInputs:
+    """What a block's step reads: the state over its span and the conditioning under it."""
+
+    patches: list[Box]
+    span: Box
+    x: np.ndarray
+    cond: np.ndarray
+    cond_span: Box
+    phase: tuple[int, int, int]
+
+
+def _read_inputs(config: JobConfig, grid, step: int, core: Box, context: int) -> _StepInputs:
+    """The state over the block's span (step 0: the noise of the span) and its conditioning."""
+    patches, span = read_span(grid, core)
+    root, channels = Path(config.out), len(config.volume.stains)
+    if step == 0:
+        x = position_noise(config.diffusion.seed, 0, span, channels)
+        outside = span.intersect(grid.volume_box)
+        mask = np.zeros(span.shape, dtype=bool)
+        mask[outside.slices(span)] = True
+        x[:, ~mask] = 0.0  # beyond the volume the state reads as the fixed fill, as in scratch
+    else:
+        x = store.read_box(store.open_array(root, STATES[step % 2]), span).astype(np.float32)
+    b, phase = config.conditioning.bin, config.bin_phase(step)
+    cond_span = patch_bins(span, b, context, phase)
+    if any(phase):  # the step's patches start within bins: bin the cells on their grid
+        source = open_source(config, job_genes(root))
+        sp = config.volume.spacing_um
+        cond = phase_raster(source, cond_span, grid.volume_box, sp, b, phase)
+    else:
+        cond = store.read_box(store.open_array(root, CONDITIONING), cond_span)
+    return _StepInputs(patches, span, x, cond, cond_span, phase)
+
+
+def _predict(
+    config: JobConfig,
+    predictor,
+    grid,
+    step: int,
+    key: tuple[int, ...],
+    inputs: _StepInputs,
+    t: int,
+    stats: BlockStats,
+) -> np.ndarray:
+    """The denoiser's prediction for every patch of the block, in lattice order: its outgoing
+    seam patches first (published as soon as they are done), those its neighbours own fetched
+    as late as possible (computed here when not yet published)."""
+    root, channels = Path(config.out), len(config.volume.stains)
+    patches, span, b = inputs.patches, inputs.span, config.conditioning.bin
+    context = predictor.config.cond_context
+    batch = max(config.batch_size, 1)
+    seams = plan_seams(grid, key, patches, share=config.share_seams)
+    preds = np.empty((len(patches), channels, *config.lattice.patch), dtype=np.float32)
+    todo = deque(seams.outgoing + seams.interior)  # outgoing first: neighbours wait on them
+    unpublished, resolved = len(seams.outgoing), not seams.incoming
+    while todo or not resolved:
+        if not resolved and len(todo) < batch:  # as late as possible; fills the last batch
+            tr = time.perf_counter()
+            missing = fetch_seams(root, grid, step, patches, seams, preds)
+            stats.read_s += time.perf_counter() - tr
+            stats.shared = sum(map(len, seams.incoming.values())) - len(missing)
+            todo.extend(missing)
+            resolved = True
+            continue
+        group = [todo.popleft() for _ in range(min(batch, len(todo)))]
+        xs = np.stack([inputs.x[(slice(None), *patches[i].slices(span))] for i in group])
+        windows = [
+            patch_bins(patches[i], b, context, inputs.phase).slices(inputs.cond_span) for i in group
+        ]
+        cs = np.stack([inputs.cond[(slice(None), *w)] for w in windows])
+        tm = time.perf_counter()
+        preds[group] = predictor(xs, t, cs)
+        stats.model_s += time.perf_counter() - tm
+        stats.items += len(group)
+        if unpublished > 0:
+            unpublished -= len(group)
+            if unpublished <= 0:
+                tw = time.perf_counter()
+                publish_seams(root, grid, step, key, preds[seams.outgoing])
+                stats.write_s += time.perf_counter() - tw
+    return preds
+
+
+def _write_update(
+    config: JobConfig, step: int, core: Box, x_next: np.ndarray, x0: np.ndarray | None
+) -> int:
+    """Write the updated core to the next scratch state (the last step: the uint8 image), and
+    the core's x0 prediction when the next step's sampler needs it; returns the digest."""
+    root = Path(config.out)
+    if step == config.diffusion.steps - 1:
+        return store.write_box(store.open_array(root, IMAGE), core, to_uint8(x_next))
+    phase = step + 1
+    digest = store.write_box(store.open_array(root, STATES[phase % 2]), core, x_next)
+    if PREVIOUS_X0[phase % 2] in scratch_arrays(config, phase):
+        x0_array = store.open_array(root, PREVIOUS_X0[phase % 2])
+        digest = store.write_box(x0_array, core, x0, digest)
+    return digest
+
+
 @gpu_task
 def denoise_block(
     config: JobConfig, checkpoint: str, step: int, index: tuple[int, ...]
@@ -84,84 +185,30 @@ def denoise_block(
     stats = BlockStats()
     grid = config.grid(step)  # the step's lattice (shifted mode: offset per step)
     core = grid.block(index).core
-    patches, span = read_span(grid, core)
+    inputs = _read_inputs(config, grid, step, core, predictor.config.cond_context)
     sched = schedule_of(config, predictor.meta.get("prediction", "epsilon"))
-    root, channels = Path(config.out), len(config.volume.stains)
-    if step == 0:
-        x = position_noise(config.diffusion.seed, 0, span, channels)
-        outside = span.intersect(grid.volume_box)
-        mask = np.zeros(span.shape, dtype=bool)
-        mask[outside.slices(span)] = True
-        x[:, ~mask] = 0.0  # beyond the volume the state reads as the fixed fill, as in scratch
-    else:
-        x = store.read_box(store.open_array(root, STATES[step % 2]), span).astype(np.float32)
-    b, context, phase = (
-        config.conditioning.bin,
-        predictor.config.cond_context,
-        config.bin_phase(step),
-    )
-    cond_span = patch_bins(span, b, context, phase)
-    if any(phase):  # the step's patches start within bins: bin the cells on their grid
-        source = open_source(config, job_genes(root))
-        sp = config.volume.spacing_um
-        cond = phase_raster(source, cond_span, grid.volume_box, sp, b, phase)
-    else:
-        cond = store.read_box(store.open_array(root, CONDITIONING), cond_span)
     stats.read_s = time.perf_counter() - t0
 
-    t = sched.timestep(step)
-    batch = max(config.batch_size, 1)
     key = tuple(int(i) for i in index)
-    seams = plan_seams(grid, key, patches, share=config.share_seams)
-    preds = np.empty((len(patches), channels, *config.lattice.patch), dtype=np.float32)
-    todo = deque(seams.outgoing + seams.interior)  # outgoing first: neighbours wait on them
-    unpublished, resolved = len(seams.outgoing), not seams.incoming
-    while todo or not resolved:
-        if not resolved and len(todo) < batch:  # as late as possible; fills the last batch
-            tr = time.perf_counter()
-            missing = fetch_seams(root, grid, step, patches, seams, preds)
-            stats.read_s += time.perf_counter() - tr
-            stats.shared = sum(map(len, seams.incoming.values())) - len(missing)
-            todo.extend(missing)
-            resolved = True
-            continue
-        group = [todo.popleft() for _ in range(min(batch, len(todo)))]
-        xs = np.stack([x[(slice(None), *patches[i].slices(span))] for i in group])
-        windows = [patch_bins(patches[i], b, context, phase).slices(cond_span) for i in group]
-        cs = np.stack([cond[(slice(None), *w)] for w in windows])
-        tm = time.perf_counter()
-        preds[group] = predictor(xs, t, cs)
-        stats.model_s += time.perf_counter() - tm
-        stats.items += len(group)
-        if unpublished > 0:
-            unpublished -= len(group)
-            if unpublished <= 0:
-                tw = time.perf_counter()
-                publish_seams(root, grid, step, key, preds[seams.outgoing])
-                stats.write_s += time.perf_counter() - tw
-
+    preds = _predict(config, predictor, grid, step, key, inputs, sched.timestep(step), stats)
     window = patch_window(tuple(config.lattice.patch), config.lattice.window)
-    acc = Accumulator(core, channels)
-    for p, e in zip(patches, preds, strict=True):  # lattice order, whoever computed them
+    acc = Accumulator(core, len(config.volume.stains))
+    for p, e in zip(inputs.patches, preds, strict=True):  # lattice order, whoever computed them
         acc.add(p, e, window)
 
+    channels = len(config.volume.stains)
     noise = None
     if sched.sigma(step) > 0:
         noise = position_noise(config.diffusion.seed, step + 1, core, channels)
     previous_x0 = None
     if sched.needs_previous_x0 and 0 < step < sched.steps - 1:
-        previous_x0 = store.read_box(store.open_array(root, PREVIOUS_X0[step % 2]), core)
-    x_core = x[(slice(None), *core.slices(span))]
+        previous_x0 = store.read_box(
+            store.open_array(Path(config.out), PREVIOUS_X0[step % 2]), core
+        )
+    x_core = inputs.x[(slice(None), *core.slices(inputs.span))]
     x_next, x0 = sched.update(x_core, acc.result(), step, noise, previous_x0)
     tw = time.perf_counter()
-    if step == sched.steps - 1:
-        stats.digest = store.write_box(store.open_array(root, IMAGE), core, to_uint8(x_next))
-    else:
-        phase = step + 1
-        stats.digest = store.write_box(store.open_array(root, STATES[phase % 2]), core, x_next)
-        if PREVIOUS_X0[phase % 2] in scratch_arrays(config, phase):
-            x0_array = store.open_array(root, PREVIOUS_X0[phase % 2])
-            stats.digest = store.write_box(x0_array, core, x0, stats.digest)
+    stats.digest = _write_update(config, step, core, x_next, x0)
     stats.write_s += time.perf_counter() - tw
     stats.total_s = time.perf_counter() - t0
     return stats
