@@ -38,19 +38,23 @@ VOXEL_SHIFTS = SHIFTED | {"lattice.shift_unit": "voxel"}
 Z_SHIFTED = {"lattice.mode": "shifted", "lattice.stride": (4, 16, 16)}
 DDIM10 = {"diffusion.steps": 10}
 DPM = {"diffusion.sampler": "dpmpp_2m"}
+OVERLAPPED = {"lattice.mode": "overlapped", "lattice.stride": (2, 16, 16)}
+"""The default lattice before the z-shifted one."""
 MODES: dict[str, dict] = {
-    "overlapped, DDIM 15 (before)": {},
-    "overlapped, DDIM 10": DDIM10,
-    "overlapped, DPM-Solver++ 10": DPM | {"diffusion.steps": 10},
-    "overlapped, DPM-Solver++ 8": DPM | {"diffusion.steps": 8},
+    "overlapped, DDIM 15 (before)": OVERLAPPED,
+    "overlapped, DDIM 10": OVERLAPPED | DDIM10,
+    "overlapped, DPM-Solver++ 10": OVERLAPPED | DPM | {"diffusion.steps": 10},
+    "overlapped, DPM-Solver++ 8": OVERLAPPED | DPM | {"diffusion.steps": 8},
     "overlapped in-plane, z non-overlapping unshifted (stride 4,16,16), DDIM 15": {
-        "lattice.stride": (4, 16, 16)
+        "lattice.mode": "overlapped",
+        "lattice.stride": (4, 16, 16),
     },
     "overlapped in-plane, z shifted, DDIM 15": Z_SHIFTED,
     "overlapped in-plane, z shifted, DPM-Solver++ 10": Z_SHIFTED | DPM | {"diffusion.steps": 10},
     "overlapped in-plane, z shifted, DPM-Solver++ 8": Z_SHIFTED | DPM | {"diffusion.steps": 8},
     "overlapped in z, in-plane non-overlapping (stride 2,32,32), DDIM 15": {
-        "lattice.stride": (2, 32, 32)
+        "lattice.mode": "overlapped",
+        "lattice.stride": (2, 32, 32),
     },
     "shifted by bins, DDIM 15": SHIFTED,
     "shifted by bins, DPM-Solver++ 10": SHIFTED | DPM | {"diffusion.steps": 10},
@@ -60,7 +64,7 @@ MODES: dict[str, dict] = {
     "shifted by voxels, DDIM 15": VOXEL_SHIFTS,
     "shifted by voxels, DPM-Solver++ 10": VOXEL_SHIFTS | DPM | {"diffusion.steps": 10},
 }
-CURVE_MODES = {"overlapped": {}, "z-shifted": Z_SHIFTED, "shifted": SHIFTED}
+CURVE_MODES = {"overlapped": OVERLAPPED, "z-shifted": Z_SHIFTED, "shifted": SHIFTED}
 STEPS = (5, 8, 10, 15, 25)
 BIG = (10_000, 10_000, 10_000)
 

@@ -8,7 +8,7 @@ import torch
 
 from models.checkpoint import load_denoiser
 from tera_pipeline.core import errors
-from tera_pipeline.core.config import JobConfig
+from tera_pipeline.core.config import JobConfig, lattice_preset
 from tera_pipeline.core.geometry import Box, patch_bins
 from tera_pipeline.core.noise import position_noise
 from tera_pipeline.generation import lifecycle
@@ -113,6 +113,7 @@ SHIFTED = {"lattice.stride": (4, 32, 32), "lattice.mode": "shifted"}
 @pytest.fixture(
     params=[
         "overlapped",
+        "shifted in z only (the default)",
         "shifted",
         "shifted by voxels",
         "shifted, last steps overlapped",
@@ -125,9 +126,10 @@ def any_mode_job(request, small_job) -> JobConfig:
     """The small job in each lattice mode and sampler (shifted by voxels: steps offset within a
     bin bin their cells on the step's grid; DPM-Solver++: its second-order step, the second of
     three, reads the first step's x0 from scratch)."""
-    job = small_job
+    job = small_job.with_overrides(**lattice_preset("overlapped", small_job.lattice.patch))
     if "z only" in request.param:  # in-plane overlapped and blended, z non-overlapping, moving
-        job = job.with_overrides(**{"lattice.stride": (4, 16, 16), "lattice.mode": "shifted"})
+        job = small_job
+        assert job.lattice.stride == (4, 16, 16) and job.lattice.mode == "shifted"
     elif "shifted" in request.param:
         final = 2 if "last" in request.param else 0  # steps 1 and 2 of 3 overlapped
         job = job.with_overrides(**SHIFTED, **{"lattice.overlapped_final_steps": final})

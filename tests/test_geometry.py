@@ -7,7 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from tera_pipeline.core.config import JobConfig
+from tera_pipeline.core.config import JobConfig, lattice_preset
+from tera_pipeline.core.mappings import ConfigError
 from tera_pipeline.core.geometry import BlockGrid, Box, GeometryError, PatchLattice
 
 
@@ -145,12 +146,30 @@ def test_shifted_mode_draws_one_lattice_per_step_from_the_seed():
     assert 1.0 <= job.evaluations_per_voxel() < 1.6  # the demo's edges: (9/8)^2 x 5/4 at most
     big = job.with_overrides(**{"volume.shape": (10_000,) * 3})
     assert big.evaluations_per_voxel() < 1.01
-    with pytest.raises(ValueError, match="stride = patch"):
-        JobConfig.model_validate({"lattice": {"mode": "shifted"}})
+    with pytest.raises(ValueError, match="stride = patch .* set lattice.mode to overlapped"):
+        JobConfig.model_validate({"lattice": {"mode": "shifted", "stride": (2, 16, 16)}})
     hybrid = job.with_overrides(**{"lattice.overlapped_final_steps": 2})
     last = [hybrid.lattice_at(k) for k in (job.diffusion.steps - 2, job.diffusion.steps - 1)]
     assert all(lat.stride == (2, 16, 16) and not lat.shifted for lat in last)
     assert hybrid.lattice_at(0) == job.lattice_at(0)
+
+
+def test_the_default_lattice_is_z_shifted_and_a_stride_alone_picks_its_mode():
+    """The default blends in-plane and shifts in z; a stride that overlaps on every axis, given
+    without a mode (older configs), means the overlapped lattice; the named lattices."""
+    job = JobConfig()
+    assert job.lattice.mode == "shifted" and job.lattice.shifted_axes == (True, False, False)
+    assert JobConfig.model_validate({"lattice": {"stride": (2, 16, 16)}}).lattice.mode == (
+        "overlapped"
+    )
+    assert job.with_overrides(**{"lattice.stride": (2, 16, 16)}).lattice.mode == "overlapped"
+    assert job.with_overrides(**{"lattice.stride": (4, 32, 32)}).lattice.mode == "shifted"
+    big = job.with_overrides(**{"volume.shape": (10_000,) * 3})
+    old = big.with_overrides(**lattice_preset("overlapped", job.lattice.patch))
+    assert old.lattice.stride == (2, 16, 16) and round(old.evaluations_per_voxel(), 2) == 7.97
+    assert round(big.evaluations_per_voxel(), 2) == 3.99  # half the model calls of the former
+    with pytest.raises(ConfigError, match="unknown lattice 'diagonal'; choose one of z-shifted"):
+        lattice_preset("diagonal", job.lattice.patch)
 
 
 def test_the_last_steps_may_run_on_a_cheaper_overlapped_lattice():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from typer.testing import CliRunner
@@ -53,8 +54,7 @@ def test_status_of_a_finished_job_shows_phase_times(small_job, client):
     print(result.output)
     assert f"{small_job.out}: complete" in result.output
     assert len(re.findall(r"27/27 +#{20}  took \d+\.\d s", result.output)) == 4
-    lattice = small_job.lattice_obj()
-    e = lattice.evaluations_per_voxel(small_job.volume.shape)
+    e = small_job.evaluations_per_voxel()  # over the lattices of the steps
     steps = small_job.diffusion.steps
     assert f"cost: E = {round(e, 3):g} patch evaluations per voxel and step" in result.output
     assert f"{round(e * steps, 2):g} model evaluations per voxel" in result.output
@@ -65,6 +65,6 @@ def test_status_of_a_finished_job_shows_phase_times(small_job, client):
     steps_run = [p for p in figures["phases"] if p["phase"].startswith("step ")]
     evaluated = sum(p["patches"] for p in steps_run) / len(steps_run)
     voxels = small_job.volume.shape[0] * small_job.volume.shape[1] * small_job.volume.shape[2]
-    patch_voxels = lattice.patch[0] * lattice.patch[1] * lattice.patch[2]
+    patch_voxels = math.prod(small_job.lattice.patch)
     assert figures["E_measured"] == round(evaluated * patch_voxels / voxels, 3) >= figures["E"]
     assert "E: patch evaluations per voxel and step" in markdown(figures)

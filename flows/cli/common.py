@@ -33,6 +33,13 @@ ModelCheckpoint = Annotated[
     Path | None, typer.Option(help="Model checkpoint (default: the committed one).")
 ]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v")]
+Lattice = Annotated[
+    str | None,
+    typer.Option(
+        help="Patch lattice: z-shifted (the default), overlapped (the default before: stride half "
+        "the patch on every axis, for stores written with it), or shifted (stride = patch)."
+    ),
+]
 CheckpointOut = Annotated[Path | None, typer.Option(help="Checkpoint to write.")]
 LearningRate = Annotated[float, typer.Option(help="Peak learning rate.")]
 TrainingSteps = Annotated[int, typer.Option(help="Optimiser steps.")]

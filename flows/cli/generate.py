@@ -13,6 +13,7 @@ import typer
 from flows.cli.common import (
     GeneratedStore,
     JobStore,
+    Lattice,
     ModelCheckpoint,
     Verbose,
     Workers,
@@ -38,6 +39,7 @@ def generate(
     workers: Workers = None,
     seed: Annotated[int | None, typer.Option(help="Noise seed.")] = None,
     steps: Annotated[int | None, typer.Option(help="Sampling steps.")] = None,
+    lattice: Lattice = None,
     sampler: Annotated[
         str | None, typer.Option(help="Sampler: ddim, or dpmpp_2m (DPM-Solver++(2M)).")
     ] = None,
@@ -67,7 +69,7 @@ def generate(
     """Generate a volume from a YAML config, with command-line overrides."""
     from pydantic import ValidationError
 
-    from tera_pipeline.core.config import JobConfig
+    from tera_pipeline.core.config import JobConfig, lattice_preset
 
     setup_logging(verbose)
     overrides = {
@@ -92,6 +94,8 @@ def generate(
             if config
             else JobConfig().with_overrides(**overrides)
         )
+        if lattice:
+            job = job.with_overrides(**lattice_preset(lattice, job.lattice.patch))
     except (ValidationError, OSError, ValueError) as err:
         fail(one_line(err))
     if repair and not resume:
@@ -173,6 +177,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("tera_demo"),
     workers: Workers = None,
     steps: Annotated[int | None, typer.Option(help="Sampling steps (default: the job's).")] = None,
+    lattice: Lattice = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing demo output.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue a stopped demo.")] = False,
     verbose: Verbose = False,
@@ -181,7 +186,7 @@ def demo(
     import xarray as xr
 
     from flows.cli.analyze import demo_spatia, echo_magnet
-    from tera_pipeline.core.config import JobConfig
+    from tera_pipeline.core.config import JobConfig, lattice_preset
     from tera_pipeline.evaluation.fidelity import conditioning_fidelity
     from tera_pipeline.evaluation.views import orthoslices_png
     from tera_pipeline.storage.ownership import side_file
@@ -192,6 +197,11 @@ def demo(
     job = JobConfig(out=store_path).with_overrides(
         **{"cluster.workers": workers, "diffusion.steps": steps}
     )
+    if lattice:
+        try:
+            job = job.with_overrides(**lattice_preset(lattice, job.lattice.patch))
+        except ValueError as err:
+            fail(one_line(err))
     run_job(job, overwrite, resume)
     ds = xr.open_zarr(store_path)
     typer.echo(ds)

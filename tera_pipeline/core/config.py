@@ -54,16 +54,35 @@ class VolumeSpec(_Section):
         return v
 
 
+LATTICES = ("z-shifted", "overlapped", "shifted")
+"""The named lattices (``lattice_preset``); the first is the default, chosen in
+docs/PERFORMANCE.md ("Quality against cost")."""
+
+
+def lattice_preset(name: str, patch: Triple) -> dict[str, object]:
+    """The lattice fields of a named lattice for ``patch``: ``z-shifted`` (half-patch stride in
+    y and x, blended; stride = patch in z, shifted per step), ``overlapped`` (half the patch on
+    every axis, one fixed lattice), ``shifted`` (stride = patch on every axis, shifted)."""
+    half = tuple(max(p // 2, 1) for p in patch)
+    strides = {"z-shifted": (patch[0], *half[1:]), "overlapped": half, "shifted": tuple(patch)}
+    if name not in strides:
+        raise ConfigError(f"unknown lattice {name!r}; choose one of {', '.join(LATTICES)}")
+    mode = "overlapped" if name == "overlapped" else "shifted"
+    return {"lattice.mode": mode, "lattice.stride": strides[name]}
+
+
 class LatticeSpec(_Section):
     patch: PositiveTriple = (4, 32, 32)
-    stride: PositiveTriple = (2, 16, 16)
+    stride: PositiveTriple = (4, 16, 16)
     window: Literal["cosine", "gaussian", "constant"] = "cosine"
-    mode: Literal["overlapped", "shifted"] = "overlapped"
+    mode: Literal["overlapped", "shifted"] = "shifted"
     """``overlapped``: one fixed lattice of stride ``stride``, predictions blended. ``shifted``:
     on the axes where the stride is the patch (non-overlapping), the lattice is offset at every
     step by a pure function of (seed, step), so one step's seams move at the next (after
     SpotDiffusion); the other axes stay overlapped and blended. Stride = patch on every axis
-    predicts each voxel once."""
+    predicts each voxel once. The default (stride = patch in z only) is the cheapest lattice
+    that keeps the quality of the overlapped one (docs/PERFORMANCE.md); a stride given without
+    a mode that overlaps on every axis means ``overlapped``, as before the mode existed."""
     overlapped_final_steps: int = Field(0, ge=0)
     """In ``shifted`` mode, the last steps run on an unshifted overlapped lattice of stride
     ``final_stride`` (blended predictions, no seams left by the last step)."""
@@ -79,12 +98,26 @@ class LatticeSpec(_Section):
         """The axes a ``shifted`` lattice moves: those where the stride is the patch."""
         return tuple(s == p for s, p in zip(self.stride, self.patch))  # type: ignore[return-value]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_follows_an_overlapping_stride(cls, data: object) -> object:
+        if isinstance(data, dict) and "stride" in data and "mode" not in data:
+            patch = data.get("patch", cls.model_fields["patch"].default)
+            try:
+                overlaps = all(int(s) != int(p) for s, p in zip(data["stride"], patch, strict=True))
+            except (TypeError, ValueError):
+                return data  # the field validators name what is wrong
+            if overlaps:
+                return {**data, "mode": "overlapped"}
+        return data
+
     @model_validator(mode="after")
     def _shifted_is_non_overlapping(self) -> LatticeSpec:
         if self.mode == "shifted" and not any(self.shifted_axes):
             raise ValueError(
-                f"lattice.mode shifted needs stride = patch on the axes it moves: set "
-                f"lattice.stride to {self.patch} (or to the patch on some axes; got {self.stride})"
+                f"lattice.mode shifted needs stride = patch on the axes it moves (got stride "
+                f"{self.stride}, patch {self.patch}): set lattice.mode to overlapped, or "
+                f"lattice.stride to the patch on some axes"
             )
         return self
 
@@ -278,9 +311,8 @@ class JobConfig(_Section):
     workers_lost_s: float = Field(120.0, gt=0)
     """A run fails (to be resumed) once its cluster has had no worker for this long."""
     share_seams: bool = True
-    """Compute each patch straddling blocks once per step and share its prediction through a
-    scratch file (tera_pipeline.seams): 1.42x fewer patch evaluations at 16x128x128 blocks of a
-    teravoxel, for 32 KiB of scratch written and read per shared patch. Same output bytes."""
+    """Compute each patch straddling blocks once per step and share it through a scratch file
+    (``generation/seams.py``); the same output bytes, fewer evaluations (docs/DECISIONS.md)."""
 
     @model_validator(mode="after")
     def _layout(self) -> JobConfig:
@@ -362,4 +394,7 @@ class JobConfig(_Section):
         return cls.model_validate(merged)
 
     def with_overrides(self, **overrides: object) -> JobConfig:
-        return type(self).model_validate(merge(self.model_dump(mode="json"), overrides))
+        data = self.model_dump(mode="json")
+        if "lattice.stride" in overrides and "lattice.mode" not in overrides:
+            del data["lattice"]["mode"]  # a stride given without a mode: the mode follows it
+        return type(self).model_validate(merge(data, overrides))

@@ -124,7 +124,10 @@ def check_identity(root: Path, identity: dict) -> None:
         for k in sorted(set(a) | set(b))
         if a.get(k) != b.get(k)
     ]
-    raise ResumeError(f"cannot resume {root}: the job differs ({'; '.join(diff[:5])})")
+    hint = ""
+    if a.get("lattice.mode", "overlapped") == "overlapped" != b.get("lattice.mode", "overlapped"):
+        hint = "; a store of the overlapped lattice resumes with --lattice overlapped"
+    raise ResumeError(f"cannot resume {root}: the job differs ({'; '.join(diff[:5])}){hint}")
 
 
 def mark(root: Path, phase: int, index: tuple[int, ...], digest: int | None = None) -> None:
