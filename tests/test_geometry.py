@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from tera_pipeline.core.config import JobConfig, lattice_preset
-from tera_pipeline.core.mappings import ConfigError
 from tera_pipeline.core.geometry import BlockGrid, Box, GeometryError, PatchLattice
+from tera_pipeline.core.mappings import ConfigError
 
 
 def test_box_algebra():

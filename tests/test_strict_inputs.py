@@ -22,8 +22,9 @@ from tera_pipeline.core.errors import InputError
 from tera_pipeline.inputs.cells import load_cells
 from tera_pipeline.inputs.csv_text import transcript_csv_batches
 from tera_pipeline.inputs.panel import read_gene_panel
-from tera_pipeline.inputs.partition import is_transcript_table, partition
+from tera_pipeline.inputs.partition import partition
 from tera_pipeline.inputs.synthetic import GENE_PANEL
+from tera_pipeline.inputs.vendors import is_transcript_table
 
 pytestmark = pytest.mark.filterwarnings("ignore:Variable names are not unique")
 runner = CliRunner()

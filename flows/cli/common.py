@@ -33,6 +33,40 @@ ModelCheckpoint = Annotated[
     Path | None, typer.Option(help="Model checkpoint (default: the committed one).")
 ]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v")]
+TableFormat = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        help="Transcript table layout: xenium, merscope, cosmx or table (default: detected).",
+    ),
+]
+Units = Annotated[
+    str | None, typer.Option(help="Units of x, y: um, mm or px (default: the layout's).")
+]
+PixelSize = Annotated[float | None, typer.Option(help="µm per pixel, for px units.")]
+ZStep = Annotated[
+    float | None, typer.Option(help="µm between z planes (MERSCOPE, CosMx z are plane indices).")
+]
+MinQv = Annotated[float | None, typer.Option(help="Drop transcripts below this qv (Xenium: 20).")]
+KeepControls = Annotated[bool, typer.Option(help="Keep control, blank and unassigned codewords.")]
+
+
+def transcript_overrides(
+    table_format: str | None,
+    units: str | None,
+    pixel_size: float | None,
+    z_step: float | None,
+    min_qv: float | None,
+    keep_controls: bool,
+) -> dict[str, object]:
+    """The ``conditioning.transcripts`` fields the transcript options set."""
+    values = {
+        "format": table_format, "units": units, "pixel_size_um": pixel_size,
+        "z_step_um": z_step, "min_qv": min_qv, "keep_controls": keep_controls or None,
+    }  # fmt: skip
+    return {f"conditioning.transcripts.{k}": v for k, v in values.items()}
+
+
 Lattice = Annotated[
     str | None,
     typer.Option(

@@ -13,10 +13,16 @@ import typer
 from flows.cli.common import (
     GeneratedStore,
     JobStore,
+    KeepControls,
     Lattice,
+    MinQv,
     ModelCheckpoint,
+    PixelSize,
+    TableFormat,
+    Units,
     Verbose,
     Workers,
+    ZStep,
     app,
     fail,
     one_line,
@@ -24,6 +30,7 @@ from flows.cli.common import (
     refusing,
     running_flows,
     setup_logging,
+    transcript_overrides,
     triple,
 )
 
@@ -64,6 +71,12 @@ def generate(
     ignore_disk_space: Annotated[
         bool, typer.Option(help="Start even if the output filesystem looks too small.")
     ] = False,
+    table_format: TableFormat = None,
+    units: Units = None,
+    pixel_size: PixelSize = None,
+    z_step: ZStep = None,
+    min_qv: MinQv = None,
+    keep_controls: KeepControls = False,
     verbose: Verbose = False,
 ) -> None:
     """Generate a volume from a YAML config, with command-line overrides."""
@@ -87,6 +100,7 @@ def generate(
         "cluster.address": address,
         "cluster.kind": "address" if address else None,
         "check_disk_space": False if ignore_disk_space else None,
+        **transcript_overrides(table_format, units, pixel_size, z_step, min_qv, keep_controls),
     }
     try:
         job = (

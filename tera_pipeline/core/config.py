@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tera_pipeline.core.geometry import BlockGrid, GeometryError, PatchLattice
 from tera_pipeline.core.mappings import ConfigError, merge, merge_nested, read_yaml_mapping
 from tera_pipeline.core.noise import lattice_shift
+from tera_pipeline.core.transcript_spec import TranscriptSpec
 
 Triple = tuple[int, int, int]
 Positive = Annotated[int, Field(gt=0)]
@@ -80,12 +81,10 @@ class LatticeSpec(_Section):
     on the axes where the stride is the patch (non-overlapping), the lattice is offset at every
     step by a pure function of (seed, step), so one step's seams move at the next (after
     SpotDiffusion); the other axes stay overlapped and blended. Stride = patch on every axis
-    predicts each voxel once. The default (stride = patch in z only) is the cheapest lattice
-    that keeps the quality of the overlapped one (docs/PERFORMANCE.md); a stride given without
-    a mode that overlaps on every axis means ``overlapped``, as before the mode existed."""
+    predicts each voxel once. The default (stride = patch in z only): docs/PERFORMANCE.md. A
+    stride given without a mode that overlaps on every axis means ``overlapped``."""
     overlapped_final_steps: int = Field(0, ge=0)
-    """In ``shifted`` mode, the last steps run on an unshifted overlapped lattice of stride
-    ``final_stride`` (blended predictions, no seams left by the last step)."""
+    """In ``shifted`` mode, the last steps run on the unshifted lattice of ``final_stride``."""
     final_stride: PositiveTriple | None = None
     """The stride of those last steps; default half the patch (in whole gene bins)."""
     shift_unit: Literal["bin", "voxel"] = "bin"
@@ -158,6 +157,7 @@ class ConditioningSpec(_Section):
     """Optional 4 x 4 affine on (z, y, x, 1) µm, applied before subtracting volume.origin_um."""
     drop_outside: bool = False
     """Drop cells outside the volume instead of refusing the input."""
+    transcripts: TranscriptSpec = TranscriptSpec()
 
     @field_validator("affine")
     @classmethod

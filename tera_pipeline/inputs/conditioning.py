@@ -118,7 +118,8 @@ def open_source(config: JobConfig, genes: tuple[str, ...] | None = None, cells_d
     the config must equal them. Cell tables are read once per process; transcript tables are
     partitioned by block once (``tera_pipeline.partition``) and read from ``cells_dir``.
     """
-    from tera_pipeline.inputs.partition import PartitionedSource, is_transcript_table
+    from tera_pipeline.inputs.partition import PartitionedSource
+    from tera_pipeline.inputs.vendors import is_transcript_table
 
     spec = config.conditioning
     if spec.source == "synthetic":

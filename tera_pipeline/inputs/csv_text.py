@@ -156,28 +156,40 @@ def csv_error(path: Path, header: Sequence[str], hints: dict[int, str], err: Exc
     return InputError(f"{path}: cannot read as CSV: {text[:300]}")
 
 
-def transcript_csv_batches(path: PathLike, block_size: int = 64 << 20) -> Iterator[pa.RecordBatch]:
-    """A transcript CSV in record batches of ``x``, ``y``, ``z`` (float64, µm) and ``gene``
-    (dictionary), checked as it streams (header, field counts, numbers, UTF-8, a gene on every
-    row); memory stays at one block whatever the file's size."""
+def transcript_csv_batches(
+    path: PathLike,
+    block_size: int = 64 << 20,
+    *,
+    coords: Sequence[str] = COORDS,
+    gene: str = GENE_COLUMN,
+    numeric: Sequence[str] = (),
+    text: Sequence[str] = (),
+) -> Iterator[pa.RecordBatch]:
+    """A transcript CSV in record batches of ``coords`` and ``numeric`` columns (float64), the
+    ``gene`` column (dictionary) and ``text`` columns (strings), checked as it streams (header,
+    field counts, numbers, UTF-8, a gene on every row); memory stays at one block whatever the
+    file's size."""
     path = Path(path)
     header = csv_header(path)
-    needed = [*COORDS, GENE_COLUMN]
+    needed = [*coords, gene, *numeric, *text]
     require_columns(header, needed, str(path))
     dup = [c for c in duplicated(header) if c in needed]
     if dup:
         raise InputError(f"{path}: duplicated columns {name_list(dup)}")
     cols = [header.index(c) for c in needed]
-    types = {c: pa.float64() for c in cols[:3]} | {cols[3]: GENE_TYPE}
+    n = len(coords)
+    types = {c: pa.float64() for c in cols[:n]} | {cols[n]: GENE_TYPE}
+    types |= {c: pa.float64() for c in cols[n + 1 : n + 1 + len(numeric)]}
+    types |= {c: pa.string() for c in cols[n + 1 + len(numeric) :]}
     rows = 0
-    for batch in csv_stream(path, header, types, dict.fromkeys(cols[:3], COORD_HINT), block_size):
+    for batch in csv_stream(path, header, types, dict.fromkeys(cols[:n], COORD_HINT), block_size):
         batch = pa.RecordBatch.from_arrays([batch.column(str(c)) for c in cols], names=needed)
-        gene = batch.column(GENE_COLUMN)
-        names = gene.dictionary.to_pylist()
+        gene_column = batch.column(gene)
+        names = gene_column.dictionary.to_pylist()
         bad = [i for i, n in enumerate(names) if n is None or not n.strip()]
-        if bad or gene.null_count:
-            index = gene.indices.to_numpy(zero_copy_only=False)
-            missing = np.isin(index, bad) | ~np.asarray(gene.is_valid())
+        if bad or gene_column.null_count:
+            index = gene_column.indices.to_numpy(zero_copy_only=False)
+            missing = np.isin(index, bad) | ~np.asarray(gene_column.is_valid())
             first = int(np.argmax(missing))
             raise InputError(
                 f"{path}: {int(missing.sum())} transcripts have no gene "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -34,7 +35,7 @@ def gene_index(available: Sequence[str], genes: Sequence[str] | None, source: st
     if missing:
         raise InputError(
             f"{source}: {len(missing)} requested genes missing: {name_list(missing)} "
-            f"(the input has {len(available)} genes)"
+            f"(the input has {len(available)} genes){naming_hint(available, genes)}"
         )
     return [where[g] for g in genes]
 
@@ -47,6 +48,26 @@ def requested_genes(genes: Sequence[str]) -> tuple[str, ...]:
     if dup:
         raise InputError(f"duplicated gene names in the request: {name_list(dup)}")
     return genes
+
+
+_ENSEMBL = re.compile(r"ENS[A-Z]*G\d{6,}(\.\d+)?")
+
+
+def naming_hint(names: Sequence[str], expected: Sequence[str]) -> str:
+    """ "; ..." when one side names genes by Ensembl id and the other by symbol, else ""."""
+
+    def ensembl(ns: Sequence[str]) -> bool:
+        ns = list(ns)
+        return bool(ns) and sum(bool(_ENSEMBL.fullmatch(str(n))) for n in ns) > len(ns) / 2
+
+    if ensembl(names) and not ensembl(expected):
+        return (
+            "; these are Ensembl gene ids and the checkpoint's panel is gene symbols: give "
+            "the symbols (an AnnData's var column such as gene_symbol, or a panel file of them)"
+        )
+    if ensembl(expected) and not ensembl(names):
+        return "; the checkpoint's panel is Ensembl gene ids: give the genes by Ensembl id"
+    return ""
 
 
 def panel_difference(
@@ -79,8 +100,11 @@ def check_panel(genes: Sequence[str], checkpoint_genes: Sequence[str]) -> None:
     difference = panel_difference(genes, checkpoint_genes)
     if difference:
         raise InputError(
-            f"gene panel does not match the checkpoint: {difference}; select and order the "
-            "genes as the checkpoint's (select_genes(table, checkpoint_genes))"
+            f"gene panel does not match the checkpoint: {difference}"
+            + (
+                naming_hint(genes, checkpoint_genes)
+                or "; select and order the genes as the checkpoint's"
+            )
         )
 
 

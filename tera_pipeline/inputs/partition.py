@@ -10,72 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.errors import InputError
 from tera_pipeline.core.geometry import Box
+from tera_pipeline.inputs import vendors
 from tera_pipeline.inputs.cells import to_volume_frame
-from tera_pipeline.inputs.csv_text import csv_header, transcript_csv_batches
-from tera_pipeline.inputs.files import COORDS, GENE_COLUMN
+from tera_pipeline.inputs.panel import naming_hint
 from tera_pipeline.inputs.synthetic import CellTable
 from tera_pipeline.storage import ownership
 
-BATCH_ROWS = 1_000_000
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 STAGING_MARKER = ".tera-partition"
-
-
-def is_transcript_table(path: Path) -> bool:
-    """A parquet table, or a CSV whose header has a ``gene`` column."""
-    path = Path(path)
-    if path.suffix.lower() in (".parquet", ".pq"):
-        return True
-    if path.suffix.lower() == ".csv" and path.is_file():
-        return GENE_COLUMN in csv_header(path)  # binary, non-UTF-8: InputError naming the file
-    return False
-
-
-def _batches(path: Path) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(positions (n, 3) as x, y, z in µm, gene names, gene index per row) per record batch."""
-    needed = [*COORDS, GENE_COLUMN]
-    try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            reader = pq.ParquetFile(path)
-            missing = [c for c in needed if c not in reader.schema_arrow.names]
-            if missing:
-                raise InputError(f"{path}: missing columns {missing}; need {needed}")
-            for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=needed):
-                yield _columns(batch, path)
-        else:  # checked as it streams: fields per row, numbers, UTF-8, a gene on every row
-            for batch in transcript_csv_batches(path, block_size=64 << 20):
-                yield _columns(batch, path)
-    except (pa.ArrowInvalid, OSError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise InputError(f"{path}: cannot read as a transcript table: {first}") from err
-
-
-def _columns(batch: pa.RecordBatch, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    try:
-        xyz = np.stack(
-            [batch.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in COORDS],
-            axis=1,
-        )
-    except (ValueError, TypeError, pa.ArrowInvalid) as err:
-        raise InputError(f"{path}: coordinates x, y, z must be numbers (µm)") from err
-    column = batch.column(GENE_COLUMN)
-    if column.null_count:
-        raise InputError(f"{path}: {column.null_count} transcripts have no gene")
-    if not pa.types.is_dictionary(column.type):
-        column = pc.dictionary_encode(column)
-    names = column.dictionary.to_numpy(zero_copy_only=False).astype(str)
-    return xyz, names, column.indices.to_numpy(zero_copy_only=False)
 
 
 def input_key(config: JobConfig, genes: tuple[str, ...]) -> str:
@@ -87,6 +41,7 @@ def input_key(config: JobConfig, genes: tuple[str, ...]) -> str:
         "volume": config.volume.model_dump(mode="json"), "block": list(config.storage.block),
         "bin": list(config.conditioning.bin), "affine": config.conditioning.affine,
         "drop_outside": config.conditioning.drop_outside, "genes": list(genes),
+        "transcripts": config.conditioning.transcripts.model_dump(mode="json"),
     }  # fmt: skip
     return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -119,7 +74,13 @@ def _partition(config: JobConfig, genes: tuple[str, ...], src: Path, out: Path, 
     grid_shape = np.asarray(config.grid().shape)
     seen = np.zeros(len(genes), dtype=bool)
     rows = kept = outside = 0
-    for part, (xyz, names, name_index) in enumerate(_batches(src)):
+    read = vendors.open_reading(src, config.conditioning.transcripts)
+    dropped: Counter = Counter()
+    extent = Extent()
+    names_seen: set[str] = set()
+    for part, batch in enumerate(vendors.batches(src, read, dropped)):
+        xyz, names, name_index = batch.xyz, batch.names, batch.index
+        names_seen.update(names.tolist())
         rows += len(xyz)
         table = to_volume_frame(
             CellTable(xyz[:, ::-1].copy(), np.zeros((len(xyz), 0), np.float32), ()),
@@ -132,14 +93,18 @@ def _partition(config: JobConfig, genes: tuple[str, ...], src: Path, out: Path, 
                 f"{src}: {int(bad.sum())} transcripts have non-finite (NaN or infinite) "
                 f"coordinates (first at row {rows - len(xyz) + int(np.argmax(bad))})"
             )
+        extent.add(pos)
         voxel = np.floor(pos / spacing).astype(np.int64)
         inside = np.all((voxel >= 0) & (voxel < volume), axis=1)
         outside += int((~inside).sum())
         gene_code = np.array([code_of.get(n, -1) for n in names], dtype=np.int64)[name_index]
         seen[np.unique(gene_code[gene_code >= 0])] = True
+        dropped["genes not in the panel"] += int((inside & (gene_code < 0)).sum())
         keep = inside & (gene_code >= 0)
         voxel, gene_code = voxel[keep], gene_code[keep].astype(np.int16)
         kept += len(voxel)
+        if not len(voxel):  # a batch wholly outside the volume or of other genes
+            continue
         block_id = np.ravel_multi_index((voxel // block).T, grid_shape)
         order = np.argsort(block_id, kind="stable")
         block_id, voxel, gene_code = block_id[order], voxel[order], gene_code[order]
@@ -156,6 +121,9 @@ def _partition(config: JobConfig, genes: tuple[str, ...], src: Path, out: Path, 
             }), folder / f"part-{part:05d}.parquet")  # fmt: skip
     if rows == 0:
         raise InputError(f"{src}: empty table (no transcripts)")
+    volume_um = volume * spacing
+    if config.conditioning.transcripts.units == "auto":
+        extent.check_units(volume_um, f"{src} ({read.describe()})")
     if outside and not config.conditioning.drop_outside:
         raise InputError(
             f"{outside} of {rows} transcripts lie outside the volume "
@@ -163,9 +131,56 @@ def _partition(config: JobConfig, genes: tuple[str, ...], src: Path, out: Path, 
         )
     if not seen.all():
         missing = [g for g, s in zip(genes, seen) if not s]
-        raise InputError(f"{src}: {len(missing)} requested genes missing: {missing[:8]}")
-    return {"key": key, "source": str(src), "rows": rows, "kept": kept, "outside": outside,
-            "genes": list(genes)}  # fmt: skip
+        hint = naming_hint(sorted(names_seen), genes)
+        raise InputError(f"{src}: {len(missing)} requested genes missing: {missing[:8]}{hint}")
+    read_rows = rows + sum(n for why, n in dropped.items() if why != "genes not in the panel")
+    dropped["outside the volume"] = outside
+    manifest = {
+        "key": key, "source": str(src), "format": read.describe(), "rows": read_rows, "kept": kept,
+        "outside": outside, "dropped": dict(dropped), "genes": list(genes),
+    }  # fmt: skip
+    log.info("%s", input_summary(manifest))
+    return manifest
+
+
+def input_summary(manifest: dict) -> str:
+    """One line: the table's layout, its rows, what was kept and what was dropped, and why."""
+    drops = ", ".join(f"{n:,} {why}" for why, n in manifest["dropped"].items() if n)
+    return (
+        f"{manifest['source']}: {manifest['format']}: {manifest['rows']:,} transcripts, "
+        f"{manifest['kept']:,} kept" + (f"; dropped {drops}" if drops else "")
+    )
+
+
+class Extent:
+    """The bounding box (z, y, x µm) of the positions seen, and what it says of their units."""
+
+    def __init__(self) -> None:
+        self.lo = np.full(3, np.inf)
+        self.hi = np.full(3, -np.inf)
+
+    def add(self, pos: np.ndarray) -> None:
+        if len(pos):
+            self.lo = np.minimum(self.lo, pos.min(axis=0))
+            self.hi = np.maximum(self.hi, pos.max(axis=0))
+
+    def check_units(self, volume_um: np.ndarray, source: str) -> None:
+        """Refuse positions that span a tiny fraction of the volume's y and x (millimetres read
+        as µm) or lie mostly beyond it (pixels read as µm), naming the unit they look like."""
+        span = (self.hi - self.lo)[1:]
+        size = np.asarray(volume_um, dtype=np.float64)[1:]
+        if np.all(span * 100 < size) and np.all(span * 1000 <= size * 2):
+            raise InputError(
+                f"{source}: the transcripts span {span[1]:.3g} x {span[0]:.3g} (x, y), "
+                f"a tiny part of the volume's {size[1]:g} x {size[0]:g} µm: they look like mm; "
+                "pass --units mm (or --units um if they are µm)"
+            )
+        if np.all(self.lo[1:] >= 0) and np.all(self.hi[1:] > 4 * size):
+            raise InputError(
+                f"{source}: the transcripts reach {self.hi[2]:.4g} x {self.hi[1]:.4g} (x, y), "
+                f"far beyond the volume's {size[1]:g} x {size[0]:g} µm: they look like pixels; "
+                "pass --units px --pixel-size UM (or --units um if they are µm)"
+            )
 
 
 class PartitionedSource:

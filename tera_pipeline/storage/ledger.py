@@ -24,6 +24,7 @@ import numpy as np
 
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.errors import TeraError
+from tera_pipeline.core.transcript_spec import TranscriptSpec
 from tera_pipeline.storage import ledger, store
 
 LEDGER = "_ledger"
@@ -39,6 +40,7 @@ LATER_DEFAULTS = {
     ("lattice", "final_stride"): None,
     ("lattice", "shift_unit"): "bin",
     ("diffusion", "sampler"): "ddim",
+    ("conditioning", "transcripts"): TranscriptSpec().model_dump(mode="json"),
 }
 """Fields added after stores were written, with their defaults: a field at its default is left
 out of an identity, so a store written before the field existed still resumes."""

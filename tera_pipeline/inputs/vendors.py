@@ -1,0 +1,255 @@
+"""Transcript tables as instruments write them: one layout per vendor, chosen by its columns.
+
+The layouts, from the vendors' documentation:
+
+- **10x Xenium** ``transcripts.parquet``: ``x_location``, ``y_location``, ``z_location`` (µm),
+  ``feature_name``, ``qv`` (Phred; kept at 20 and above), ``cell_id`` ("UNASSIGNED" when none).
+  Control codewords (``NegControlProbe_``, ``NegControlCodeword_``, ``UnassignedCodeword_``,
+  ``DeprecatedCodeword_``, ``BLANK_``, ``Intergenic_Region``) are dropped and counted.
+- **Vizgen MERSCOPE** ``detected_transcripts.csv``: ``global_x``, ``global_y`` (µm),
+  ``global_z`` (a z-plane index: ``z_step_um`` is required), ``gene``; its ``x``, ``y`` are FOV
+  pixels and are not read. ``Blank-`` codewords are dropped and counted.
+- **NanoString CosMx** ``*_tx_file.csv``: ``x_global_px``, ``y_global_px`` (pixels of
+  0.12028 µm), ``z`` (a plane index), ``target``; ``NegPrb``, ``FalseCode`` and
+  ``SystemControl`` probes are dropped and counted.
+- **table**: ``x``, ``y``, ``z`` (µm), ``gene``.
+
+Every table is read in record batches of the columns it needs, so memory stays at one batch.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tera_pipeline.core.errors import InputError
+from tera_pipeline.core.transcript_spec import TranscriptSpec
+from tera_pipeline.inputs.csv_text import csv_header, transcript_csv_batches
+from tera_pipeline.inputs.files import name_list
+
+BATCH_ROWS = 1_000_000
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+@dataclass(frozen=True)
+class TranscriptLayout:
+    """A vendor's transcript table: its column names, units and control codewords."""
+
+    name: str
+    x: str
+    y: str
+    z: str
+    gene: str
+    units: str = "um"
+    """Units of x and y: ``um`` or ``px``."""
+    z_is_plane: bool = False
+    pixel_size_um: float | None = None
+    qv: str | None = None
+    min_qv: float = 0.0
+    controls: tuple[str, ...] = ()
+    """Prefixes of the gene names of control, blank and unassigned codewords."""
+    cell: str | None = None
+    no_cell: tuple[str, ...] = ()
+    """Cell ids that mean "in no cell"."""
+
+    @property
+    def required(self) -> list[str]:
+        return [self.x, self.y, self.z, self.gene]
+
+
+LAYOUTS: dict[str, TranscriptLayout] = {
+    "xenium": TranscriptLayout(
+        "xenium", "x_location", "y_location", "z_location", "feature_name",
+        qv="qv", min_qv=20.0, cell="cell_id", no_cell=("UNASSIGNED", "-1"),
+        controls=("NegControlProbe_", "NegControlCodeword_", "UnassignedCodeword_",
+                  "DeprecatedCodeword_", "BLANK_", "Intergenic_Region"),
+    ),
+    "merscope": TranscriptLayout(
+        "merscope", "global_x", "global_y", "global_z", "gene", z_is_plane=True,
+        cell="cell_id", no_cell=("-1",), controls=("Blank-",),
+    ),
+    "cosmx": TranscriptLayout(
+        "cosmx", "x_global_px", "y_global_px", "z", "target", units="px", z_is_plane=True,
+        pixel_size_um=0.12028, cell="cell_ID", no_cell=("0",),
+        controls=("NegPrb", "FalseCode", "SystemControl"),
+    ),
+    "table": TranscriptLayout("table", "x", "y", "z", "gene"),
+}  # fmt: skip
+"""In the order they are detected: the first whose x, y and gene columns are present."""
+
+
+def detect(columns: Sequence[str]) -> TranscriptLayout | None:
+    """The layout of a table with these columns, or None."""
+    for layout in LAYOUTS.values():
+        if {layout.x, layout.y, layout.gene} <= set(columns):
+            return layout
+    return None
+
+
+def layout_of(columns: Sequence[str], spec: TranscriptSpec, source: str) -> TranscriptLayout:
+    """The layout named by ``spec.format`` (checked against the columns), or the detected one."""
+    if spec.format == "auto":
+        layout = detect(columns)
+        if layout is None:
+            known = "; ".join(f"{n}: {', '.join(v.required)}" for n, v in LAYOUTS.items())
+            raise InputError(
+                f"{source}: not a transcript table of a known layout (columns "
+                f"{name_list(columns)}); the layouts read are {known}"
+            )
+    else:
+        layout = LAYOUTS[spec.format]
+    if layout.name == "table" and "fov" in columns:
+        hint = (
+            "this is a MERSCOPE table: pass --format merscope (it reads global_x, global_y)"
+            if "global_x" in columns
+            else "give positions in µm in the volume's frame"
+        )
+        raise InputError(f"{source}: x, y look like FOV-local pixels (a 'fov' column); {hint}")
+    missing = [c for c in layout.required if c not in columns]
+    if missing:
+        raise InputError(
+            f"{source}: missing columns {name_list(missing)} of the {layout.name} layout; need "
+            f"{name_list(layout.required)}"
+        )
+    return layout
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A layout with the units, filters and scales a table is read with."""
+
+    layout: TranscriptLayout
+    units: str
+    xy_um: float
+    """µm per unit of x and y."""
+    z_um: float
+    """µm per unit of z (a plane index: the z step)."""
+    min_qv: float
+    keep_controls: bool
+
+    def describe(self) -> str:
+        z = f"z planes {self.z_um:g} µm apart" if self.layout.z_is_plane else "z likewise"
+        qv = f", qv >= {self.min_qv:g}" if self.layout.qv and self.min_qv else ""
+        return f"{self.layout.name} (x, y in {self.units}, {self.xy_um:g} µm each; {z}{qv})"
+
+
+def reading(layout: TranscriptLayout, spec: TranscriptSpec, source: str) -> Reading:
+    """Resolve units and filters; a pixel table without a pixel size, and a plane index
+    without a z step, are refused naming the flag to pass."""
+    units = layout.units if spec.units == "auto" else spec.units
+    pixel = spec.pixel_size_um or layout.pixel_size_um
+    if units == "px" and pixel is None:
+        raise InputError(f"{source}: x, y are pixels: pass --pixel-size (µm per pixel)")
+    xy_um = {"um": 1.0, "mm": 1000.0, "px": pixel}[units]
+    if layout.z_is_plane:
+        if spec.z_step_um is None:
+            raise InputError(
+                f"{source}: {layout.z!r} is a z-plane index ({layout.name}): pass --z-step "
+                "(µm between planes)"
+            )
+        z_um = spec.z_step_um
+    else:
+        z_um = xy_um
+    min_qv = layout.min_qv if spec.min_qv is None else spec.min_qv
+    return Reading(layout, units, float(xy_um), float(z_um), min_qv, spec.keep_controls)
+
+
+def columns_of(path: Path) -> list[str]:
+    """A table's column names (parquet schema, or the CSV header)."""
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        try:
+            return list(pq.read_schema(path).names)
+        except (pa.ArrowException, OSError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise InputError(f"{path}: cannot read as parquet: {first}") from err
+    return csv_header(path)
+
+
+def open_reading(path: Path, spec: TranscriptSpec) -> Reading:
+    return reading(layout_of(columns_of(path), spec, str(path)), spec, str(path))
+
+
+@dataclass
+class Batch:
+    """Transcripts of one record batch that pass the filters: positions (n, 3) as (x, y, z)
+    µm, gene names, each row's index into them, and cell ids (or None)."""
+
+    xyz: np.ndarray
+    names: np.ndarray
+    index: np.ndarray
+    cells: pa.Array | None
+
+
+def batches(path: Path, read: Reading, dropped: Counter) -> Iterator[Batch]:
+    """The table in record batches, filtered (low qv, control codewords: counted in
+    ``dropped``) and in µm."""
+    lay = read.layout
+    wanted = [lay.x, lay.y, lay.z, lay.gene]
+    columns = columns_of(path)
+    extra = [c for c in (lay.qv, lay.cell) if c and c in columns]
+    try:
+        if path.suffix.lower() in PARQUET_SUFFIXES:
+            source = pq.ParquetFile(path).iter_batches(BATCH_ROWS, columns=wanted + extra)
+        else:
+            numeric = [lay.qv] if lay.qv in extra else []
+            text = [lay.cell] if lay.cell in extra else []
+            source = transcript_csv_batches(
+                path, coords=wanted[:3], gene=lay.gene, numeric=numeric, text=text
+            )
+        for batch in source:
+            yield _filtered(batch, read, path, dropped)
+    except (pa.ArrowInvalid, OSError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise InputError(f"{path}: cannot read as a transcript table: {first}") from err
+
+
+def _filtered(batch: pa.RecordBatch, read: Reading, path: Path, dropped: Counter) -> Batch:
+    lay = read.layout
+    try:
+        xyz = np.stack(
+            [batch.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
+             for c in (lay.x, lay.y, lay.z)], axis=1,
+        )  # fmt: skip
+    except (ValueError, TypeError, pa.ArrowInvalid) as err:
+        raise InputError(f"{path}: coordinates {lay.x}, {lay.y}, {lay.z} must be numbers") from err
+    xyz *= np.array([read.xy_um, read.xy_um, read.z_um])
+    gene = batch.column(lay.gene)
+    if gene.null_count:
+        raise InputError(f"{path}: {gene.null_count} transcripts have no gene")
+    if not pa.types.is_dictionary(gene.type):
+        gene = pc.dictionary_encode(gene)
+    names = gene.dictionary.to_numpy(zero_copy_only=False).astype(str)
+    index = gene.indices.to_numpy(zero_copy_only=False)
+    keep = np.ones(len(xyz), dtype=bool)
+    if lay.qv and lay.qv in batch.schema.names and read.min_qv > 0:
+        qv = batch.column(lay.qv).to_numpy(zero_copy_only=False).astype(np.float64)
+        low = ~(qv >= read.min_qv)
+        dropped[f"qv below {read.min_qv:g}"] += int(low.sum())
+        keep &= ~low
+    if lay.controls and not read.keep_controls:
+        control = np.array([n.startswith(lay.controls) for n in names], dtype=bool)
+        rows = control[index] & keep
+        dropped["control, blank or unassigned codewords"] += int(rows.sum())
+        keep &= ~control[index]
+    cells = batch.column(lay.cell) if lay.cell and lay.cell in batch.schema.names else None
+    if not keep.all():
+        xyz, index = xyz[keep], index[keep]
+        cells = None if cells is None else cells.filter(pa.array(keep))
+    return Batch(xyz, names, index, cells)
+
+
+def is_transcript_table(path: Path) -> bool:
+    """A parquet table, or a CSV whose header is a transcript layout's."""
+    path = Path(path)
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        return True
+    if path.suffix.lower() == ".csv" and path.is_file():
+        return detect(csv_header(path)) is not None  # binary, non-UTF-8: InputError
+    return False
