@@ -168,8 +168,8 @@ class ConditioningSpec(_Section):
 
 
 class DiffusionSpec(_Section):
-    steps: int = Field(15, ge=1, le=1000)
-    """Sampling steps (model calls per voxel and patch), at most the schedule's 1000."""
+    steps: int = Field(8, ge=1, le=1000)
+    """Sampling steps (model calls per voxel and patch), at most 1000; 8 by docs/PERFORMANCE.md."""
     eta: float = Field(0.0, ge=0.0, le=1.0)
     """DDIM noise: 0 deterministic, 1 as DDPM."""
     seed: Seed = 0

@@ -127,8 +127,13 @@ def check_identity(root: Path, identity: dict) -> None:
         if a.get(k) != b.get(k)
     ]
     hint = ""
-    if a.get("lattice.mode", "overlapped") == "overlapped" != b.get("lattice.mode", "overlapped"):
-        hint = "; a store of the overlapped lattice resumes with --lattice overlapped"
+    if a.get("lattice.mode", "overlapped") != b.get("lattice.mode", "overlapped") or (
+        a.get("diffusion.steps") != b.get("diffusion.steps")
+    ):
+        hint = (
+            "; pass the store's own --lattice and --steps (the defaults before 2026-12: "
+            "--lattice overlapped --steps 15)"
+        )
     raise ResumeError(f"cannot resume {root}: the job differs ({'; '.join(diff[:5])}){hint}")
 
 
