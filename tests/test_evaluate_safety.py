@@ -30,7 +30,10 @@ def stores(tmp_path_factory, tiny_checkpoint, client) -> dict[str, Path]:
         mp.setenv("HOME", str(folder))
         mp.chdir(folder)
         for name, block in BLOCKS.items():
-            job = tiny_job(folder / f"{name}.zarr", (4, 48, 48), block, 2, 3, tiny_checkpoint)
+            job = tiny_job(
+                folder / f"{name}.zarr", (4, 48, 48), block, 2, 3, tiny_checkpoint,
+                lattice={"stride": (2, 16, 16)},  # overlapped, so that 2 along z is whole strides
+            )  # fmt: skip
             lifecycle.generate(job, client)
     return {name: folder / f"{name}.zarr" for name in BLOCKS}
 

@@ -175,7 +175,8 @@ def test_the_default_lattice_is_z_shifted_and_a_stride_alone_picks_its_mode():
 def test_the_last_steps_may_run_on_a_cheaper_overlapped_lattice():
     job = JobConfig.model_validate(
         {"lattice": {"stride": (4, 32, 32), "mode": "shifted", "overlapped_final_steps": 1,
-                     "final_stride": (4, 16, 32)}, "volume": {"shape": (10_000,) * 3}}
+                     "final_stride": (4, 16, 32)}, "volume": {"shape": (10_000,) * 3},
+         "diffusion": {"steps": 15}}
     )  # fmt: skip
     last = job.lattice_at(job.diffusion.steps - 1)
     assert last.stride == (4, 16, 32) and not last.shifted
