@@ -32,8 +32,11 @@ TINY = DenoiserConfig(
 )
 
 
-def write_random_checkpoint(path: Path, cfg: DenoiserConfig = TINY, seed: int = 0) -> Path:
-    """An untrained denoiser with the synthetic panel: deterministic, fast, any receptive field."""
+def write_random_checkpoint(
+    path: Path, cfg: DenoiserConfig = TINY, seed: int = 0, genes: tuple[str, ...] = GENE_PANEL
+) -> Path:
+    """An untrained denoiser with the synthetic panel (or ``genes``, as many): deterministic,
+    fast, any receptive field."""
     import torch
 
     torch.manual_seed(seed)
@@ -41,7 +44,7 @@ def write_random_checkpoint(path: Path, cfg: DenoiserConfig = TINY, seed: int = 
     meta = {
         "config": cfg.to_dict(),
         "prediction": "v",
-        "genes": list(GENE_PANEL),
+        "genes": list(genes),
         "bin": [1, 16, 16],
         "command": "tests/conftest.py write_random_checkpoint",
     }

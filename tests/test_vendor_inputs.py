@@ -25,6 +25,8 @@ from tera_pipeline.inputs.inspection import inspect_input
 from tera_pipeline.inputs.synthetic import GENE_PANEL, SyntheticBrain
 from tera_pipeline.storage import layout, store
 
+from .conditioning_counts import binned_counts
+
 SHAPE = (4, 64, 64)
 SPACING = (4.0, 1.0, 1.0)
 Z_STEP = 4.0  # µm between the planes the MERSCOPE and CosMx tables index
@@ -103,15 +105,9 @@ def write_cosmx(path: Path, frame: pd.DataFrame) -> Path:
     return path
 
 
-def _expected(x: np.ndarray, y: np.ndarray, z: np.ndarray, genes: np.ndarray) -> np.ndarray:
-    """Counts per gene bin (1 x 16 x 16 voxels), counted here from the kept rows."""
-    out = np.zeros((len(GENE_PANEL), SHAPE[0], SHAPE[1] // 16, SHAPE[2] // 16), np.float32)
-    code = {g: i for i, g in enumerate(GENE_PANEL)}
-    zb = np.floor(z / SPACING[0]).astype(int)
-    yb = np.floor(y / SPACING[1]).astype(int) // 16
-    xb = np.floor(x / SPACING[2]).astype(int) // 16
-    np.add.at(out, (np.array([code[g] for g in genes]), zb, yb, xb), 1.0)
-    return out
+def _expected(x: np.ndarray, y: np.ndarray, z: np.ndarray, genes: np.ndarray, job) -> np.ndarray:
+    """Counts per gene bin, counted here from the kept rows."""
+    return binned_counts(np.stack([x, y, z], axis=1), genes, GENE_PANEL, job)
 
 
 def _job(tmp_path: Path, name: str, source: Path, checkpoint: Path, **transcripts) -> JobConfig:
@@ -144,7 +140,7 @@ def test_xenium_merscope_and_cosmx_tables_generate_as_written(tmp_path, tiny_che
             table = pd.read_parquet(path)
             kept = table[(table.qv >= 20) & table.feature_name.isin(GENE_PANEL)]
             xyz = [kept[c].to_numpy(np.float64) for c in ("x_location", "y_location", "z_location")]
-            want = _expected(*xyz, kept.feature_name.to_numpy())
+            want = _expected(*xyz, kept.feature_name.to_numpy(), job)
             low = table.qv < 20
             controls_kept_by_qv = 3 - int(low[-3:].sum())  # the three control rows come last
             drops = {
@@ -154,15 +150,16 @@ def test_xenium_merscope_and_cosmx_tables_generate_as_written(tmp_path, tiny_che
         elif name == "merscope":
             table = pd.read_csv(path)
             kept = table[table.gene.isin(GENE_PANEL)]
-            want = _expected(kept.global_x.to_numpy(), kept.global_y.to_numpy(),
-                             kept.global_z.to_numpy() * Z_STEP, kept.gene.to_numpy())  # fmt: skip
+            z = kept.global_z.to_numpy() * Z_STEP
+            want = _expected(kept.global_x.to_numpy(), kept.global_y.to_numpy(), z,
+                             kept.gene.to_numpy(), job)  # fmt: skip
             drops = {"control, blank or unassigned codewords": 2}
         else:
             table = pd.read_csv(path)
             kept = table[table.target.isin(GENE_PANEL)]
             want = _expected(kept.x_global_px.to_numpy() * COSMX_PX,
                              kept.y_global_px.to_numpy() * COSMX_PX,
-                             kept.z.to_numpy() * Z_STEP, kept.target.to_numpy())  # fmt: skip
+                             kept.z.to_numpy() * Z_STEP, kept.target.to_numpy(), job)  # fmt: skip
             drops = {"control, blank or unassigned codewords": 3}
         np.testing.assert_array_equal(cond, want)
         assert cond.sum() == len(kept) > 0.85 * len(frame)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-TranscriptFormat = Literal["auto", "xenium", "merscope", "cosmx", "table"]
+TranscriptFormat = Literal["auto", "xenium", "merscope", "cosmx", "spatialdata", "table"]
 
 
 class TranscriptSpec(BaseModel):

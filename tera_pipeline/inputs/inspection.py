@@ -25,7 +25,9 @@ def inspect_input(
 ) -> dict:
     """A summary of an input file: its detected format, units, extent (µm), genes (and their
     overlap with ``panel``), rows kept and dropped (and why), cells, and the volume it fills."""
-    path, spec = existing_file(path), spec or TranscriptSpec()
+    path, spec = Path(path), spec or TranscriptSpec()
+    if not path.is_dir():
+        existing_file(path)
     info = _transcripts(path, spec) if vendors.is_transcript_table(path) else _cells(path)
     if panel is not None:
         present = set(info.pop("_names"))
@@ -38,11 +40,13 @@ def inspect_input(
         info.pop("_names")
     lo, hi = info["extent_um"]["min"], info["extent_um"]["max"]
     if all(math.isfinite(v) for v in (*lo, *hi)):
+        origin = [float(math.floor(v)) if v < 0 or v > 16 * s else 0.0
+                  for v, s in zip(reversed(lo), spacing_um, strict=True)]  # fmt: skip
         shape = [
-            max(1, math.ceil(h / s / b)) * b
-            for h, s, b in zip(reversed(hi), spacing_um, block, strict=True)
-        ]  # z, y, x voxels from the origin, whole blocks
-        info["volume"] = {"shape_zyx": shape, "spacing_um": list(spacing_um)}
+            max(1, math.ceil((h - o) / s / b)) * b
+            for h, o, s, b in zip(reversed(hi), origin, spacing_um, block, strict=True)
+        ]  # z, y, x voxels from the origin (kept at 0 for positions near it), whole blocks
+        info["volume"] = {"shape_zyx": shape, "origin_um": origin, "spacing_um": list(spacing_um)}
     return info
 
 
@@ -126,5 +130,8 @@ def summary_lines(info: dict) -> list[str]:
     if "volume" in info:
         v = info["volume"]
         shape = ",".join(map(str, v["shape_zyx"]))
-        lines.append(f"fills a volume of --shape {shape} voxels at {v['spacing_um']} µm (z, y, x)")
+        where = "" if not any(v["origin_um"]) else f" from volume.origin_um {v['origin_um']}"
+        lines.append(
+            f"fills a volume of --shape {shape} voxels{where} at {v['spacing_um']} µm (z, y, x)"
+        )
     return lines

@@ -35,9 +35,11 @@ STAGING_MARKER = ".tera-partition"
 def input_key(config: JobConfig, genes: tuple[str, ...]) -> str:
     """Identity of a partitioning: the input file (path, size, mtime) and the layout."""
     path = Path(config.conditioning.source)
-    stat = path.stat()
+    files = vendors.spatialdata_points(path)[0] if path.is_dir() else [path]
+    stats = [f.stat() for f in files]
     layout = {
-        "path": str(path.resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns,
+        "path": str(path.resolve()), "size": sum(st.st_size for st in stats),
+        "mtime": max(st.st_mtime_ns for st in stats),
         "volume": config.volume.model_dump(mode="json"), "block": list(config.storage.block),
         "bin": list(config.conditioning.bin), "affine": config.conditioning.affine,
         "drop_outside": config.conditioning.drop_outside, "genes": list(genes),
@@ -50,8 +52,8 @@ def partition(config: JobConfig, genes: tuple[str, ...], out: Path) -> dict:
     """Partition the job's transcript table into ``out`` (one folder per block); validate as it
     goes. On any error ``out`` is removed and an ``InputError`` raised. Returns the manifest."""
     src = Path(config.conditioning.source)
-    if not src.is_file():
-        raise InputError(f"{src}: no such file")
+    if not src.exists():
+        raise InputError(f"{src}: no such file or folder")
     key = input_key(config, genes)
     if (out / MANIFEST).is_file() and json.loads((out / MANIFEST).read_text())["key"] == key:
         return json.loads((out / MANIFEST).read_text())

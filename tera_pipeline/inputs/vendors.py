@@ -13,12 +13,16 @@ The layouts, from the vendors' documentation:
   0.12028 µm), ``z`` (a plane index), ``target``; ``NegPrb``, ``FalseCode`` and
   ``SystemControl`` probes are dropped and counted.
 - **table**: ``x``, ``y``, ``z`` (µm), ``gene``.
+- **SpatialData** ``.zarr`` folders: the points element (``transcripts`` if there are several),
+  ``x``, ``y`` (``z`` when present; else a 2-D section at z = 0) in the element's own frame,
+  taken as µm; genes from its ``feature_key`` column, cells from its ``instance_key``.
 
 Every table is read in record batches of the columns it needs, so memory stays at one batch.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -45,7 +49,8 @@ class TranscriptLayout:
     name: str
     x: str
     y: str
-    z: str
+    z: str | None
+    """None: a 2-D section, every transcript at z = 0."""
     gene: str
     units: str = "um"
     """Units of x and y: ``um`` or ``px``."""
@@ -61,7 +66,7 @@ class TranscriptLayout:
 
     @property
     def required(self) -> list[str]:
-        return [self.x, self.y, self.z, self.gene]
+        return [c for c in (self.x, self.y, self.z, self.gene) if c]
 
 
 LAYOUTS: dict[str, TranscriptLayout] = {
@@ -162,7 +167,9 @@ def reading(layout: TranscriptLayout, spec: TranscriptSpec, source: str) -> Read
 
 
 def columns_of(path: Path) -> list[str]:
-    """A table's column names (parquet schema, or the CSV header)."""
+    """A table's column names (parquet schema, the CSV header, or a SpatialData store's points)."""
+    if path.is_dir():
+        return columns_of(spatialdata_points(path)[0][0])
     if path.suffix.lower() in PARQUET_SUFFIXES:
         try:
             return list(pq.read_schema(path).names)
@@ -173,7 +180,70 @@ def columns_of(path: Path) -> list[str]:
 
 
 def open_reading(path: Path, spec: TranscriptSpec) -> Reading:
-    return reading(layout_of(columns_of(path), spec, str(path)), spec, str(path))
+    if path.is_dir():
+        if spec.format not in ("auto", "spatialdata"):
+            raise InputError(f"{path}: a folder is read as a SpatialData store, not {spec.format}")
+        layout = spatialdata_layout(path)
+    else:
+        if spec.format == "spatialdata":
+            raise InputError(f"{path}: --format spatialdata takes a SpatialData .zarr folder")
+        layout = layout_of(columns_of(path), spec, str(path))
+    return reading(layout, spec, str(path))
+
+
+# -- SpatialData stores (points elements) ---------------------------------------------------------
+ALL_CONTROLS = tuple(dict.fromkeys(c for lay in LAYOUTS.values() for c in lay.controls))
+
+
+def spatialdata_points(path: Path) -> tuple[list[Path], str, dict]:
+    """The parquet files, name and attributes of a SpatialData store's points element (the one
+    there is, or ``transcripts``)."""
+    root = Path(path) / "points"
+    elements = sorted(p for p in root.iterdir() if (p / "points.parquet").exists()) if (
+        root.is_dir()
+    ) else []  # fmt: skip
+    if not elements:
+        raise InputError(
+            f"{path}: not a SpatialData store with points (points/NAME/points.parquet)"
+        )
+    named = [e for e in elements if e.name == "transcripts"]
+    if len(elements) > 1 and not named:
+        names = name_list(e.name for e in elements)
+        raise InputError(f"{path}: several points elements ({names}) and none named 'transcripts'")
+    element = (named or elements)[0]
+    data = element / "points.parquet"
+    files = sorted(f for f in data.rglob("*.parquet") if f.is_file()) if data.is_dir() else [data]
+    if not files:
+        raise InputError(f"{data}: no parquet files")
+    attrs: dict = {}
+    for meta in (element / ".zattrs", element / "zarr.json"):  # zarr v2, v3
+        if meta.is_file():
+            loaded = json.loads(meta.read_text())
+            attrs = loaded.get("attributes", loaded) if meta.name == "zarr.json" else loaded
+    return files, element.name, attrs
+
+
+def spatialdata_layout(path: Path) -> TranscriptLayout:
+    """The layout of a SpatialData points element: x, y (and z) in its own frame, taken as µm;
+    genes in its ``feature_key`` column, cells in its ``instance_key``; a ``qv`` column when
+    there is one; the vendors' control codewords."""
+    files, name, attrs = spatialdata_points(path)
+    keys = attrs.get("spatialdata_attrs", {})
+    columns = columns_of(files[0])
+    gene = keys.get("feature_key")
+    if not gene or gene not in columns:
+        raise InputError(
+            f"{path}: points {name!r} name no gene column (spatialdata_attrs.feature_key)"
+        )
+    missing = [c for c in ("x", "y") if c not in columns]
+    if missing:
+        raise InputError(f"{path}: points {name!r} lack columns {name_list(missing)}")
+    cell = keys.get("instance_key")
+    return TranscriptLayout(
+        f"spatialdata points {name!r}", "x", "y", "z" if "z" in columns else None, gene,
+        qv="qv" if "qv" in columns else None, controls=ALL_CONTROLS,
+        cell=cell if cell in columns else None, no_cell=("-1", "", "UNASSIGNED"),
+    )  # fmt: skip
 
 
 @dataclass
@@ -191,11 +261,18 @@ def batches(path: Path, read: Reading, dropped: Counter) -> Iterator[Batch]:
     """The table in record batches, filtered (low qv, control codewords: counted in
     ``dropped``) and in µm."""
     lay = read.layout
-    wanted = [lay.x, lay.y, lay.z, lay.gene]
+    wanted = [c for c in (lay.x, lay.y, lay.z, lay.gene) if c]
     columns = columns_of(path)
     extra = [c for c in (lay.qv, lay.cell) if c and c in columns]
     try:
-        if path.suffix.lower() in PARQUET_SUFFIXES:
+        if path.is_dir():
+            files = spatialdata_points(path)[0]
+            source = (
+                b
+                for f in files
+                for b in pq.ParquetFile(f).iter_batches(BATCH_ROWS, columns=wanted + extra)
+            )
+        elif path.suffix.lower() in PARQUET_SUFFIXES:
             source = pq.ParquetFile(path).iter_batches(BATCH_ROWS, columns=wanted + extra)
         else:
             numeric = [lay.qv] if lay.qv in extra else []
@@ -214,8 +291,8 @@ def _filtered(batch: pa.RecordBatch, read: Reading, path: Path, dropped: Counter
     lay = read.layout
     try:
         xyz = np.stack(
-            [batch.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
-             for c in (lay.x, lay.y, lay.z)], axis=1,
+            [batch.column(c).to_numpy(zero_copy_only=False).astype(np.float64) if c
+             else np.zeros(batch.num_rows) for c in (lay.x, lay.y, lay.z)], axis=1,
         )  # fmt: skip
     except (ValueError, TypeError, pa.ArrowInvalid) as err:
         raise InputError(f"{path}: coordinates {lay.x}, {lay.y}, {lay.z} must be numbers") from err
@@ -246,8 +323,10 @@ def _filtered(batch: pa.RecordBatch, read: Reading, path: Path, dropped: Counter
 
 
 def is_transcript_table(path: Path) -> bool:
-    """A parquet table, or a CSV whose header is a transcript layout's."""
+    """A parquet table, a CSV whose header is a transcript layout's, or a SpatialData store."""
     path = Path(path)
+    if path.is_dir():
+        return (path / "points").is_dir()
     if path.suffix.lower() in PARQUET_SUFFIXES:
         return True
     if path.suffix.lower() == ".csv" and path.is_file():
