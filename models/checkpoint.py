@@ -16,19 +16,13 @@ from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.checkpoint_files import CHECKPOINT_DIR, CheckpointError, read_metadata
 from models.denoiser import ConditionalUNet3D, DenoiserConfig
 from models.magnet import BinCNN, MagNet, MagNetConfig
 from models.spatia import Spatia, SpatiaConfig
-
-CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
-"""The committed checkpoints, one per kind: ``<kind>.safetensors``."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated, or does not match what it is used for."""
 
 
 @dataclass(frozen=True)
@@ -72,25 +66,6 @@ def save_checkpoint(path: Path, model: torch.nn.Module, kind: str, meta: dict[st
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
     tmp.replace(path)
-
-
-def read_metadata(path: Path) -> dict[str, Any]:
-    """The metadata of a checkpoint, JSON-decoded, with clear errors for bad files."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} is unreadable or truncated: {err}") from err
-    meta: dict[str, Any] = {}
-    for key, value in raw.items():
-        try:
-            meta[key] = json.loads(value)
-        except json.JSONDecodeError:
-            meta[key] = value
-    return meta
 
 
 def file_digest(path: Path) -> str:

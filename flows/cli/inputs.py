@@ -40,9 +40,8 @@ def inspect(
     rows kept and dropped, cells, and the volume the input fills; read out of core."""
     from pydantic import ValidationError
 
-    from models.checkpoint import read_metadata
+    from models.checkpoint_files import DEFAULT_DENOISER, read_metadata
     from tera_pipeline.core.transcript_spec import TranscriptSpec
-    from tera_pipeline.generation.predictor import DEFAULT_DENOISER
     from tera_pipeline.inputs.inspection import inspect_input, summary_lines
 
     fields = transcript_overrides(table_format, units, pixel_size, z_step, min_qv, keep_controls)

@@ -22,7 +22,7 @@ from flows.cli.common import (
     triple,
     user_data_spacing,
 )
-from models.checkpoint import DEFAULT_DENOISER
+from models.checkpoint_files import DEFAULT_DENOISER
 
 # Prefect's analytics only log a harmless "database is locked" error in ephemeral mode.
 
