@@ -15,10 +15,10 @@ import scipy.sparse
 from tera_pipeline.core.config import VolumeSpec
 from tera_pipeline.core.errors import InputError
 from tera_pipeline.core.geometry import Box, bin_box
+from tera_pipeline.inputs.anndata_cells import read_anndata
 from tera_pipeline.inputs.cells import (
     check_inside,
     load_cells,
-    read_anndata,
     read_cell_csv,
     read_transcripts,
     to_volume_frame,
@@ -321,7 +321,7 @@ BAD_INPUTS = {
     "no genes": (_csv_text("x,y,z,cell_type\n1,2,3,ExN\n"), "empty table (no genes)"),
     "2-d coordinates": (
         lambda tmp, c: _h5ad(spatial=c.position_um[:, :2])(tmp, c),
-        "coordinates of the wrong dimensionality: shape (40, 2)",
+        "obsm['spatial'] holds (x, y) only: give z in µm as obs['z']",
     ),
     "missing columns": (_csv_text("x,y,gene\n1,2,Mbp\n"), "missing columns 'z'"),
     "transcript without gene": (_csv_text("x,y,z,gene\n1,2,3,\n"), "1 transcripts have no gene"),

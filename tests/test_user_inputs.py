@@ -177,7 +177,8 @@ def _bad(tmp: Path, kind: str) -> tuple[list[str], str]:
         (tmp / "a.csv").write_text("x,y,z," + ",".join(GENE_PANEL) + "\n")
         return ["--cells", str(tmp / "a.csv")], "empty table"
     if kind == "wrong-dimensionality":
-        path = write_h5ad(tmp / "a.h5ad", cells, spatial=cells.position_um[:, 1:])
+        four = np.column_stack([cells.position_um, cells.position_um[:, :1]])  # (x, y, z, ?)
+        path = write_h5ad(tmp / "a.h5ad", cells, spatial=four)
         return ["--cells", str(path)], "wrong dimensionality"
     if kind == "panel-mismatch":
         (tmp / "panel.txt").write_text("\n".join(reversed(GENE_PANEL)) + "\n")

@@ -236,3 +236,35 @@ def test_generate_refuses_a_plane_index_without_z_step_in_one_line(tmp_path, tin
     assert result.output.strip().splitlines()[-1].startswith("error: ")
     assert "pass --z-step" in result.output
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_an_atlas_h5ad_with_ensembl_ids_and_z_in_obs_reads_like_the_plain_one(tmp_path):
+    """The Allen Brain Cell atlas's shape: var indexed by Ensembl ids with a gene_symbol
+    column, obsm["spatial"] (x, y) and z in obs; without z, one line says what to give."""
+    import anndata
+    import scipy.sparse
+
+    from tera_pipeline.inputs.cells import load_cells
+
+    cells = SyntheticBrain(2).cells(Box((0, 0, 0), SHAPE))
+    plain = anndata.AnnData(X=scipy.sparse.csr_matrix(cells.counts),
+                            var=pd.DataFrame(index=list(GENE_PANEL)))  # fmt: skip
+    plain.obsm["spatial"] = cells.position_um[:, ::-1]
+    plain.write_h5ad(tmp_path / "plain.h5ad")
+    atlas = anndata.AnnData(
+        X=scipy.sparse.csr_matrix(cells.counts),
+        var=pd.DataFrame({"gene_symbol": list(GENE_PANEL)},
+                         index=[f"ENSMUSG{i:011d}" for i in range(len(GENE_PANEL))]),
+        obs=pd.DataFrame({"z": cells.position_um[:, 0]},
+                         index=[f"cell_{i}" for i in range(len(cells.position_um))]),
+    )  # fmt: skip
+    atlas.obsm["spatial"] = cells.position_um[:, :0:-1]  # (x, y)
+    atlas.write_h5ad(tmp_path / "atlas.h5ad")
+    want = load_cells(tmp_path / "plain.h5ad", GENE_PANEL)
+    got = load_cells(tmp_path / "atlas.h5ad", GENE_PANEL)
+    np.testing.assert_array_equal(got.counts, want.counts)
+    np.testing.assert_array_equal(got.position_um, want.position_um)
+    del atlas.obs["z"]
+    atlas.write_h5ad(tmp_path / "no_z.h5ad")
+    with pytest.raises(InputError, match=r"holds \(x, y\) only: give z in µm as obs\['z'\]"):
+        load_cells(tmp_path / "no_z.h5ad", GENE_PANEL)

@@ -2,8 +2,9 @@
 
 Formats (all positions in µm; our tables hold them as (z, y, x)):
 
-- **AnnData** ``.h5ad``: ``obsm["spatial"]`` is (N, 3) in the atlas order **(x, y, z)**; ``X``
-  (or a layer) is a cells x genes matrix, dense or scipy-sparse; genes are ``var_names``.
+- **AnnData** ``.h5ad``: ``obsm["spatial"]`` is (N, 3) in the atlas order **(x, y, z)** (or
+  (x, y) with z in ``obs``); ``X`` (or a layer) is a cells x genes matrix, dense or
+  scipy-sparse; genes are ``var_names`` or a gene-symbol column (``anndata_cells``).
 - **Transcript table** (``.parquet``/``.pq``, or ``.csv`` with a ``gene`` column): one row per
   transcript with columns ``x``, ``y``, ``z``, ``gene``. Each transcript becomes one row of the
   table with one-hot counts over the chosen genes; transcripts of other genes are dropped.
@@ -32,6 +33,8 @@ import pyarrow as pa
 
 from tera_pipeline.core.config import VolumeSpec
 from tera_pipeline.core.errors import InputError
+from tera_pipeline.inputs.anndata_cells import read_anndata
+from tera_pipeline.inputs.cell_checks import _positions_zyx, validate_cells
 from tera_pipeline.inputs.csv_text import (
     COORD_HINT,
     GENE_HINT,
@@ -64,17 +67,6 @@ SUPPORTED_SUFFIXES = (".h5ad", *TABLE_SUFFIXES, ".csv")
 # -- small helpers ------------------------------------------------------------------------------
 
 
-def _positions_zyx(xyz: np.ndarray, source: str) -> np.ndarray:
-    """(N, 3) atlas (x, y, z) µm -> float64 (z, y, x); other shapes are an error."""
-    xyz = np.asarray(xyz)
-    if xyz.ndim != 2 or xyz.shape[1] != 3:
-        raise InputError(
-            f"{source}: coordinates of the wrong dimensionality: shape {xyz.shape}, "
-            "need (cells, 3) as (x, y, z) in µm"
-        )
-    return np.ascontiguousarray(xyz[:, ::-1], dtype=np.float64)
-
-
 def _numeric(frame: pd.DataFrame, column: object, label: str, source: str) -> np.ndarray:
     series = frame[column]
     if not pd.api.types.is_numeric_dtype(series.dtype):
@@ -90,49 +82,6 @@ def _numeric(frame: pd.DataFrame, column: object, label: str, source: str) -> np
 
 
 _csv_header = csv_header
-
-
-# -- validation ---------------------------------------------------------------------------------
-def validate_cells(table: CellTable, source: str = "cells") -> CellTable:
-    """Check shapes, emptiness, gene names, finite coordinates and finite non-negative counts."""
-    pos, counts = np.asarray(table.position_um), np.asarray(table.counts)
-    if pos.ndim != 2 or pos.shape[1] != 3:
-        raise InputError(
-            f"{source}: coordinates of the wrong dimensionality: shape {pos.shape}, need (cells, 3)"
-        )
-    if len(pos) == 0:
-        raise InputError(f"{source}: empty table (no cells)")
-    if not table.genes:
-        raise InputError(f"{source}: empty table (no genes)")
-    if counts.shape != (len(pos), len(table.genes)):
-        raise InputError(
-            f"{source}: counts shape {counts.shape} does not match "
-            f"{len(pos)} cells x {len(table.genes)} genes"
-        )
-    dup = duplicated(table.genes)
-    if dup:
-        raise InputError(f"{source}: duplicated gene names {name_list(dup)}")
-    bad = ~np.isfinite(pos).all(axis=1)
-    if bad.any():
-        raise InputError(
-            f"{source}: {int(bad.sum())} of {len(pos)} cells have non-finite (NaN or infinite) "
-            f"coordinates (first at row {int(np.argmax(bad))})"
-        )
-    _check_counts(counts, table.genes, source)
-    return table
-
-
-def _check_counts(counts: np.ndarray, genes: Sequence[str], source: str) -> None:
-    for bad, what in (
-        (~np.isfinite(counts), "non-finite (NaN or infinite)"),
-        (counts < 0, "negative"),
-    ):
-        if bad.any():
-            cols = np.flatnonzero(bad.any(axis=0))
-            raise InputError(
-                f"{source}: {what} counts in {int(bad.any(axis=1).sum())} cells "
-                f"(genes {name_list(genes[c] for c in cols)})"
-            )
 
 
 def check_inside(
@@ -169,47 +118,6 @@ def check_inside(
 
 
 # -- readers ------------------------------------------------------------------------------------
-def read_anndata(
-    path: PathLike,
-    genes: Sequence[str] | None = None,
-    *,
-    layer: str | None = None,
-    spatial_key: str = "spatial",
-) -> CellTable:
-    """An ``.h5ad`` with ``obsm[spatial_key]`` as (x, y, z) µm and counts in X (or ``layer``)."""
-    import anndata
-
-    path = existing_file(path)
-    adata = read_user_file(path, "h5ad", lambda: anndata.read_h5ad(path))
-    source = str(path)
-    if spatial_key not in adata.obsm:
-        raise InputError(f"{source}: no obsm[{spatial_key!r}] with (x, y, z) cell positions")
-    position = _positions_zyx(np.asarray(adata.obsm[spatial_key]), source)
-    available = [str(g) for g in adata.var_names]
-    index = gene_index(available, genes, source)
-    if layer is not None and layer not in adata.layers:
-        raise InputError(f"{source}: no layer {layer!r} (layers: {name_list(adata.layers.keys())})")
-    matrix = adata.X if layer is None else adata.layers[layer]
-    if matrix is None:
-        raise InputError(f"{source}: no count matrix X")
-    selected = matrix[:, index]
-    dense = selected.toarray() if hasattr(selected, "toarray") else np.asarray(selected)
-    counts = np.ascontiguousarray(dense, dtype=np.float32)
-    names = tuple(available[i] for i in index)
-    table = validate_cells(CellTable(position, counts, names), source)
-    fraction = dense != np.floor(dense)  # validated finite
-    if fraction.any():
-        cell, gene = (int(i) for i in np.argwhere(fraction)[0])
-        where = "X" if layer is None else f"layer {layer!r}"
-        raise InputError(
-            f"{source}: {where} holds counts that are not whole numbers in "
-            f"{int(fraction.any(axis=1).sum())} cells (first {dense[cell, gene]:g} of gene "
-            f"{names[gene]!r} in cell {str(adata.obs_names[cell])!r}); need raw counts per cell, "
-            "not normalized values"
-        )
-    return table
-
-
 def read_transcripts(path: PathLike, genes: Sequence[str] | None = None) -> CellTable:
     """A transcript table (x, y, z, gene): one row per transcript, one-hot counts over genes.
 
