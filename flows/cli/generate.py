@@ -71,6 +71,7 @@ def generate(
     ignore_disk_space: Annotated[
         bool, typer.Option(help="Start even if the output filesystem looks too small.")
     ] = False,
+    # the transcript-table options of `generate` and `inspect` (typer declares them per command)
     table_format: TableFormat = None,
     units: Units = None,
     pixel_size: PixelSize = None,

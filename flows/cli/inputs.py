@@ -26,6 +26,7 @@ from flows.cli.common import (
 @app.command()
 def inspect(
     path: Annotated[Path, typer.Argument(metavar="FILE", help="A cell or transcript table.")],
+    # the transcript-table options of `generate` and `inspect` (typer declares them per command)
     table_format: TableFormat = None,
     units: Units = None,
     pixel_size: PixelSize = None,
