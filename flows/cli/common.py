@@ -3,10 +3,13 @@ Z,Y,X options, one-line refusals, logging, the Prefect API server for commands t
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -51,20 +54,39 @@ MinQv = Annotated[float | None, typer.Option(help="Drop transcripts below this q
 KeepControls = Annotated[bool, typer.Option(help="Keep control, blank and unassigned codewords.")]
 
 
-def transcript_overrides(
-    table_format: str | None,
-    units: str | None,
-    pixel_size: float | None,
-    z_step: float | None,
-    min_qv: float | None,
-    keep_controls: bool,
-) -> dict[str, object]:
-    """The ``conditioning.transcripts`` fields the transcript options set."""
-    values = {
-        "format": table_format, "units": units, "pixel_size_um": pixel_size,
-        "z_step_um": z_step, "min_qv": min_qv, "keep_controls": keep_controls or None,
-    }  # fmt: skip
-    return {f"conditioning.transcripts.{k}": v for k, v in values.items()}
+TRANSCRIPT_OPTIONS: dict[str, tuple[object, object]] = {
+    "table_format": (TableFormat, None), "units": (Units, None), "pixel_size": (PixelSize, None),
+    "z_step": (ZStep, None), "min_qv": (MinQv, None), "keep_controls": (KeepControls, False),
+}  # fmt: skip
+"""The transcript-table options, by parameter: (annotation, default)."""
+_TRANSCRIPT_FIELDS = {
+    "table_format": "format", "units": "units", "pixel_size": "pixel_size_um",
+    "z_step": "z_step_um", "min_qv": "min_qv", "keep_controls": "keep_controls",
+}  # fmt: skip
+
+
+def transcript_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command the transcript-table options; it receives them as ``transcripts``, the
+    ``conditioning.transcripts`` overrides they set (dotted keys; unset ones None)."""
+    signature = inspect.signature(command, eval_str=True)
+    params = [p for p in signature.parameters.values() if p.name != "transcripts"]
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a)
+        for name, (a, d) in TRANSCRIPT_OPTIONS.items()
+    ]
+
+    @functools.wraps(command)
+    def with_options(*args: object, **kwargs: object) -> None:
+        values = {n: kwargs.pop(n) for n in TRANSCRIPT_OPTIONS}
+        values["keep_controls"] = values["keep_controls"] or None  # unset unless given
+        overrides = {
+            f"conditioning.transcripts.{_TRANSCRIPT_FIELDS[n]}": v for n, v in values.items()
+        }
+        return command(*args, transcripts=overrides, **kwargs)
+
+    with_options.__signature__ = signature.replace(parameters=params + extra)  # type: ignore[attr-defined]
+    with_options.__annotations__ = {p.name: p.annotation for p in params + extra}
+    return with_options
 
 
 Lattice = Annotated[

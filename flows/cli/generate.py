@@ -13,16 +13,10 @@ import typer
 from flows.cli.common import (
     GeneratedStore,
     JobStore,
-    KeepControls,
     Lattice,
-    MinQv,
     ModelCheckpoint,
-    PixelSize,
-    TableFormat,
-    Units,
     Verbose,
     Workers,
-    ZStep,
     app,
     fail,
     one_line,
@@ -30,7 +24,7 @@ from flows.cli.common import (
     refusing,
     running_flows,
     setup_logging,
-    transcript_overrides,
+    transcript_options,
     triple,
 )
 
@@ -38,6 +32,7 @@ from flows.cli.common import (
 
 
 @app.command()
+@transcript_options
 def generate(
     config: Annotated[Path | None, typer.Argument(help="YAML job config (optional).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output zarr store.")] = None,
@@ -71,14 +66,8 @@ def generate(
     ignore_disk_space: Annotated[
         bool, typer.Option(help="Start even if the output filesystem looks too small.")
     ] = False,
-    # the transcript-table options of `generate` and `inspect` (typer declares them per command)
-    table_format: TableFormat = None,
-    units: Units = None,
-    pixel_size: PixelSize = None,
-    z_step: ZStep = None,
-    min_qv: MinQv = None,
-    keep_controls: KeepControls = False,
     verbose: Verbose = False,
+    transcripts: dict | None = None,
 ) -> None:
     """Generate a volume from a YAML config, with command-line overrides."""
     from pydantic import ValidationError
@@ -101,7 +90,7 @@ def generate(
         "cluster.address": address,
         "cluster.kind": "address" if address else None,
         "check_disk_space": False if ignore_disk_space else None,
-        **transcript_overrides(table_format, units, pixel_size, z_step, min_qv, keep_controls),
+        **(transcripts or {}),
     }
     try:
         job = (
