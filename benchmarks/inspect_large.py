@@ -30,7 +30,9 @@ resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 from flows.cli import app
 app(sys.argv[2:], standalone_mode=True)
 """
-CONTROLS = ["NegControlProbe_00001", "NegControlCodeword_0500", "BLANK_0001", "UnassignedCodeword_0003"]  # fmt: skip
+CONTROLS = [
+    "NegControlProbe_00001", "NegControlCodeword_0500", "BLANK_0001", "UnassignedCodeword_0003",
+]  # fmt: skip
 
 
 def write_xenium(path: Path, n: int, genes: list[str], group: int = 1_000_000) -> dict:

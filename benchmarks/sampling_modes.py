@@ -45,17 +45,13 @@ MODES: dict[str, dict] = {
     "overlapped, DDIM 10": OVERLAPPED | DDIM10,
     "overlapped, DPM-Solver++ 10": OVERLAPPED | DPM | {"diffusion.steps": 10},
     "overlapped, DPM-Solver++ 8": OVERLAPPED | DPM | {"diffusion.steps": 8},
-    "overlapped in-plane, z non-overlapping unshifted (stride 4,16,16), DDIM 15": {
-        "lattice.mode": "overlapped",
-        "lattice.stride": (4, 16, 16),
-    },
+    "overlapped in-plane, z non-overlapping unshifted (stride 4,16,16), DDIM 15": OVERLAPPED
+    | {"lattice.stride": (4, 16, 16)},
     "overlapped in-plane, z shifted, DDIM 15": Z_SHIFTED,
     "overlapped in-plane, z shifted, DPM-Solver++ 10": Z_SHIFTED | DPM | {"diffusion.steps": 10},
     "overlapped in-plane, z shifted, DPM-Solver++ 8": Z_SHIFTED | DPM | {"diffusion.steps": 8},
-    "overlapped in z, in-plane non-overlapping (stride 2,32,32), DDIM 15": {
-        "lattice.mode": "overlapped",
-        "lattice.stride": (2, 32, 32),
-    },
+    "overlapped in z, in-plane non-overlapping (stride 2,32,32), DDIM 15": OVERLAPPED
+    | {"lattice.stride": (2, 32, 32)},
     "shifted by bins, DDIM 15": SHIFTED,
     "shifted by bins, DPM-Solver++ 10": SHIFTED | DPM | {"diffusion.steps": 10},
     "shifted by bins + last step overlapped, DPM-Solver++ 10": SHIFTED
