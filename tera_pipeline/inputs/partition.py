@@ -107,20 +107,7 @@ def _partition(config: JobConfig, genes: tuple[str, ...], src: Path, out: Path, 
         kept += len(voxel)
         if not len(voxel):  # a batch wholly outside the volume or of other genes
             continue
-        block_id = np.ravel_multi_index((voxel // block).T, grid_shape)
-        order = np.argsort(block_id, kind="stable")
-        block_id, voxel, gene_code = block_id[order], voxel[order], gene_code[order]
-        starts = np.flatnonzero(np.r_[True, block_id[1:] != block_id[:-1]])
-        ends = np.r_[starts[1:], len(block_id)]
-        bin_index = (voxel // bins).astype(np.int32)
-        for s, e in zip(starts, ends):
-            index = np.unravel_index(block_id[s], grid_shape)
-            folder = out / "-".join(str(int(i)) for i in index)
-            folder.mkdir(exist_ok=True)
-            pq.write_table(pa.table({
-                "zbin": bin_index[s:e, 0], "ybin": bin_index[s:e, 1], "xbin": bin_index[s:e, 2],
-                "gene": gene_code[s:e],
-            }), folder / f"part-{part:05d}.parquet")  # fmt: skip
+        _write_by_block(out, part, voxel, gene_code, block, grid_shape, bins)
     if rows == 0:
         raise InputError(f"{src}: empty table (no transcripts)")
     volume_um = volume * spacing
@@ -143,6 +130,25 @@ def _partition(config: JobConfig, genes: tuple[str, ...], src: Path, out: Path, 
     }  # fmt: skip
     log.info("%s", input_summary(manifest))
     return manifest
+
+
+def _write_by_block(out: Path, part: int, voxel, gene_code, block, grid_shape, bins) -> None:
+    """Append one batch's transcripts (voxels inside the volume, gene codes) to the files of
+    the blocks they fall in: global bin indices and the gene code, one parquet part each."""
+    block_id = np.ravel_multi_index((voxel // block).T, grid_shape)
+    order = np.argsort(block_id, kind="stable")
+    block_id, voxel, gene_code = block_id[order], voxel[order], gene_code[order]
+    starts = np.flatnonzero(np.r_[True, block_id[1:] != block_id[:-1]])
+    ends = np.r_[starts[1:], len(block_id)]
+    bin_index = (voxel // bins).astype(np.int32)
+    for s, e in zip(starts, ends):
+        index = np.unravel_index(block_id[s], grid_shape)
+        folder = out / "-".join(str(int(i)) for i in index)
+        folder.mkdir(exist_ok=True)
+        pq.write_table(pa.table({
+            "zbin": bin_index[s:e, 0], "ybin": bin_index[s:e, 1], "xbin": bin_index[s:e, 2],
+            "gene": gene_code[s:e],
+        }), folder / f"part-{part:05d}.parquet")  # fmt: skip
 
 
 def input_summary(manifest: dict) -> str:
