@@ -7,7 +7,6 @@ the model from its config, load the weights strictly.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,15 +65,6 @@ def save_checkpoint(path: Path, model: torch.nn.Module, kind: str, meta: dict[st
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
     tmp.replace(path)
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file (recorded in the output store for provenance)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_checkpoint(path: Path, kind: str) -> tuple[nn.Module, dict[str, Any]]:

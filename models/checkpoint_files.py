@@ -1,8 +1,10 @@
-"""Checkpoint files without torch: where the committed ones live and what their metadata says
-(read by commands that only look, such as ``tera inspect``, so they start fast and small)."""
+"""Checkpoint files without torch: where the committed ones live, what their metadata says and
+their digest (for commands and checks that only look, such as ``tera inspect`` and the
+ownership of side files, so they start fast and small)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -35,3 +37,12 @@ def read_metadata(path: Path) -> dict[str, Any]:
         except json.JSONDecodeError:
             meta[key] = value
     return meta
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file (recorded in the output store for provenance)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

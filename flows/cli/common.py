@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from models.checkpoint_files import CheckpointError
 from tera_pipeline.core.errors import TeraError
 
 # Prefect's analytics only log a harmless "database is locked" error in ephemeral mode.
@@ -40,7 +41,8 @@ TableFormat = Annotated[
     str | None,
     typer.Option(
         "--format",
-        help="Transcript table layout: xenium, merscope, cosmx or table (default: detected).",
+        help="Transcript table layout: xenium, merscope, cosmx, spatialdata or table "
+        "(default: detected).",
     ),
 ]
 Units = Annotated[
@@ -54,15 +56,12 @@ MinQv = Annotated[float | None, typer.Option(help="Drop transcripts below this q
 KeepControls = Annotated[bool, typer.Option(help="Keep control, blank and unassigned codewords.")]
 
 
-TRANSCRIPT_OPTIONS: dict[str, tuple[object, object]] = {
-    "table_format": (TableFormat, None), "units": (Units, None), "pixel_size": (PixelSize, None),
-    "z_step": (ZStep, None), "min_qv": (MinQv, None), "keep_controls": (KeepControls, False),
+TRANSCRIPT_OPTIONS: dict[str, tuple[object, object, str]] = {
+    "table_format": (TableFormat, None, "format"), "units": (Units, None, "units"),
+    "pixel_size": (PixelSize, None, "pixel_size_um"), "z_step": (ZStep, None, "z_step_um"),
+    "min_qv": (MinQv, None, "min_qv"), "keep_controls": (KeepControls, False, "keep_controls"),
 }  # fmt: skip
-"""The transcript-table options, by parameter: (annotation, default)."""
-_TRANSCRIPT_FIELDS = {
-    "table_format": "format", "units": "units", "pixel_size": "pixel_size_um",
-    "z_step": "z_step_um", "min_qv": "min_qv", "keep_controls": "keep_controls",
-}  # fmt: skip
+"""The transcript-table options: parameter -> (annotation, default, ``TranscriptSpec`` field)."""
 
 
 def transcript_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -72,7 +71,7 @@ def transcript_options(command: Callable[..., None]) -> Callable[..., None]:
     params = [p for p in signature.parameters.values() if p.name != "transcripts"]
     extra = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a)
-        for name, (a, d) in TRANSCRIPT_OPTIONS.items()
+        for name, (a, d, _) in TRANSCRIPT_OPTIONS.items()
     ]
 
     @functools.wraps(command)
@@ -80,7 +79,7 @@ def transcript_options(command: Callable[..., None]) -> Callable[..., None]:
         values = {n: kwargs.pop(n) for n in TRANSCRIPT_OPTIONS}
         values["keep_controls"] = values["keep_controls"] or None  # unset unless given
         overrides = {
-            f"conditioning.transcripts.{_TRANSCRIPT_FIELDS[n]}": v for n, v in values.items()
+            f"conditioning.transcripts.{TRANSCRIPT_OPTIONS[n][2]}": v for n, v in values.items()
         }
         return command(*args, transcripts=overrides, **kwargs)
 
@@ -181,15 +180,9 @@ def one_line(err: Exception) -> str:
     return str(err)
 
 
-REFUSALS: tuple[type[Exception], ...] = (TeraError, OSError)
+REFUSALS: tuple[type[Exception], ...] = (TeraError, OSError, CheckpointError)
 """What a command reports as one ``error:`` line (exit 2) instead of a traceback: every refusal of
 the project (``TeraError``), a checkpoint that does not load, a file that cannot be read."""
-
-
-def refusals() -> tuple[type[Exception], ...]:
-    from models.checkpoint import CheckpointError  # torch comes with it: import only when needed
-
-    return (*REFUSALS, CheckpointError)
 
 
 @contextmanager
@@ -198,5 +191,5 @@ def refusing(context: str = ""):
     refusals name what and where; a foreign one (a file, a checkpoint) gets ``context`` first."""
     try:
         yield
-    except refusals() as err:
+    except REFUSALS as err:
         fail(str(err) if isinstance(err, TeraError) or not context else f"{context}: {err}")

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from flows.cli.common import (
+    REFUSALS,
     GeneratedStore,
     JobStore,
     Lattice,
@@ -20,7 +21,6 @@ from flows.cli.common import (
     app,
     fail,
     one_line,
-    refusals,
     refusing,
     running_flows,
     setup_logging,
@@ -141,7 +141,7 @@ def run_job(
             err=True,
         )
         raise typer.Exit(130) from None
-    except refusals() as err:
+    except REFUSALS as err:
         fail(str(err))
     typer.echo(f"wrote {job.out}")
 

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models.checkpoint import DEFAULT_SPATIA, file_digest, read_metadata
+from models.checkpoint import DEFAULT_SPATIA
+from models.checkpoint_files import file_digest, read_metadata
 from tera_pipeline.analysis.cells import (
     check_crop,
 )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.checkpoint import file_digest, read_metadata
+from models.checkpoint_files import file_digest, read_metadata
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.errors import GenerationError, RunStopped
 from tera_pipeline.generation.block_step import denoise_block, rasterize_block

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tera_pipeline.core.errors import InputError
-from tera_pipeline.inputs.cell_checks import _positions_zyx, validate_cells
+from tera_pipeline.inputs.cell_checks import positions_zyx, validate_cells
 from tera_pipeline.inputs.files import PathLike, existing_file, name_list, read_user_file
 from tera_pipeline.inputs.panel import gene_index
 from tera_pipeline.inputs.synthetic import CellTable
@@ -63,7 +63,7 @@ def read_anndata(
     source = str(path)
     if spatial_key not in adata.obsm:
         raise InputError(f"{source}: no obsm[{spatial_key!r}] with (x, y, z) cell positions")
-    position = _positions_zyx(_xyz(adata, spatial_key, source), source)
+    position = positions_zyx(_xyz(adata, spatial_key, source), source)
     available = _gene_names(adata, genes)
     index = gene_index(available, genes, source)
     if layer is not None and layer not in adata.layers:

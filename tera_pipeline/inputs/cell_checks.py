@@ -11,7 +11,7 @@ from tera_pipeline.inputs.files import duplicated, name_list
 from tera_pipeline.inputs.synthetic import CellTable
 
 
-def _positions_zyx(xyz: np.ndarray, source: str) -> np.ndarray:
+def positions_zyx(xyz: np.ndarray, source: str) -> np.ndarray:
     """(N, 3) atlas (x, y, z) µm -> float64 (z, y, x); other shapes are an error."""
     xyz = np.asarray(xyz)
     if xyz.ndim != 2 or xyz.shape[1] != 3:

@@ -34,7 +34,7 @@ import pyarrow as pa
 from tera_pipeline.core.config import VolumeSpec
 from tera_pipeline.core.errors import InputError
 from tera_pipeline.inputs.anndata_cells import read_anndata
-from tera_pipeline.inputs.cell_checks import _positions_zyx, validate_cells
+from tera_pipeline.inputs.cell_checks import positions_zyx, validate_cells
 from tera_pipeline.inputs.csv_text import (
     COORD_HINT,
     GENE_HINT,
@@ -49,6 +49,7 @@ from tera_pipeline.inputs.files import (
     COORDS,
     GENE_COLUMN,
     METADATA_COLUMNS,
+    PARQUET_SUFFIXES,
     PathLike,
     duplicated,
     existing_file,
@@ -60,8 +61,7 @@ from tera_pipeline.inputs.synthetic import CellTable
 
 log = logging.getLogger(__name__)
 
-TABLE_SUFFIXES = (".parquet", ".pq")
-SUPPORTED_SUFFIXES = (".h5ad", *TABLE_SUFFIXES, ".csv")
+SUPPORTED_SUFFIXES = (".h5ad", *PARQUET_SUFFIXES, ".csv")
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ def read_transcripts(path: PathLike, genes: Sequence[str] | None = None) -> Cell
     path = existing_file(path)
     needed = [*COORDS, GENE_COLUMN]
     suffix = path.suffix.lower()
-    if suffix in TABLE_SUFFIXES:
+    if suffix in PARQUET_SUFFIXES:
         import pyarrow.parquet as pq
 
         schema = read_user_file(path, "parquet", lambda: pq.read_schema(path))
@@ -156,7 +156,7 @@ def _transcripts_table(frame: pd.DataFrame, genes: Sequence[str] | None, source:
     xyz = np.stack([_numeric(frame, c, c, source) for c in COORDS], axis=1)[keep]
     counts = np.zeros((int(keep.sum()), len(panel)), dtype=np.float32)
     counts[np.arange(len(counts)), codes[keep]] = 1.0
-    return validate_cells(CellTable(_positions_zyx(xyz, source), counts, panel), source)
+    return validate_cells(CellTable(positions_zyx(xyz, source), counts, panel), source)
 
 
 def read_cell_csv(
@@ -199,7 +199,7 @@ def read_cell_csv(
     counts = np.stack([column(i) for i in chosen], axis=1) if chosen else np.zeros((len(xyz), 0))
     names = tuple(header[i] for i in chosen)
     table = CellTable(
-        _positions_zyx(xyz, source),
+        positions_zyx(xyz, source),
         counts.astype(np.float32),
         names,
         cell_id=None if id_col is None else _cell_ids(column(id_col)),
@@ -286,7 +286,7 @@ def load_cells(
     suffix = path.suffix.lower()
     if suffix == ".h5ad":
         table = read_anndata(path, genes)
-    elif suffix in TABLE_SUFFIXES:
+    elif suffix in PARQUET_SUFFIXES:
         table = read_transcripts(path, genes)
     elif suffix == ".csv":
         is_transcripts = GENE_COLUMN in _csv_header(path)

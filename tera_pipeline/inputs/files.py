@@ -13,6 +13,7 @@ PathLike = str | Path
 COORDS: tuple[str, str, str] = ("x", "y", "z")
 """Coordinate columns of the tables, in the atlas order (x, y, z)."""
 GENE_COLUMN = "gene"
+PARQUET_SUFFIXES = (".parquet", ".pq")
 METADATA_COLUMNS: frozenset[str] = frozenset(
     {"cell_id", "cell_type", "fov", "sample", "section", "slice", "region", "cluster", "volume"}
 )

@@ -55,12 +55,11 @@ def _transcripts(path: Path, spec: TranscriptSpec) -> dict:
     dropped: Counter = Counter()
     genes: Counter = Counter()
     cells: set = set()
-    lo, hi = np.full(3, np.inf), np.full(3, -np.inf)
-    rows = kept = 0
+    extent = vendors.Extent()
+    kept = 0
     for batch in vendors.batches(path, read, dropped):
         kept += len(batch.xyz)
-        if len(batch.xyz):
-            lo, hi = np.minimum(lo, batch.xyz.min(axis=0)), np.maximum(hi, batch.xyz.max(axis=0))
+        extent.add(batch.xyz)
         per_name = np.bincount(batch.index, minlength=len(batch.names))
         genes.update({n: int(c) for n, c in zip(batch.names, per_name) if c})
         if batch.cells is not None:
@@ -77,7 +76,7 @@ def _transcripts(path: Path, spec: TranscriptSpec) -> dict:
         "genes": len(genes),
         "top_genes": [g for g, _ in genes.most_common(10)],
         "cells": len(cells - no_cell) if read.layout.cell else None,
-        "extent_um": {"min": lo.tolist(), "max": hi.tolist(), "axes": "x, y, z"},
+        "extent_um": {"min": extent.lo.tolist(), "max": extent.hi.tolist(), "axes": "x, y, z"},
         "_names": list(genes),
     }
 

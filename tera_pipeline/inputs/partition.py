@@ -78,7 +78,7 @@ def _partition(config: JobConfig, genes: tuple[str, ...], src: Path, out: Path, 
     rows = kept = outside = 0
     read = vendors.open_reading(src, config.conditioning.transcripts)
     dropped: Counter = Counter()
-    extent = Extent()
+    extent = vendors.Extent()
     names_seen: set[str] = set()
     for part, batch in enumerate(vendors.batches(src, read, dropped)):
         xyz, names, name_index = batch.xyz, batch.names, batch.index
@@ -158,37 +158,6 @@ def input_summary(manifest: dict) -> str:
         f"{manifest['source']}: {manifest['format']}: {manifest['rows']:,} transcripts, "
         f"{manifest['kept']:,} kept" + (f"; dropped {drops}" if drops else "")
     )
-
-
-class Extent:
-    """The bounding box (z, y, x µm) of the positions seen, and what it says of their units."""
-
-    def __init__(self) -> None:
-        self.lo = np.full(3, np.inf)
-        self.hi = np.full(3, -np.inf)
-
-    def add(self, pos: np.ndarray) -> None:
-        if len(pos):
-            self.lo = np.minimum(self.lo, pos.min(axis=0))
-            self.hi = np.maximum(self.hi, pos.max(axis=0))
-
-    def check_units(self, volume_um: np.ndarray, source: str) -> None:
-        """Refuse positions that span a tiny fraction of the volume's y and x (millimetres read
-        as µm) or lie mostly beyond it (pixels read as µm), naming the unit they look like."""
-        span = (self.hi - self.lo)[1:]
-        size = np.asarray(volume_um, dtype=np.float64)[1:]
-        if np.all(span * 100 < size) and np.all(span * 1000 <= size * 2):
-            raise InputError(
-                f"{source}: the transcripts span {span[1]:.3g} x {span[0]:.3g} (x, y), "
-                f"a tiny part of the volume's {size[1]:g} x {size[0]:g} µm: they look like mm; "
-                "pass --units mm (or --units um if they are µm)"
-            )
-        if np.all(self.lo[1:] >= 0) and np.all(self.hi[1:] > 4 * size):
-            raise InputError(
-                f"{source}: the transcripts reach {self.hi[2]:.4g} x {self.hi[1]:.4g} (x, y), "
-                f"far beyond the volume's {size[1]:g} x {size[0]:g} µm: they look like pixels; "
-                "pass --units px --pixel-size UM (or --units um if they are µm)"
-            )
 
 
 class PartitionedSource:

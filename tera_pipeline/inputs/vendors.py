@@ -36,10 +36,9 @@ import pyarrow.parquet as pq
 from tera_pipeline.core.errors import InputError
 from tera_pipeline.core.transcript_spec import TranscriptSpec
 from tera_pipeline.inputs.csv_text import csv_header, transcript_csv_batches
-from tera_pipeline.inputs.files import name_list
+from tera_pipeline.inputs.files import PARQUET_SUFFIXES, name_list
 
 BATCH_ROWS = 1_000_000
-PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
 @dataclass(frozen=True)
@@ -138,6 +137,10 @@ class Reading:
     """µm per unit of z (a plane index: the z step)."""
     min_qv: float
     keep_controls: bool
+    files: tuple[Path, ...] = ()
+    """The parquet or CSV files the table is in (a SpatialData element: its parts)."""
+    columns: tuple[str, ...] = ()
+    """Their columns."""
 
     def describe(self) -> str:
         z = f"z planes {self.z_um:g} µm apart" if self.layout.z_is_plane else "z likewise"
@@ -145,7 +148,13 @@ class Reading:
         return f"{self.layout.name} (x, y in {self.units}, {self.xy_um:g} µm each; {z}{qv})"
 
 
-def reading(layout: TranscriptLayout, spec: TranscriptSpec, source: str) -> Reading:
+def reading(
+    layout: TranscriptLayout,
+    spec: TranscriptSpec,
+    source: str,
+    files: Sequence[Path] = (),
+    columns: Sequence[str] = (),
+) -> Reading:
     """Resolve units and filters; a pixel table without a pixel size, and a plane index
     without a z step, are refused naming the flag to pass."""
     units = layout.units if spec.units == "auto" else spec.units
@@ -163,13 +172,14 @@ def reading(layout: TranscriptLayout, spec: TranscriptSpec, source: str) -> Read
     else:
         z_um = xy_um
     min_qv = layout.min_qv if spec.min_qv is None else spec.min_qv
-    return Reading(layout, units, float(xy_um), float(z_um), min_qv, spec.keep_controls)
+    return Reading(
+        layout, units, float(xy_um), float(z_um), min_qv, spec.keep_controls, tuple(files),
+        tuple(columns),
+    )  # fmt: skip
 
 
 def columns_of(path: Path) -> list[str]:
-    """A table's column names (parquet schema, the CSV header, or a SpatialData store's points)."""
-    if path.is_dir():
-        return columns_of(spatialdata_points(path)[0][0])
+    """A table's column names (parquet schema, or the CSV header)."""
     if path.suffix.lower() in PARQUET_SUFFIXES:
         try:
             return list(pq.read_schema(path).names)
@@ -180,15 +190,20 @@ def columns_of(path: Path) -> list[str]:
 
 
 def open_reading(path: Path, spec: TranscriptSpec) -> Reading:
+    """How the table at ``path`` (a file, or a SpatialData folder) is read: its files, their
+    columns, its layout, units and filters."""
     if path.is_dir():
         if spec.format not in ("auto", "spatialdata"):
             raise InputError(f"{path}: a folder is read as a SpatialData store, not {spec.format}")
-        layout = spatialdata_layout(path)
+        files, name, attrs = spatialdata_points(path)
+        columns = columns_of(files[0])
+        layout = spatialdata_layout(name, attrs, columns, str(path))
     else:
         if spec.format == "spatialdata":
             raise InputError(f"{path}: --format spatialdata takes a SpatialData .zarr folder")
-        layout = layout_of(columns_of(path), spec, str(path))
-    return reading(layout, spec, str(path))
+        files, columns = [path], columns_of(path)
+        layout = layout_of(columns, spec, str(path))
+    return reading(layout, spec, str(path), files, columns)
 
 
 # -- SpatialData stores (points elements) ---------------------------------------------------------
@@ -223,21 +238,21 @@ def spatialdata_points(path: Path) -> tuple[list[Path], str, dict]:
     return files, element.name, attrs
 
 
-def spatialdata_layout(path: Path) -> TranscriptLayout:
+def spatialdata_layout(
+    name: str, attrs: dict, columns: Sequence[str], source: str
+) -> TranscriptLayout:
     """The layout of a SpatialData points element: x, y (and z) in its own frame, taken as µm;
     genes in its ``feature_key`` column, cells in its ``instance_key``; a ``qv`` column when
     there is one; the vendors' control codewords."""
-    files, name, attrs = spatialdata_points(path)
     keys = attrs.get("spatialdata_attrs", {})
-    columns = columns_of(files[0])
     gene = keys.get("feature_key")
     if not gene or gene not in columns:
         raise InputError(
-            f"{path}: points {name!r} name no gene column (spatialdata_attrs.feature_key)"
+            f"{source}: points {name!r} name no gene column (spatialdata_attrs.feature_key)"
         )
     missing = [c for c in ("x", "y") if c not in columns]
     if missing:
-        raise InputError(f"{path}: points {name!r} lack columns {name_list(missing)}")
+        raise InputError(f"{source}: points {name!r} lack columns {name_list(missing)}")
     cell = keys.get("instance_key")
     return TranscriptLayout(
         f"spatialdata points {name!r}", "x", "y", "z" if "z" in columns else None, gene,
@@ -262,18 +277,14 @@ def batches(path: Path, read: Reading, dropped: Counter) -> Iterator[Batch]:
     ``dropped``) and in µm."""
     lay = read.layout
     wanted = [c for c in (lay.x, lay.y, lay.z, lay.gene) if c]
-    columns = columns_of(path)
-    extra = [c for c in (lay.qv, lay.cell) if c and c in columns]
+    extra = [c for c in (lay.qv, lay.cell) if c and c in read.columns]
     try:
-        if path.is_dir():
-            files = spatialdata_points(path)[0]
+        if path.is_dir() or path.suffix.lower() in PARQUET_SUFFIXES:
             source = (
                 b
-                for f in files
+                for f in read.files
                 for b in pq.ParquetFile(f).iter_batches(BATCH_ROWS, columns=wanted + extra)
             )
-        elif path.suffix.lower() in PARQUET_SUFFIXES:
-            source = pq.ParquetFile(path).iter_batches(BATCH_ROWS, columns=wanted + extra)
         else:
             numeric = [lay.qv] if lay.qv in extra else []
             text = [lay.cell] if lay.cell in extra else []
@@ -320,6 +331,38 @@ def _filtered(batch: pa.RecordBatch, read: Reading, path: Path, dropped: Counter
         xyz, index = xyz[keep], index[keep]
         cells = None if cells is None else cells.filter(pa.array(keep))
     return Batch(xyz, names, index, cells)
+
+
+class Extent:
+    """The bounding box of the positions seen (in the order given: x, y, z or z, y, x µm), and,
+    for (z, y, x) positions in the volume frame, what it says of their units."""
+
+    def __init__(self) -> None:
+        self.lo = np.full(3, np.inf)
+        self.hi = np.full(3, -np.inf)
+
+    def add(self, pos: np.ndarray) -> None:
+        if len(pos):
+            self.lo = np.minimum(self.lo, pos.min(axis=0))
+            self.hi = np.maximum(self.hi, pos.max(axis=0))
+
+    def check_units(self, volume_um: np.ndarray, source: str) -> None:
+        """Refuse positions that span a tiny fraction of the volume's y and x (millimetres read
+        as µm) or lie mostly beyond it (pixels read as µm), naming the unit they look like."""
+        span = (self.hi - self.lo)[1:]
+        size = np.asarray(volume_um, dtype=np.float64)[1:]
+        if np.all(span * 100 < size) and np.all(span * 1000 <= size * 2):
+            raise InputError(
+                f"{source}: the transcripts span {span[1]:.3g} x {span[0]:.3g} (x, y), "
+                f"a tiny part of the volume's {size[1]:g} x {size[0]:g} µm: they look like mm; "
+                "pass --units mm (or --units um if they are µm)"
+            )
+        if np.all(self.lo[1:] >= 0) and np.all(self.hi[1:] > 4 * size):
+            raise InputError(
+                f"{source}: the transcripts reach {self.hi[2]:.4g} x {self.hi[1]:.4g} (x, y), "
+                f"far beyond the volume's {size[1]:g} x {size[0]:g} µm: they look like pixels; "
+                "pass --units px --pixel-size UM (or --units um if they are µm)"
+            )
 
 
 def is_transcript_table(path: Path) -> bool:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from models.checkpoint_files import file_digest
 from tera_pipeline.core.errors import TeraError
 from tera_pipeline.storage.atomic import write_json
 
@@ -228,8 +229,6 @@ def check_side_file(root: Path, path: Path) -> None:
         return
     if path.is_symlink() or not path.is_file():
         raise OwnershipError(f"refusing to overwrite {path}: it is not a file tera-pipeline wrote")
-    from models.checkpoint import file_digest  # torch comes with it: import only when needed
-
     recorded = _manifest(root).get(str(path.resolve()))
     if recorded != file_digest(path):
         raise OwnershipError(
@@ -242,8 +241,6 @@ def record_side_file(root: Path, path: Path) -> None:
     """Record that the project wrote ``path`` (its digest), so a later run may replace it."""
     if not (Path(root) / "zarr.json").is_file():
         return
-    from models.checkpoint import file_digest
-
     data = _manifest(root)
     data[str(Path(path).resolve())] = file_digest(Path(path))
     write_json(Path(root) / OUTPUTS, data)
