@@ -20,7 +20,12 @@ from models.layers import group_norm, resized_like, sinusoidal_embedding, unet_d
 class DenoiserConfig(ModelConfig):
     """Sizes of the denoiser. ``patch`` is (z, y, x) voxels; ``cond_window`` is the (z, y, x) bins
     of the patch's footprint, seen with ``cond_context`` more bins on each side (Tera-MIND
-    conditions a 2-slice chunk on a 4-slice gene window)."""
+    conditions a 2-slice chunk on a 4-slice gene window).
+
+    ``sub_bin_offsets``: a patch may start at any voxel of a bin. The gene window is then read on
+    the volume's fixed bin grid from the bin holding the patch's first voxel, one bin longer on
+    every axis whose bin is over a voxel, and the model is given the patch's offset within that
+    bin. A lattice shifted by voxels then conditions every step on the same bins."""
 
     patch: tuple[int, int, int] = (4, 32, 32)
     cond_window: tuple[int, int, int] = (4, 2, 2)
@@ -34,11 +39,28 @@ class DenoiserConfig(ModelConfig):
     gene_layers: int = 2
     cond_channels: int = 8
     time_dim: int = 64
+    sub_bin_offsets: bool = False
+
+    @property
+    def bin(self) -> tuple[int, int, int]:
+        """Voxels (z, y, x) of a gene bin: the patch over its window."""
+        return tuple(p // w for p, w in zip(self.patch, self.cond_window, strict=True))
+
+    @property
+    def cond_extra(self) -> tuple[int, int, int]:
+        """Bins the window adds to the footprint on each axis for patches that start within a
+        bin (1 where the bin is over a voxel and ``sub_bin_offsets``, else 0)."""
+        return tuple(int(self.sub_bin_offsets and b > 1) for b in self.bin)
+
+    @property
+    def cond_footprint(self) -> tuple[int, int, int]:
+        """Bins (z, y, x) the patch may cover: its window plus ``cond_extra``."""
+        return tuple(w + e for w, e in zip(self.cond_window, self.cond_extra, strict=True))
 
     @property
     def cond_input(self) -> tuple[int, int, int]:
         """Bins (z, y, x) of the gene window the model takes: footprint plus context."""
-        return tuple(w + 2 * c for w, c in zip(self.cond_window, self.cond_context, strict=True))
+        return tuple(w + 2 * c for w, c in zip(self.cond_footprint, self.cond_context, strict=True))
 
     def __post_init__(self) -> None:
         check_unet_plane(self.patch, len(self.channel_mults), "patch")
@@ -125,7 +147,9 @@ class GeneEncoder(nn.Module):
 
 class ConditionalUNet3D(nn.Module):
     """Predicts the noise ``eps`` of ``x`` (B, C, Z, Y, X) at timesteps ``t`` given gene bins
-    ``cond`` (B, G, *cond_input). Gene features enter at the input and at every decoder level."""
+    ``cond`` (B, G, *cond_input) and, for ``sub_bin_offsets`` models, each patch's ``offset``
+    (B, 3) in voxels within its first bin (zeros if not given). Gene features enter at the input
+    and at every decoder level."""
 
     def __init__(self, cfg: DenoiserConfig) -> None:
         super().__init__()
@@ -157,19 +181,42 @@ class ConditionalUNet3D(nn.Module):
         self.norm_out = group_norm(cin)
         self.conv_out = nn.Conv3d(cin, cfg.channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        offset: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         temb = self.time(sinusoidal_embedding(t, self.cfg.time_dim))
         gene_map, _ = self.genes(cond)
+        mode = "nearest"
+        if self.cfg.sub_bin_offsets:  # features on the patch's voxels, then area-resized
+            gene_map, mode = self._on_patch(gene_map, offset), "area"
         h = self.conv_in(torch.cat([x, F.interpolate(gene_map, size=x.shape[2:])], dim=1))
         h, skips = unet_down(h, self.down_blocks, self.downsamplers, temb)
         h = self.mid(h, temb)
         for level, block in zip(reversed(range(len(skips))), self.up_blocks, strict=True):
             skip = skips[level]
             h = resized_like(h, skip)
-            cond_feat = F.interpolate(gene_map, size=skip.shape[2:], mode="nearest")
+            cond_feat = F.interpolate(gene_map, size=skip.shape[2:], mode=mode)
             cond_feat = self.cond_levels[level](cond_feat)
             h = block(torch.cat([h, skip, cond_feat], dim=1), temb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _on_patch(self, gene_map: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        """Gene features per bin of the footprint (B, C, *cond_footprint) as features per voxel
+        of the patch: each bin repeated over its voxels, cropped at each patch's offset."""
+        for axis, n in enumerate(self.cfg.bin):
+            gene_map = gene_map.repeat_interleave(n, dim=2 + axis)
+        patch = self.cfg.patch
+        if offset is None or not bool(offset.any()):
+            return gene_map[:, :, : patch[0], : patch[1], : patch[2]]
+        crops = [
+            m[:, z : z + patch[0], y : y + patch[1], x : x + patch[2]]
+            for m, (z, y, x) in zip(gene_map, offset.tolist(), strict=True)
+        ]
+        return torch.stack(crops)
 
     @torch.no_grad()
     def gene_attention(self, cond: torch.Tensor) -> torch.Tensor:

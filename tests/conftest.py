@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -55,6 +56,13 @@ def write_random_checkpoint(
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_sub_bin_checkpoint(tmp_path_factory) -> Path:
+    """The tiny denoiser taking patches that start within a bin (``sub_bin_offsets``)."""
+    cfg = dataclasses.replace(TINY, sub_bin_offsets=True)
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "sub_bin.safetensors", cfg)
 
 
 @pytest.fixture(scope="session")

@@ -44,10 +44,13 @@ def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
     window = patch_window(job.lattice.patch, job.lattice.window)
     state = position_noise(job.diffusion.seed, 0, vbox, 2)
     x0 = None
+    sub_bin = model.cfg.sub_bin_offsets  # windows on the fixed grid, the offset given
+    extra = model.cfg.cond_extra
     for step in range(steps_to_run):
         patches = lattices[step].all_patches(vol)
-        phase = job.bin_phase(step)  # the bin grid of the step's patches
+        phase = (0, 0, 0) if sub_bin else job.bin_phase(step)  # the bin grid of the step
         cond_box = patch_bins(span, b, context, phase)  # every bin a patch's gene window reads
+        cond_box = cond_box.grow((0, 0, 0), extra)
         cond = rasterize(cells, cond_box, job.volume.spacing_um, b, phase)
         padded = np.zeros((2, *span.shape), np.float32)
         padded[(slice(None), *vbox.slices(span))] = state
@@ -59,13 +62,21 @@ def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
             group = patches[start : start + n]
             x = torch.zeros(n, 2, *job.lattice.patch)
             c = torch.zeros(n, cond.shape[0], *model.cfg.cond_input)
+            offset = torch.zeros(n, 3, dtype=torch.long)
             for i, p in enumerate(group):
                 x[i] = torch.from_numpy(padded[(slice(None), *p.slices(span))])
-                bins = patch_bins(p, b, context, phase).slices(cond_box)
+                first = np.floor_divide(p.begin, b)
+                offset[i] = torch.from_numpy(np.asarray(p.begin) - first * b)
+                begin = first - np.asarray(context) if sub_bin else None
+                bins = (
+                    Box(tuple(begin), model.cfg.cond_input).slices(cond_box)
+                    if sub_bin
+                    else patch_bins(p, b, context, phase).slices(cond_box)
+                )
                 c[i] = torch.from_numpy(cond[(slice(None), *bins)])
             with torch.inference_mode():
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-                eps_batch = model(x, t, c).numpy()
+                eps_batch = model(x, t, c, offset if sub_bin else None).numpy()
             for p, eps in zip(group, eps_batch):
                 _blend(p, eps, vbox, window, total, weight)
         state, x0 = sched.update(state, total / weight, step, previous_x0=x0)
@@ -116,13 +127,14 @@ SHIFTED = {"lattice.stride": (4, 32, 32), "lattice.mode": "shifted"}
         "shifted in z only (the default)",
         "shifted",
         "shifted by voxels",
+        "shifted by voxels, sub-bin model",
         "shifted, last steps overlapped",
         "overlapped, dpmpp_2m",
         "shifted in z only, dpmpp_2m",
         "shifted, dpmpp_2m",
     ]
 )
-def any_mode_job(request, small_job) -> JobConfig:
+def any_mode_job(request, small_job, tiny_sub_bin_checkpoint) -> JobConfig:
     """The small job in each lattice mode and sampler (shifted by voxels: steps offset within a
     bin bin their cells on the step's grid; DPM-Solver++: its second-order step, the second of
     three, reads the first step's x0 from scratch)."""
@@ -135,6 +147,8 @@ def any_mode_job(request, small_job) -> JobConfig:
         job = job.with_overrides(**SHIFTED, **{"lattice.overlapped_final_steps": final})
     if "voxels" in request.param:
         job = job.with_overrides(**{"lattice.shift_unit": "voxel"})
+    if "sub-bin" in request.param:  # the stored bins at every step, each patch's offset given
+        job = job.with_overrides(checkpoint=str(tiny_sub_bin_checkpoint))
     if "dpmpp_2m" in request.param:
         job = job.with_overrides(**{"diffusion.sampler": "dpmpp_2m"})
     return job

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +14,7 @@ from tera_pipeline.core import errors
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.generation import lifecycle, predictor
 from tera_pipeline.inputs.synthetic import GENE_PANEL
-from tera_pipeline.training.denoiser import train_denoiser
+from tera_pipeline.training.denoiser import TrainingData, sample_offset_batch, train_denoiser
 from tera_pipeline.training.loop import Recipe
 from tera_pipeline.training.user_data import UserData
 
@@ -36,6 +39,41 @@ def test_conditioning_changes_the_prediction():
     a = model(x, t, torch.zeros(1, TINY.genes, *TINY.cond_input))
     b = model(x, t, torch.full((1, TINY.genes, *TINY.cond_input), 20.0))
     assert (a - b).abs().max() > 1e-4
+
+
+def test_a_sub_bin_model_takes_a_wider_window_and_heeds_the_offset():
+    """A patch that starts within a bin: one bin more in y and x, the offset moves the bins'
+    features over the patch (zero offset, given or not, is the same)."""
+    cfg = dataclasses.replace(TINY, sub_bin_offsets=True)
+    assert cfg.cond_input == (6, 5, 5) and TINY.cond_input == (6, 4, 4)
+    model = ConditionalUNet3D(cfg).eval()
+    x = torch.randn(2, 2, *cfg.patch)
+    t = torch.tensor([300, 300])
+    cond = torch.rand(2, cfg.genes, *cfg.cond_input) * 10
+    zero = torch.zeros(2, 3, dtype=torch.long)
+    moved = torch.tensor([[0, 0, 0], [0, 5, 11]])
+    with torch.inference_mode():
+        a, b, c = model(x, t, cond), model(x, t, cond, zero), model(x, t, cond, moved)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a[0], c[0], rtol=0, atol=0)
+    assert (a[1] - c[1]).abs().max() > 1e-4
+
+
+def test_offset_batches_cut_each_patch_where_its_window_says():
+    """Image voxels carry their bin's value: after rotation and flips, each patch equals its
+    window's footprint bins repeated over their voxels and cut at the drawn offset."""
+    b, patch, context = (1, 16, 16), (4, 32, 32), (1, 1, 1)
+    rng = np.random.default_rng(3)
+    cond = rng.random((1, 8, 8, 8)).astype(np.float32)
+    image = np.repeat(np.repeat(cond, 16, axis=2), 16, axis=3)
+    data = TrainingData(np.concatenate([image, image]), cond, ("g",), b)
+    x, c, offsets = sample_offset_batch(data, patch, context, (0, 1, 1), 24, rng)
+    assert c.shape == (24, 1, 6, 5, 5) and x.shape == (24, 2, *patch)
+    assert len({tuple(o) for o in offsets}) > 10 and offsets[:, 0].max() == 0
+    for xi, ci, (_, oy, ox) in zip(x, c, offsets):
+        footprint = ci[0, 1:-1, 1:-1, 1:-1]
+        voxels = np.repeat(np.repeat(footprint, 16, axis=1), 16, axis=2)
+        np.testing.assert_array_equal(xi[0], voxels[:, oy : oy + 32, ox : ox + 32])
 
 
 def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path):

@@ -36,6 +36,13 @@ def train_denoiser_cmd(
     seed: Seed = 1,
     base_channels: Annotated[int, typer.Option(help="UNet base channels.")] = 16,
     prediction: Annotated[str, typer.Option(help="Model output: 'v' or 'epsilon'.")] = "v",
+    sub_bin_offsets: Annotated[
+        bool,
+        typer.Option(
+            help="Patches start at any voxel of a gene bin (what the default lattice, shifted by "
+            "voxels, needs); --no-sub-bin-offsets: only on bins, as before."
+        ),
+    ] = True,
     threads: Threads = 2,
 ) -> None:
     """Train the denoiser on synthetic-brain patches; writes a safetensors checkpoint."""
@@ -46,7 +53,7 @@ def train_denoiser_cmd(
     from tera_pipeline.training.loop import Recipe
 
     torch.set_num_threads(threads)
-    cfg = DenoiserConfig(base_channels=base_channels)
+    cfg = DenoiserConfig(base_channels=base_channels, sub_bin_offsets=sub_bin_offsets)
     recipe = Recipe(batch, lr, seed)
     train_denoiser(out, steps, recipe, model_config=cfg, prediction=prediction, on_log=echo_log)
     typer.echo(f"wrote {out}")

@@ -19,7 +19,7 @@ import torch
 
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.errors import AnalysisError
-from tera_pipeline.core.geometry import Box, patch_bins
+from tera_pipeline.core.geometry import Box, bounding_box, gene_window
 from tera_pipeline.generation import integrity
 from tera_pipeline.generation.predictor import get_predictor
 from tera_pipeline.runtime import tasks
@@ -115,12 +115,15 @@ def attention_block(
         tuple((t + b) * s for t, b, s in zip(i, tiles.begin, lattice.stride))
         for i in np.ndindex(*tiles.shape)
     ]
-    b, context = job.conditioning.bin, predictor.config.cond_context
-    span = Box.from_bounds(core.begin, [e + o for e, o in zip(core.end, lattice.overlap)])
-    cond_span = patch_bins(span, b, context)
+    b, cfg = job.conditioning.bin, predictor.config
+    boxes = [
+        gene_window(Box(o, lattice.patch), b, cfg.cond_footprint, cfg.cond_context)[0]
+        for o in origins
+    ]
+    cond_span = bounding_box(boxes)
     cond = store.read_box(store.open_array(root, layout.CONDITIONING), cond_span)
-    windows = [patch_bins(Box(o, lattice.patch), b, context).slices(cond_span) for o in origins]
-    stack = np.stack([cond[(slice(None), *w)] for w in windows]).astype(np.float32)
+    stack = np.stack([cond[(slice(None), *w.slices(cond_span))] for w in boxes])
+    stack = stack.astype(np.float32)
     with torch.inference_mode():
         model = predictor.model
         attn = model.gene_attention(torch.from_numpy(stack).to(predictor.device)).float().cpu()

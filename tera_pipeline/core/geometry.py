@@ -265,6 +265,25 @@ def bin_box(box: Box, bin_shape: Shape) -> Box:
     return Box.from_bounds(begin, end)
 
 
+def bounding_box(boxes: Sequence[Box]) -> Box:
+    """The smallest box holding every one of ``boxes``."""
+    return Box.from_bounds(
+        [min(b.begin[a] for b in boxes) for a in range(3)],
+        [max(b.end[a] for b in boxes) for a in range(3)],
+    )
+
+
+def gene_window(
+    patch: Box, bin_shape: Shape, footprint: Shape, context: Shape
+) -> tuple[Box, tuple[int, int, int]]:
+    """The gene window of a patch on the volume's fixed bin grid, for a model whose patches may
+    start within a bin: ``footprint`` bins from the bin holding the patch's first voxel, grown by
+    ``context`` bins; and the patch's offset (voxels) within that first bin."""
+    first = tuple(b // n for b, n in zip(patch.begin, bin_shape, strict=True))
+    offset = tuple(b - f * n for b, f, n in zip(patch.begin, first, bin_shape, strict=True))
+    return Box(first, footprint).grow(context, context), offset  # type: ignore[return-value]
+
+
 def patch_bins(patch: Box, bin_shape: Shape, context: Shape, phase: Shape = (0, 0, 0)) -> Box:
     """The gene window of a patch: the bins of its footprint grown by ``context`` bins, on the
     bin grid of ``phase`` (bins start at voxels ``phase`` + multiples of the bin)."""

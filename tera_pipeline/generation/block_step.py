@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tera_pipeline.core.config import JobConfig
-from tera_pipeline.core.geometry import Box, bin_box, patch_bins
+from tera_pipeline.core.geometry import Box, bin_box, bounding_box, gene_window, patch_bins
 from tera_pipeline.core.intensity import to_uint8
 from tera_pipeline.core.noise import position_noise
 from tera_pipeline.generation.blending import Accumulator, patch_window
@@ -63,26 +63,25 @@ def read_span(grid, core: Box) -> tuple[list[Box], Box]:
     """The lattice patches touching a block's core, and the box they cover (what a step of the
     block reads: its core and the exact halo)."""
     patches = grid.lattice.patches_touching(core, grid.volume)
-    span = Box.from_bounds(
-        [min(p.begin[a] for p in patches) for a in range(3)],
-        [max(p.end[a] for p in patches) for a in range(3)],
-    )
-    return patches, span
+    return patches, bounding_box(patches)
 
 
 @dataclass
 class _StepInputs:
-    """What a block's step reads: the state over its span and the conditioning under it."""
+    """What a block's step reads: the state over its span, the conditioning under it, each
+    patch's gene window in it, and the patches' offset within their first bin (for models that
+    take one; the same for every patch of a lattice)."""
 
     patches: list[Box]
     span: Box
     x: np.ndarray
     cond: np.ndarray
     cond_span: Box
-    phase: tuple[int, int, int]
+    windows: list[Box]
+    offset: tuple[int, int, int] | None
 
 
-def _read_inputs(config: JobConfig, grid, step: int, core: Box, context: int) -> _StepInputs:
+def _read_inputs(config: JobConfig, grid, step: int, core: Box, model_cfg) -> _StepInputs:
     """The state over the block's span (step 0: the noise of the span) and its conditioning."""
     patches, span = read_span(grid, core)
     root, channels = Path(config.out), len(config.volume.stains)
@@ -94,15 +93,23 @@ def _read_inputs(config: JobConfig, grid, step: int, core: Box, context: int) ->
         x[:, ~mask] = 0.0  # beyond the volume the state reads as the fixed fill, as in scratch
     else:
         x = store.read_box(store.open_array(root, STATES[step % 2]), span).astype(np.float32)
-    b, phase = config.conditioning.bin, config.bin_phase(step)
+    b, context = config.conditioning.bin, model_cfg.cond_context
+    if model_cfg.sub_bin_offsets:  # windows on the stored bins, wherever the patches start
+        placed = [gene_window(p, b, model_cfg.cond_footprint, context) for p in patches]
+        windows = [w for w, _ in placed]
+        cond_span = bounding_box(windows)
+        cond = store.read_box(store.open_array(root, CONDITIONING), cond_span)
+        return _StepInputs(patches, span, x, cond, cond_span, windows, placed[0][1])
+    phase = config.bin_phase(step)
     cond_span = patch_bins(span, b, context, phase)
+    windows = [patch_bins(p, b, context, phase) for p in patches]
     if any(phase):  # the step's patches start within bins: bin the cells on their grid
         source = open_source(config, job_genes(root))
         sp = config.volume.spacing_um
         cond = phase_raster(source, cond_span, grid.volume_box, sp, b, phase)
     else:
         cond = store.read_box(store.open_array(root, CONDITIONING), cond_span)
-    return _StepInputs(patches, span, x, cond, cond_span, phase)
+    return _StepInputs(patches, span, x, cond, cond_span, windows, None)
 
 
 def _predict(
@@ -119,8 +126,7 @@ def _predict(
     seam patches first (published as soon as they are done), those its neighbours own fetched
     as late as possible (computed here when not yet published)."""
     root, channels = Path(config.out), len(config.volume.stains)
-    patches, span, b = inputs.patches, inputs.span, config.conditioning.bin
-    context = predictor.config.cond_context
+    patches, span = inputs.patches, inputs.span
     batch = max(config.batch_size, 1)
     seams = plan_seams(grid, key, patches, share=config.share_seams)
     preds = np.empty((len(patches), channels, *config.lattice.patch), dtype=np.float32)
@@ -137,12 +143,11 @@ def _predict(
             continue
         group = [todo.popleft() for _ in range(min(batch, len(todo)))]
         xs = np.stack([inputs.x[(slice(None), *patches[i].slices(span))] for i in group])
-        windows = [
-            patch_bins(patches[i], b, context, inputs.phase).slices(inputs.cond_span) for i in group
-        ]
-        cs = np.stack([inputs.cond[(slice(None), *w)] for w in windows])
+        cs = np.stack(
+            [inputs.cond[(slice(None), *inputs.windows[i].slices(inputs.cond_span))] for i in group]
+        )
         tm = time.perf_counter()
-        preds[group] = predictor(xs, t, cs)
+        preds[group] = predictor(xs, t, cs, inputs.offset)
         stats.model_s += time.perf_counter() - tm
         stats.items += len(group)
         if unpublished > 0:
@@ -185,7 +190,7 @@ def denoise_block(
     stats = BlockStats()
     grid = config.grid(step)  # the step's lattice (shifted mode: offset per step)
     core = grid.block(index).core
-    inputs = _read_inputs(config, grid, step, core, predictor.config.cond_context)
+    inputs = _read_inputs(config, grid, step, core, predictor.config)
     sched = schedule_of(config, predictor.meta.get("prediction", "epsilon"))
     stats.read_s = time.perf_counter() - t0
 

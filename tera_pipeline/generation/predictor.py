@@ -4,8 +4,8 @@ One ``PatchPredictor`` is built per worker process and kept (``get_predictor``),
 loaded once, not once per block. On CPUs the model runs channels-last (NDHWC): oneDNN's 3-D
 convolutions, 87 % of a block's time, are 1.24x faster so, and a patch's prediction stays bitwise
 the same whichever batch, position or thread count it is computed with (docs/PERFORMANCE.md),
-given the batch's shape. With one thread (a worker's default) that holds for any batch of at
-least ``MIN_CPU_BATCH`` patches, so a block's last, partial batch is padded only up to that.
+given the batch's shape. With one thread (a worker's default) that holds for batches of any
+multiple of ``MIN_CPU_BATCH`` patches, so a block's last, partial batch is padded only to one.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from tera_pipeline.inputs.panel import panel_difference
 from tera_pipeline.runtime.model_cache import worker_cached
 
 MIN_CPU_BATCH = 8
-"""Smallest batch the CPU kernels see on one thread. Measured: on one thread, batches of 4 to 64
-give every patch bitwise the prediction it has in a batch of 32 (batches of 1 or 2 differ by
-2e-6); on two threads odd batches (7, 25, 31) differ by 2e-6, so there every batch is padded to
-``batch_size``."""
+"""On one CPU thread a partial batch is padded to a multiple of this. Measured (one thread): a
+patch's prediction in batches of 8, 16, 24 or 32 is bitwise the one it has in any other of them;
+the committed denoiser differs by 2e-6 only in batches of 1 or 2, a narrower one (base channels 8)
+in every odd batch. On two threads odd batches (7, 25, 31) differ too, so there every batch is
+padded to ``batch_size``."""
 
 
 class PatchPredictor:
@@ -68,20 +69,23 @@ class PatchPredictor:
         return self.model.cfg
 
     @torch.inference_mode()
-    def __call__(self, x: np.ndarray, t: int, cond: np.ndarray) -> np.ndarray:
-        """Noise predictions for ``x`` (N, C, *patch) and ``cond`` (N, G, *window), float32.
+    def __call__(
+        self, x: np.ndarray, t: int, cond: np.ndarray, offset: Sequence[int] | None = None
+    ) -> np.ndarray:
+        """Noise predictions for ``x`` (N, C, *patch) and ``cond`` (N, G, *window), float32;
+        ``offset``: the patches' offset within their first bin (sub-bin-offsets models).
 
         The model sees batches of ``batch_size`` patches; the last is padded to ``batch_size``
-        (one shape for the kernels), or only to ``MIN_CPU_BATCH`` on a CPU running one
-        intra-op thread. A patch's prediction is then bitwise the same whichever block, batch
-        or position it comes in, which keeps outputs independent of block size.
+        (one shape for the kernels), or on a CPU running one intra-op thread only to a multiple
+        of ``MIN_CPU_BATCH``. A patch's prediction is then bitwise the same whichever block,
+        batch or position it comes in, which keeps outputs independent of block size.
         """
         out = np.empty_like(x, dtype=np.float32)
         for start in range(0, len(x), self.batch_size):
             sl = slice(start, start + self.batch_size)
             rows = len(x[sl])
-            floor = self.batch_size if self.pads_to_batch else min(MIN_CPU_BATCH, self.batch_size)
-            size = max(rows, floor)
+            unit = self.batch_size if self.pads_to_batch else min(MIN_CPU_BATCH, self.batch_size)
+            size = min(-(-rows // unit) * unit, max(rows, self.batch_size))
             xb = torch.from_numpy(_padded(x[sl], size))
             cb = torch.from_numpy(_padded(cond[sl], size))
             if self.channels_last:
@@ -90,8 +94,11 @@ class PatchPredictor:
                 xb = xb.pin_memory().to(self.device, non_blocking=True)
                 cb = cb.pin_memory().to(self.device, non_blocking=True)
             tb = torch.full((len(xb),), t, dtype=torch.long, device=self.device)
+            ob = None
+            if offset is not None and any(offset):
+                ob = torch.tensor([list(offset)], dtype=torch.long).expand(len(xb), 3)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                eps = self.model(xb, tb, cb)
+                eps = self.model(xb, tb, cb, ob)
             out[sl] = eps[:rows].float().cpu().numpy()
         return out
 

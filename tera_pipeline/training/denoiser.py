@@ -51,19 +51,27 @@ def synthetic_training_data(
     return TrainingData(image, cond, brain.genes, tuple(bin_shape))
 
 
-def sample_batch(
-    data: TrainingData, patch: Shape, context: Shape, batch: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Random bin-aligned patches with their gene windows (footprint + ``context`` bins, zero
-    beyond the data, as the engine reads beyond the volume), flipped and rotated in-plane."""
+def sample_offset_batch(
+    data: TrainingData,
+    patch: Shape,
+    context: Shape,
+    extra: Shape,
+    batch: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random patches with their gene windows and offsets (B, 3): where ``extra`` is 1 a patch
+    starts at any voxel of its first bin, and its window is one bin longer (a sub-bin-offsets
+    model's input); where 0 it starts on a bin. The window's bins and their voxels are cut out
+    whole, flipped and rotated in-plane together, and the patch is cut from the voxels after."""
     b = data.bin
-    limits = [(s - p) // n for s, p, n in zip(data.image.shape[1:], patch, b, strict=True)]
+    region = tuple(p + e * n for p, e, n in zip(patch, extra, b, strict=True))
+    limits = [(s - r) // n for s, r, n in zip(data.image.shape[1:], region, b, strict=True)]
     padded = np.pad(data.cond, [(0, 0)] + [(c, c) for c in context])
     frame = Box(tuple(-c for c in context), padded.shape[1:])
-    xs, cs = [], []
+    xs, cs, offsets = [], [], []
     for _ in range(batch):
         origin = tuple(int(rng.integers(0, lim + 1)) * n for lim, n in zip(limits, b, strict=True))
-        box = Box(origin, patch)
+        box = Box(origin, region)
         x = data.image[(slice(None), *box.slices())]
         c = padded[(slice(None), *patch_bins(box, b, context).slices(frame))]
         k = int(rng.integers(4))
@@ -72,9 +80,15 @@ def sample_batch(
             x, c = x[:, :, :, ::-1], c[:, :, :, ::-1]
         if rng.random() < 0.5:
             x, c = x[:, ::-1], c[:, ::-1]
-        xs.append(x)
+        offset = tuple(int(rng.integers(n)) if e else 0 for e, n in zip(extra, b, strict=True))
+        xs.append(x[(slice(None), *(slice(o, o + p) for o, p in zip(offset, patch, strict=True)))])
         cs.append(c)
-    return np.ascontiguousarray(np.stack(xs)), np.ascontiguousarray(np.stack(cs))
+        offsets.append(offset)
+    return (
+        np.ascontiguousarray(np.stack(xs)),
+        np.ascontiguousarray(np.stack(cs)),
+        np.asarray(offsets, dtype=np.int64),
+    )
 
 
 def diffusion_loss(
@@ -83,15 +97,16 @@ def diffusion_loss(
     cond: torch.Tensor,
     sched: Schedule,
     gen: torch.Generator,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MSE of the model's output against the schedule's training target (ε or v) at uniformly
-    drawn timesteps."""
+    drawn timesteps (``offset``: the patches' offsets in their first bins)."""
     t = torch.randint(0, sched.train_steps, (len(x0),), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
     clean, eps, steps = x0.numpy(), noise.numpy(), t.numpy()
     xt = torch.from_numpy(sched.add_noise(clean, eps, steps))
     target = torch.from_numpy(sched.training_target(clean, eps, steps))
-    return F.mse_loss(model(xt, t, cond), target)
+    return F.mse_loss(model(xt, t, cond, offset), target)
 
 
 def user_training_data(
@@ -198,20 +213,28 @@ def _diffusion_stage(
     diffusion loss, validation on the validation data; the learning rate is logged."""
     (train, val), cfg = data, model.cfg
 
-    def draw() -> tuple[torch.Tensor, torch.Tensor]:
-        x, c = sample_batch(train, cfg.patch, cfg.cond_context, recipe.batch, rng)
-        return torch.from_numpy(x), torch.from_numpy(c)
+    def draw() -> tuple[torch.Tensor, ...]:
+        arrays = sample_offset_batch(
+            train, cfg.patch, cfg.cond_context, cfg.cond_extra, recipe.batch, rng
+        )
+        return tuple(torch.from_numpy(a) for a in arrays)
 
     return Stage(
         model,
         steps,
         recipe.lr,
         batch=draw,
-        loss=lambda xc: Losses.single("loss", diffusion_loss(model, *xc, sched, gen)),
+        loss=lambda xco: Losses.single("loss", _loss(model, xco, sched, gen)),
         validate=lambda: {"val_loss": _validate(model, val, cfg, sched)},
         log_every=log_every,
         log_lr=True,
     )
+
+
+def _loss(model, batch: tuple[torch.Tensor, ...], sched: Schedule, gen) -> torch.Tensor:
+    """The diffusion loss of a drawn (patches, windows, offsets) batch."""
+    x, c, offset = batch
+    return diffusion_loss(model, x, c, sched, gen, offset if model.cfg.sub_bin_offsets else None)
 
 
 def _synthetic_data(
@@ -230,7 +253,7 @@ def _validate(model, data: TrainingData, cfg: DenoiserConfig, sched: Schedule) -
     model.eval()
     rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)
-    x, c = sample_batch(data, cfg.patch, cfg.cond_context, 32, rng)
-    loss = diffusion_loss(model, torch.from_numpy(x), torch.from_numpy(c), sched, gen).item()
+    arrays = sample_offset_batch(data, cfg.patch, cfg.cond_context, cfg.cond_extra, 32, rng)
+    loss = _loss(model, tuple(torch.from_numpy(a) for a in arrays), sched, gen).item()
     model.train()
     return loss
