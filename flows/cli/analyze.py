@@ -149,7 +149,11 @@ def perturb(
     ] = "Ccnd1=+20",
     cells: Annotated[int, typer.Option(help="Random cells of the central block.")] = 8,
     cell_id: Annotated[
-        list[int] | None, typer.Option(help="Specific cell ids (repeatable) instead.")
+        list[str] | None,
+        typer.Option(
+            help="Specific cells (repeatable) instead: the input's cell labels, or ids, as "
+            "the SPATIA .h5ad's obs_names give them."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Cell choice and generation noise.")] = 0,
     checkpoint: ModelCheckpoint = None,

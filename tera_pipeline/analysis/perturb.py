@@ -178,12 +178,13 @@ def perturb_store(
     root: Path,
     changes_text: str,
     n_cells: int = 8,
-    cell_ids: Sequence[int] = (),
+    cell_ids: Sequence[str | int] = (),
     checkpoint: Path | None = None,
     seed: int = 0,
     out_dir: Path | None = None,
 ) -> dict:
-    """Perturb cells of a store's central analysis block (or ``cell_ids`` there); writes
+    """Perturb cells of a store's central analysis block (or ``cell_ids`` there: the input's
+    cell labels, or ids, as SPATIA's ``obs_names`` give them); writes
     ``<stem>.perturb.json`` and ``<stem>.perturb.png`` beside the store."""
     from tera_pipeline.analysis import spatia, spatia_plan
     from tera_pipeline.analysis.cells import cell_voxels, crop_halo, extract_crops
@@ -221,17 +222,17 @@ def perturb_store(
     return {**report, "json": str(json_path), "png": str(png_path)}
 
 
-def _chosen_cells(cells, box, cell_ids: Sequence[int], n_cells: int, seed: int, root: Path):
+def _chosen_cells(cells, box, cell_ids: Sequence, n_cells: int, seed: int, root: Path):
     """The cells of ``box`` to perturb: those named by ``cell_ids``, else ``n_cells`` at random."""
     if cell_ids:
-        where = {int(c): i for i, c in enumerate(cells.cell_id)}
-        missing = [c for c in cell_ids if int(c) not in where]
+        where = {name: i for i, name in enumerate(cells.names())}
+        missing = [str(c) for c in cell_ids if str(c) not in where]
         if missing:
             raise CropError(
                 f"cells {missing[:5]} are not in the volume's central block {box} "
-                f"({len(cells)} cells there)"
+                f"({len(cells)} cells there, e.g. {', '.join(list(where)[:3]) or 'none'})"
             )
-        return cells.select(np.array([where[int(c)] for c in cell_ids]))
+        return cells.select(np.array([where[str(c)] for c in cell_ids]))
     if len(cells) == 0:
         raise PerturbError(f"no cells in the central block {box} of {root}")
     pick = np.random.default_rng(seed).choice(len(cells), min(n_cells, len(cells)), False)
@@ -240,9 +241,10 @@ def _chosen_cells(cells, box, cell_ids: Sequence[int], n_cells: int, seed: int, 
 
 def _per_cell(cells, result: dict, genes: Sequence[str], changes) -> list[dict]:
     """Each perturbed cell's nucleus area and changed genes, before and after."""
+    names = cells.names()
     return [
         {
-            "cell_id": int(cells.cell_id[i]),
+            "cell_id": names[i],
             "nucleus_area_px": [
                 float(result["morphology_before"]["nucleus_area_px"][i]),
                 float(result["morphology_after"]["nucleus_area_px"][i]),

@@ -165,7 +165,7 @@ def _write_part(p: Plan, index, cells: CellTable, voxels, niche_index, enc, cont
             "xniche": niche_index[:, 2],
             "crop_inside": inside_fraction(voxels, p.crop, p.job.volume.shape),
         },
-        index=[str(i) for i in cells.cell_id],
+        index=cells.names(),  # the input's cell labels where it has them
     )
     names = p.uns["cell_types"]
     if enc["type_prob"] is not None and names:

@@ -1,10 +1,13 @@
-"""AnnData cell tables: positions from ``obsm`` (x, y, z µm; or x, y with z in ``obs``), counts
-from ``X`` or a layer, genes by ``var`` name or, for atlases whose ``var`` index is Ensembl ids
-(the Allen Brain Cell atlas), by a gene-symbol column of ``var``."""
+"""AnnData cell tables: positions from ``obsm`` (x, y, z µm; or x, y with z in ``obs``) or, as
+the Allen Brain Cell atlas ships them, from a ``cell_metadata.csv`` beside the file (``cell_label``
+with x, y, z in mm); counts from ``X`` or a layer; genes by ``var`` name or, for atlases whose
+``var`` index is Ensembl ids, by a gene-symbol column of ``var``. Cell labels are kept."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +21,50 @@ Z_COLUMNS = ("z", "z_um", "z_position")
 """``obs`` columns read as z (µm) when ``obsm["spatial"]`` holds (x, y) only."""
 SYMBOL_COLUMNS = ("gene_symbol", "gene_symbols", "feature_name", "symbol")
 """``var`` columns of gene symbols, used when the requested genes are not ``var`` names."""
+ATLAS_METADATA = "cell_metadata.csv"
+"""The Allen Brain Cell atlas's positions file, looked for beside an ``.h5ad`` without them."""
+ATLAS_COLUMNS = ("cell_label", "x", "y", "z")
+"""Its key and coordinates (mm, the atlas's reconstructed section coordinates)."""
+MM_TO_UM = 1000.0
+
+log = logging.getLogger("tera_pipeline.inputs")
+
+
+def atlas_positions(adata, metadata: Path, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y, z) µm of the cells of ``adata`` that ``metadata`` places (joined on its
+    ``cell_label`` and ``obs_names``), and the mask of those cells; the others are counted."""
+    import pandas as pd
+
+    header = pd.read_csv(metadata, nrows=0).columns
+    missing = [c for c in ATLAS_COLUMNS if c not in header]
+    if missing:
+        raise InputError(
+            f"{metadata}: not an atlas cell_metadata.csv: missing columns {name_list(missing)} "
+            f"(need {', '.join(ATLAS_COLUMNS)}, x y z in mm)"
+        )
+    table = pd.read_csv(
+        metadata, usecols=list(ATLAS_COLUMNS), dtype={"cell_label": str}, index_col="cell_label"
+    )
+    if table.index.has_duplicates:
+        raise InputError(
+            f"{metadata}: cell_label repeats ({table.index[table.index.duplicated()][0]!r})"
+        )
+    labels = pd.Index([str(n) for n in adata.obs_names])
+    rows = table.index.get_indexer(labels)
+    placed = rows >= 0
+    if not placed.any():
+        raise InputError(
+            f"{source}: none of its {len(labels)} cells (obs_names such as {labels[0]!r}) is a "
+            f"cell_label of {metadata}"
+        )
+    if not placed.all():
+        log.warning(
+            "%s: %d of %d cells have no row in %s and are left out",
+            source, int((~placed).sum()), len(labels), metadata.name,
+        )  # fmt: skip
+    xyz = table[["x", "y", "z"]].to_numpy(np.float64)[rows[placed]] * MM_TO_UM
+    log.info("%s: positions from %s (mm -> µm), %d cells", source, metadata.name, int(placed.sum()))
+    return xyz, placed
 
 
 def _xyz(adata, spatial_key: str, source: str) -> np.ndarray:
@@ -54,16 +101,28 @@ def read_anndata(
     *,
     layer: str | None = None,
     spatial_key: str = "spatial",
+    cell_metadata: PathLike | None = None,
 ) -> CellTable:
-    """An ``.h5ad`` with ``obsm[spatial_key]`` as (x, y, z) µm and counts in X (or ``layer``)."""
+    """An ``.h5ad`` with ``obsm[spatial_key]`` as (x, y, z) µm, or positions in an atlas
+    ``cell_metadata`` (default: ``cell_metadata.csv`` beside it), and counts in X (or
+    ``layer``)."""
     import anndata
 
     path = existing_file(path)
     adata = read_user_file(path, "h5ad", lambda: anndata.read_h5ad(path))
     source = str(path)
-    if spatial_key not in adata.obsm:
-        raise InputError(f"{source}: no obsm[{spatial_key!r}] with (x, y, z) cell positions")
-    position = positions_zyx(_xyz(adata, spatial_key, source), source)
+    metadata = Path(cell_metadata) if cell_metadata else path.with_name(ATLAS_METADATA)
+    if spatial_key in adata.obsm:
+        xyz = _xyz(adata, spatial_key, source)
+    elif cell_metadata is not None or metadata.is_file():
+        xyz, placed = atlas_positions(adata, existing_file(metadata), source)
+        adata = adata[placed]
+    else:
+        raise InputError(
+            f"{source}: no obsm[{spatial_key!r}] with (x, y, z) cell positions, and no "
+            f"{ATLAS_METADATA} beside it (an atlas's cell_label, x, y, z in mm)"
+        )
+    position = positions_zyx(xyz, source)
     available = _gene_names(adata, genes)
     index = gene_index(available, genes, source)
     if layer is not None and layer not in adata.layers:
@@ -75,7 +134,8 @@ def read_anndata(
     dense = selected.toarray() if hasattr(selected, "toarray") else np.asarray(selected)
     counts = np.ascontiguousarray(dense, dtype=np.float32)
     names = tuple(available[i] for i in index)
-    table = validate_cells(CellTable(position, counts, names), source)
+    labels = np.asarray([str(n) for n in adata.obs_names], dtype=object)
+    table = validate_cells(CellTable(position, counts, names, cell_label=labels), source)
     fraction = dense != np.floor(dense)  # validated finite
     if fraction.any():
         cell, gene = (int(i) for i in np.argwhere(fraction)[0])

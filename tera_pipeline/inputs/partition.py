@@ -25,6 +25,13 @@ from tera_pipeline.inputs import vendors
 from tera_pipeline.inputs.cells import to_volume_frame
 from tera_pipeline.inputs.panel import naming_hint
 from tera_pipeline.inputs.synthetic import CellTable
+from tera_pipeline.inputs.transcript_cells import (
+    CELL_COUNTS,
+    TRANSCRIPT_COUNTS,
+    CellCentroids,
+    centroid_raster,
+    centroids_in,
+)
 from tera_pipeline.storage import ownership
 
 log = logging.getLogger(__name__)
@@ -80,6 +87,7 @@ def _partition(config: JobConfig, genes: tuple[str, ...], src: Path, out: Path, 
     dropped: Counter = Counter()
     extent = vendors.Extent()
     names_seen: set[str] = set()
+    centroids = CellCentroids(read.layout.no_cell)
     for part, batch in enumerate(vendors.batches(src, read, dropped)):
         xyz, names, name_index = batch.xyz, batch.names, batch.index
         names_seen.update(names.tolist())
@@ -99,6 +107,8 @@ def _partition(config: JobConfig, genes: tuple[str, ...], src: Path, out: Path, 
         voxel = np.floor(pos / spacing).astype(np.int64)
         inside = np.all((voxel >= 0) & (voxel < volume), axis=1)
         outside += int((~inside).sum())
+        if batch.cells is not None:  # every transcript of a cell places it, whatever its gene
+            centroids.add(batch.cells.filter(pa.array(inside)), pos[inside])
         gene_code = np.array([code_of.get(n, -1) for n in names], dtype=np.int64)[name_index]
         seen[np.unique(gene_code[gene_code >= 0])] = True
         dropped["genes not in the panel"] += int((inside & (gene_code < 0)).sum())
@@ -127,6 +137,7 @@ def _partition(config: JobConfig, genes: tuple[str, ...], src: Path, out: Path, 
     manifest = {
         "key": key, "source": str(src), "format": read.describe(), "rows": read_rows, "kept": kept,
         "outside": outside, "dropped": dict(dropped), "genes": list(genes),
+        "cells": centroids.write(out), "unassigned_transcripts": centroids.unassigned,
     }  # fmt: skip
     log.info("%s", input_summary(manifest))
     return manifest
@@ -154,9 +165,15 @@ def _write_by_block(out: Path, part: int, voxel, gene_code, block, grid_shape, b
 def input_summary(manifest: dict) -> str:
     """One line: the table's layout, its rows, what was kept and what was dropped, and why."""
     drops = ", ".join(f"{n:,} {why}" for why, n in manifest["dropped"].items() if n)
+    cells = manifest.get("cells")
+    placed = (
+        f"; {cells:,} cells placed at their transcripts' mean"
+        if cells
+        else "; it assigns no transcripts to cells, so cell_count holds transcripts per bin"
+    )
     return (
         f"{manifest['source']}: {manifest['format']}: {manifest['rows']:,} transcripts, "
-        f"{manifest['kept']:,} kept" + (f"; dropped {drops}" if drops else "")
+        f"{manifest['kept']:,} kept" + (f"; dropped {drops}" if drops else "") + placed
     )
 
 
@@ -169,7 +186,8 @@ class PartitionedSource:
         self.block = grid_block
 
     def rasters(self, box: Box, bins: Box, spacing_um, bin_shape) -> tuple[np.ndarray, np.ndarray]:
-        """(gene counts (G, *bins.shape), transcripts per bin) for a block core ``box``."""
+        """(gene counts (G, *bins.shape), cell centroids per bin) for a block core ``box``; where
+        the input names no cells, transcripts per bin instead."""
         index = tuple(b // s for b, s in zip(box.begin, self.block))
         folder = self.folder / "-".join(map(str, index))
         genes = np.zeros((len(self.genes), *bins.shape), dtype=np.float32)
@@ -180,4 +198,12 @@ class PartitionedSource:
             ]
             flat = np.ravel_multi_index((t.column("gene").to_numpy(), *local), genes.shape)
             genes += np.bincount(flat, minlength=genes.size).reshape(genes.shape)
-        return genes, genes.sum(axis=0)
+        centroids = centroids_in(self.folder)
+        if centroids is None:  # the input names no cells
+            return genes, genes.sum(axis=0)
+        return genes, centroid_raster(centroids, bins, spacing_um, bin_shape)
+
+    @property
+    def cell_count_kind(self) -> str:
+        """What the ``cell_count`` of this input holds."""
+        return CELL_COUNTS if centroids_in(self.folder) is not None else TRANSCRIPT_COUNTS

@@ -125,9 +125,17 @@ class CellTable:
     nucleus_radius_um: np.ndarray | None = None
     brightness: np.ndarray | None = None
     texture: np.ndarray | None = None
+    cell_label: np.ndarray | None = None  # (N,) str: the input's own cell names
 
     def __len__(self) -> int:
         return len(self.position_um)
+
+    def names(self) -> list[str]:
+        """Each cell's name: the input's own label (an atlas's ``cell_label``), else its id."""
+        if self.cell_label is not None:
+            return [str(n) for n in self.cell_label]
+        ids = self.cell_id if self.cell_id is not None else range(len(self))
+        return [str(int(i)) for i in ids]
 
     def select(self, mask: np.ndarray) -> CellTable:
         def pick(a):
@@ -142,6 +150,7 @@ class CellTable:
             pick(self.nucleus_radius_um),
             pick(self.brightness),
             pick(self.texture),
+            pick(self.cell_label),
         )
 
 
