@@ -6,16 +6,25 @@ plugin, so the library carries no test hook). With the model's time gone, what i
 engine's own work: reading and decoding the state, gathering patches, blending, the DDIM update
 and noise, encoding and writing, seams, and scheduling. Prints JSON: voxel-steps/s per worker
 and where the time goes, at each block size, with the real denoiser's step time for the ratio.
+Each engine runs in its default lattice.
+
+With ``--engine-at REV`` the same is measured, in the same run, for the engine of a git
+revision (default: the one issue 17 was filed against), checked out in a temporary worktree
+and run in a child process with that worktree first on its path; the ratio of the two is
+printed per block size.
 
     python benchmarks/engine_ceiling.py [--shape 16,256,256] [--blocks 16,128,128 16,64,64]
-                                        [--steps 2] [--workers 2]
+                                        [--steps 2] [--workers 2] [--engine-at a786214]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,9 +32,23 @@ from pathlib import Path
 import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from tera_pipeline.core.config import ClusterSpec, JobConfig
-from tera_pipeline.generation import lifecycle
-from tera_pipeline.runtime.cluster import cluster_client
+HERE = Path(__file__).resolve().parents[1]
+BEFORE = "a786214"
+"""The revision issue 17 measured (≈570 ns per voxel-step per worker)."""
+
+
+def _api():
+    """(JobConfig, ClusterSpec, generate, cluster_client) of whichever engine is on the path:
+    this one, or one from before the code was housed by stage."""
+    try:
+        config = importlib.import_module("tera_pipeline.core.config")
+        lifecycle = importlib.import_module("tera_pipeline.generation.lifecycle")
+        cluster = importlib.import_module("tera_pipeline.runtime.cluster")
+    except ImportError:
+        config = importlib.import_module("tera_pipeline.config")
+        lifecycle = importlib.import_module("tera_pipeline.engine")
+        cluster = importlib.import_module("tera_pipeline.cluster")
+    return config.JobConfig, config.ClusterSpec, lifecycle.generate, cluster.cluster_client
 
 
 class _ZeroPredictor:
@@ -35,7 +58,7 @@ class _ZeroPredictor:
     def __init__(self, real) -> None:
         self.meta, self.config = real.meta, real.config
 
-    def __call__(self, x: np.ndarray, t: int, cond: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, t: int, cond: np.ndarray, offset=None) -> np.ndarray:
         return np.zeros(x.shape, dtype=np.float32)
 
 
@@ -45,15 +68,20 @@ class ZeroCostDenoiser(WorkerPlugin):
     name = "zero-cost-denoiser"
 
     def setup(self, worker) -> None:
-        from tera_pipeline.generation import block_step, predictor
+        try:
+            module = importlib.import_module("tera_pipeline.generation.block_step")
+        except ImportError:  # the engine before the code was housed by stage
+            module = importlib.import_module("tera_pipeline.engine")
+        real = module.get_predictor
 
         def zero(checkpoint: str, batch_size: int):
-            return _ZeroPredictor(predictor.get_predictor(checkpoint, batch_size))
+            return _ZeroPredictor(real(checkpoint, batch_size))
 
-        block_step.get_predictor = zero
+        module.get_predictor = zero
 
 
 def _run(shape, block, steps: int, client, out: Path) -> dict:
+    JobConfig, _, generate, _ = _api()
     job = JobConfig.model_validate(
         {
             "out": str(out),
@@ -63,7 +91,7 @@ def _run(shape, block, steps: int, client, out: Path) -> dict:
         }
     )
     t0 = time.perf_counter()
-    reports = lifecycle.generate(job, client)
+    reports = generate(job, client)
     total = time.perf_counter() - t0
     denoise = [r for r in reports if r.phase.startswith("step")]
     wall = sum(r.wall_s for r in denoise)
@@ -72,7 +100,8 @@ def _run(shape, block, steps: int, client, out: Path) -> dict:
     return {
         "step_wall_s": round(wall / steps, 3),
         "end_to_end_s": round(total, 2),
-        "patch_evaluations_per_step": denoise[0].stats.items,
+        "patch_evaluations_per_step": getattr(denoise[0].stats, "items", None)
+        or getattr(denoise[0].stats, "patches", None),
         "blocks_s": inside,
         **s,
     }
@@ -92,56 +121,98 @@ def _breakdown(run: dict, workers: int, steps: int) -> dict:
     return {k: round(v / budget, 3) for k, v in parts.items()}
 
 
+def measure(shape, blocks, steps: int, workers: int, real_too: bool = True) -> list[dict]:
+    """The zero-cost run (and the real one) at each block size, with the engine on the path."""
+    _, ClusterSpec, _, cluster_client = _api()
+    voxel_steps = 2 * int(np.prod(shape)) * steps  # two stains
+    results = []
+    for block in blocks:
+        spec = ClusterSpec(kind="local", workers=workers, dashboard_address=":0")
+        with tempfile.TemporaryDirectory() as tmp:
+            real = None
+            if real_too:
+                with cluster_client(spec) as client:
+                    real = _run(shape, block, steps, client, Path(tmp) / "real.zarr")
+            with cluster_client(spec) as client:
+                client.register_plugin(ZeroCostDenoiser())
+                zero = _run(shape, block, steps, client, Path(tmp) / "zero.zarr")
+        per_worker = voxel_steps / (zero["step_wall_s"] * steps) / workers
+        row = {
+            "block": list(block),
+            "zero_cost": {
+                "step_wall_s": zero["step_wall_s"],
+                "voxel_steps_per_s_per_worker": round(per_worker),
+                "ns_per_voxel_step_per_worker": round(1e9 / per_worker, 1),
+                "time_shares": _breakdown(zero, workers, steps),
+                "patch_evaluations_per_step": zero["patch_evaluations_per_step"],
+            },
+        }
+        if real is not None:
+            row["real_denoiser"] = {
+                "step_wall_s": real["step_wall_s"],
+                "time_shares": _breakdown(real, workers, steps),
+            }
+            row["engine_share_of_a_real_step"] = round(zero["step_wall_s"] / real["step_wall_s"], 4)
+        results.append(row)
+    return results
+
+
+def _measure_at(revision: str, args) -> list[dict]:
+    """``measure`` (zero-cost only) for the engine of ``revision``, in a child process."""
+    work = Path(tempfile.mkdtemp(prefix="tera-engine-at-"))
+    tree = work / "tree"
+    git = ["git", "-C", str(HERE)]
+    subprocess.run([*git, "worktree", "add", "--detach", str(tree), revision], check=True,
+                   capture_output=True)  # fmt: skip
+    try:
+        child = subprocess.run(
+            [sys.executable, __file__, "--child", "--shape", args.shape, "--blocks", *args.blocks,
+             "--steps", str(args.steps), "--workers", str(args.workers)],
+            cwd=work, env=os.environ | {"PYTHONPATH": str(tree)}, capture_output=True,
+            text=True, check=True,
+        )  # fmt: skip
+    finally:  # the worktree this made, inside its own mkdtemp folder
+        subprocess.run([*git, "worktree", "remove", "--force", str(tree)], capture_output=True)
+        if work.exists() and not any(work.iterdir()):
+            work.rmdir()
+    return json.loads(child.stdout)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="16,256,256")
     p.add_argument("--blocks", nargs="+", default=["16,128,128", "16,64,64"])
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--engine-at", default=BEFORE, help="also measure this revision ('' skips)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
-    voxel_steps = 2 * int(np.prod(shape)) * args.steps  # two stains
-    results = []
-    for text in args.blocks:
-        block = tuple(int(v) for v in text.split(","))
-        spec = ClusterSpec(kind="local", workers=args.workers, dashboard_address=":0")
-        with tempfile.TemporaryDirectory() as tmp:
-            with cluster_client(spec) as client:
-                real = _run(shape, block, args.steps, client, Path(tmp) / "real.zarr")
-            with cluster_client(spec) as client:
-                client.register_plugin(ZeroCostDenoiser())
-                zero = _run(shape, block, args.steps, client, Path(tmp) / "zero.zarr")
-        per_worker = voxel_steps / (zero["step_wall_s"] * args.steps) / args.workers
-        results.append(
-            {
-                "block": list(block),
-                "zero_cost": {
-                    "step_wall_s": zero["step_wall_s"],
-                    "voxel_steps_per_s_per_worker": round(per_worker),
-                    "ns_per_voxel_step_per_worker": round(1e9 / per_worker, 1),
-                    "time_shares": _breakdown(zero, args.workers, args.steps),
-                },
-                "real_denoiser": {
-                    "step_wall_s": real["step_wall_s"],
-                    "time_shares": _breakdown(real, args.workers, args.steps),
-                },
-                "engine_share_of_a_real_step": round(zero["step_wall_s"] / real["step_wall_s"], 4),
-                "patch_evaluations_per_step": real["patch_evaluations_per_step"],
-            }
-        )
-    print(
-        json.dumps(
-            {
-                "benchmark": "engine_ceiling",
-                "shape": list(shape),
-                "steps": args.steps,
-                "workers": args.workers,
-                "load_average": os.getloadavg(),
-                "results": results,
-            },
-            indent=2,
-        )
-    )
+    blocks = [tuple(int(v) for v in text.split(",")) for text in args.blocks]
+    if args.child:
+        print(json.dumps(measure(shape, blocks, args.steps, args.workers, real_too=False)))
+        return
+    before = _measure_at(args.engine_at, args) if args.engine_at else None
+    results = measure(shape, blocks, args.steps, args.workers)
+    out = {
+        "benchmark": "engine_ceiling",
+        "shape": list(shape),
+        "steps": args.steps,
+        "workers": args.workers,
+        "load_average": os.getloadavg(),
+        "results": results,
+    }
+    if before is not None:
+        out["engine_at"] = {"revision": args.engine_at, "results": before}
+        out["ceiling_ratio"] = {
+            "x".join(map(str, now["block"])): round(
+                then["zero_cost"]["ns_per_voxel_step_per_worker"]
+                / now["zero_cost"]["ns_per_voxel_step_per_worker"],
+                2,
+            )
+            for now, then in zip(results, before, strict=True)
+        }
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

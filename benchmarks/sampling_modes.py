@@ -1,13 +1,15 @@
 """Quality against cost of the lattice modes and samplers, side by side in one run.
 
-For each mode, on the demo job (16 x 256 x 256, synthetic brain, the committed denoiser) and
-optionally a larger one: E (patch evaluations per voxel and step; also for the geometry of a
-10,000^3 job), model evaluations per voxel, the generation's wall time, the seam scores (at the
-stride's faces, at the last step's lattice, averaged over every step's lattice), conditioning
-fidelity, SSIM / PSNR against the synthetic truth, nuclei counted against the truth's, and
-MagNet's cycle consistency (PCC per bin). Then the quality-against-steps curve of both samplers
-in one mode. Every store is written in a temporary folder of this run and removed after it is
-measured. Prints JSON (``--out`` also writes it).
+For each mode, on the demo job (16 x 256 x 256, synthetic brain) and optionally a larger one,
+with the committed denoiser (patches at any voxel of a bin) or, in the rows so named, the one
+committed before it (bin-aligned patches only, taken from git at ``--before``): E (patch
+evaluations per voxel and step; also for the geometry of a 10,000^3 job), model evaluations per
+voxel, the generation's wall time, the seam scores (at the stride's faces, at the last step's
+lattice, averaged over every step's lattice), conditioning fidelity, SSIM / PSNR against the
+synthetic truth, nuclei counted against the truth's, and MagNet's cycle consistency (PCC per
+bin). Then the quality-against-steps curve of both samplers in one mode. Every store is written
+in a temporary folder of this run and removed after it is measured. Prints JSON (``--out`` also
+writes it).
 
     python benchmarks/sampling_modes.py --out docs/sampling_modes.json
 """
@@ -17,15 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(HERE))
 
+from models.checkpoint_files import DEFAULT_DENOISER  # noqa: E402
 from tera_pipeline.analysis import magnet  # noqa: E402
-from tera_pipeline.core.config import ClusterSpec, JobConfig  # noqa: E402
+from tera_pipeline.core.config import ClusterSpec, JobConfig, lattice_preset  # noqa: E402
 from tera_pipeline.evaluation.fidelity import conditioning_fidelity  # noqa: E402
 from tera_pipeline.evaluation.metrics import compare_to_truth, run_seam_scores  # noqa: E402
 from tera_pipeline.evaluation.report import nuclei_counts, synthetic_truth  # noqa: E402
@@ -33,34 +38,40 @@ from tera_pipeline.generation import lifecycle  # noqa: E402
 from tera_pipeline.runtime.cluster import cluster_client  # noqa: E402
 from tera_pipeline.storage import store  # noqa: E402
 
-SHIFTED = {"lattice.mode": "shifted", "lattice.stride": (4, 32, 32)}
-VOXEL_SHIFTS = SHIFTED | {"lattice.shift_unit": "voxel"}
-Z_SHIFTED = {"lattice.mode": "shifted", "lattice.stride": (4, 16, 16)}
-DDIM10 = {"diffusion.steps": 10}
+PATCH = (4, 32, 32)
+SHIFTED = lattice_preset("bin-shifted", PATCH)
+VOXEL_SHIFTS = lattice_preset("shifted", PATCH)
+Z_SHIFTED = lattice_preset("z-shifted", PATCH)
 DPM = {"diffusion.sampler": "dpmpp_2m"}
-OVERLAPPED = {"lattice.mode": "overlapped", "lattice.stride": (2, 16, 16)}
+OVERLAPPED = lattice_preset("overlapped", PATCH)
 """The default lattice before the z-shifted one."""
+DDIM15 = {"diffusion.steps": 15}
+BIN_ALIGNED = {"model": "bin-aligned"}
+"""Rows run with the denoiser committed before sub-bin offsets (``--before``)."""
+DDIM8 = {"diffusion.steps": 8}
 MODES: dict[str, dict] = {
-    "overlapped, DDIM 15 (before)": OVERLAPPED,
-    "overlapped, DDIM 10": OVERLAPPED | DDIM10,
-    "overlapped, DPM-Solver++ 10": OVERLAPPED | DPM | {"diffusion.steps": 10},
-    "overlapped, DPM-Solver++ 8": OVERLAPPED | DPM | {"diffusion.steps": 8},
-    "overlapped in-plane, z non-overlapping unshifted (stride 4,16,16), DDIM 15": OVERLAPPED
-    | {"lattice.stride": (4, 16, 16)},
-    "overlapped in-plane, z shifted, DDIM 15": Z_SHIFTED,
-    "overlapped in-plane, z shifted, DPM-Solver++ 10": Z_SHIFTED | DPM | {"diffusion.steps": 10},
-    "overlapped in-plane, z shifted, DPM-Solver++ 8": Z_SHIFTED | DPM | {"diffusion.steps": 8},
-    "overlapped in z, in-plane non-overlapping (stride 2,32,32), DDIM 15": OVERLAPPED
-    | {"lattice.stride": (2, 32, 32)},
-    "shifted by bins, DDIM 15": SHIFTED,
-    "shifted by bins, DPM-Solver++ 10": SHIFTED | DPM | {"diffusion.steps": 10},
-    "shifted by bins + last step overlapped, DPM-Solver++ 10": SHIFTED
-    | DPM
-    | {"diffusion.steps": 10, "lattice.overlapped_final_steps": 1},
-    "shifted by voxels, DDIM 15": VOXEL_SHIFTS,
-    "shifted by voxels, DPM-Solver++ 10": VOXEL_SHIFTS | DPM | {"diffusion.steps": 10},
+    "bin-aligned model: overlapped, DDIM 15 (the default before issue 17)": BIN_ALIGNED
+    | OVERLAPPED
+    | DDIM15,
+    "bin-aligned model: z-shifted, DDIM 8 (the default before sub-bin offsets)": BIN_ALIGNED
+    | Z_SHIFTED
+    | DDIM8,
+    "bin-aligned model: shifted by voxels, DDIM 8": BIN_ALIGNED | VOXEL_SHIFTS | DDIM8,
+    "overlapped, DDIM 15": OVERLAPPED | DDIM15,
+    "overlapped, DDIM 8": OVERLAPPED | DDIM8,
+    "z-shifted, DDIM 8": Z_SHIFTED | DDIM8,
+    "shifted by bins, DDIM 8": SHIFTED | DDIM8,
+    "shifted by voxels, DDIM 8": VOXEL_SHIFTS | DDIM8,
+    "shifted by voxels, DPM-Solver++ 8": VOXEL_SHIFTS | DPM | DDIM8,
 }
-CURVE_MODES = {"overlapped": OVERLAPPED, "z-shifted": Z_SHIFTED, "shifted": SHIFTED}
+BEFORE_REV = "3400262"
+"""The last commit whose committed denoiser took only bin-aligned patches."""
+CURVE_MODES = {
+    "overlapped": OVERLAPPED,
+    "z-shifted": Z_SHIFTED,
+    "shifted": SHIFTED,
+    "voxel-shifted": VOXEL_SHIFTS,
+}
 STEPS = (5, 8, 10, 15, 25)
 BIG = (10_000, 10_000, 10_000)
 
@@ -101,6 +112,26 @@ def measure(job: JobConfig, client, quality: bool = True) -> dict:
     return row
 
 
+def _checkpoint_at(revision: str, work: Path) -> Path:
+    """The committed denoiser of a git revision, written into this run's folder."""
+    path = work / f"denoiser-{revision}.safetensors"
+    blob = subprocess.run(
+        ["git", "show", f"{revision}:models/checkpoints/denoiser.safetensors"],
+        cwd=HERE, capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    path.write_bytes(blob)
+    return path
+
+
+def _job(out: Path, shape, mode: dict, models: dict) -> JobConfig:
+    """The job of a mode: its fields, on ``shape``, with the mode's model."""
+    fields = {k: v for k, v in mode.items() if k != "model"}
+    checkpoint = models[mode.get("model", "default")]
+    return JobConfig(out=out, checkpoint=checkpoint).with_overrides(
+        **{"volume.shape": shape, **fields}
+    )
+
+
 # Each benchmark is a standalone script with options of its own; their declarations share a
 # shape on purpose.
 def main() -> None:
@@ -108,45 +139,46 @@ def main() -> None:
     p.add_argument("--shape", default="16,256,256", help="the demo job's volume")
     p.add_argument("--large", default="", help="a larger volume, e.g. 32,512,512 (default: none)")
     p.add_argument("--large-modes", default="", help="';'-separated modes run on --large too")
-    p.add_argument("--curve-mode", default="z-shifted", choices=sorted(CURVE_MODES))
+    p.add_argument("--curve-mode", default="voxel-shifted", choices=sorted(CURVE_MODES))
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--only", default="", help="';'-separated mode names (default: all)")
     p.add_argument("--no-curve", action="store_true")
+    p.add_argument("--checkpoint", type=Path, help="the denoiser (default: the committed one)")
+    p.add_argument(
+        "--before",
+        default=BEFORE_REV,
+        help="git revision whose committed denoiser the 'bin-aligned model' rows use",
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
     work = Path(tempfile.mkdtemp(prefix="tera-sampling-modes-"))
     result: dict = {"shape": shape, "workers": args.workers, "modes": {}, "curve": {}}
     spec = ClusterSpec(kind="local", workers=args.workers, dashboard_address=":0")
+    models = {
+        "default": str(args.checkpoint or DEFAULT_DENOISER),
+        "bin-aligned": str(_checkpoint_at(args.before, work)),
+    }
+    result["checkpoints"] = models | {"bin-aligned revision": args.before}
     try:
         with cluster_client(spec) as client:
             names = [n for n in MODES if not args.only or n in args.only.split(";")]
             for i, name in enumerate(names):
-                job = JobConfig(out=work / f"m{i}.zarr").with_overrides(
-                    **{"volume.shape": shape, **MODES[name]}
-                )
+                job = _job(work / f"m{i}.zarr", shape, MODES[name], models)
                 result["modes"][name] = measure(job, client)
                 print(name, json.dumps(result["modes"][name]), file=sys.stderr, flush=True)
             if args.large:
                 large = tuple(int(v) for v in args.large.split(","))
                 result["large"] = {"shape": large, "modes": {}}
                 for name in [n for n in names if n in args.large_modes.split(";")]:
-                    job = JobConfig(out=work / "large.zarr").with_overrides(
-                        **{"volume.shape": large, **MODES[name]}
-                    )
+                    job = _job(work / "large.zarr", large, MODES[name], models)
                     result["large"]["modes"][name] = measure(job, client)
                     print("large", name, file=sys.stderr, flush=True)
             base = CURVE_MODES[args.curve_mode]
             for sampler in () if args.no_curve else ("ddim", "dpmpp_2m"):
                 for steps in STEPS:
-                    job = JobConfig(out=work / "c.zarr").with_overrides(
-                        **{
-                            "volume.shape": shape,
-                            "diffusion.sampler": sampler,
-                            "diffusion.steps": steps,
-                            **base,
-                        }  # fmt: skip
-                    )
+                    mode = base | {"diffusion.sampler": sampler, "diffusion.steps": steps}
+                    job = _job(work / "c.zarr", shape, mode, models)
                     key = f"{args.curve_mode}, {sampler}, {steps} steps"
                     result["curve"][key] = measure(job, client)
                     print(key, json.dumps(result["curve"][key]), file=sys.stderr, flush=True)

@@ -67,6 +67,17 @@ class DenoiserConfig(ModelConfig):
         check_heads(self.gene_dim, self.gene_heads, "gene_dim")
 
 
+DENOISER_SIZES: dict[str, dict] = {
+    "small": {},
+    "tiny": {
+        "base_channels": 4, "channel_mults": (1, 2), "gene_dim": 32, "gene_layers": 1,
+        "cond_channels": 4, "time_dim": 32,
+    },
+}  # fmt: skip
+"""Named sizes: ``small`` (1.1 M parameters, 1.17 GFLOP per patch: the committed denoiser, for
+CPUs) and ``tiny`` (48 k parameters, 0.05 GFLOP: fast throughput runs, e.g. the gigavoxel job)."""
+
+
 class ResBlock(nn.Module):
     """Conv residual block with FiLM (scale, shift) from the time embedding."""
 

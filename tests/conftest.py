@@ -30,7 +30,9 @@ TINY = DenoiserConfig(
     gene_layers=1,
     cond_channels=4,
     time_dim=16,
+    sub_bin_offsets=True,
 )
+"""The tests' denoiser: the committed one's kind (patches start at any voxel of a bin), small."""
 
 
 def write_random_checkpoint(
@@ -59,10 +61,11 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_sub_bin_checkpoint(tmp_path_factory) -> Path:
-    """The tiny denoiser taking patches that start within a bin (``sub_bin_offsets``)."""
-    cfg = dataclasses.replace(TINY, sub_bin_offsets=True)
-    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "sub_bin.safetensors", cfg)
+def tiny_bin_aligned_checkpoint(tmp_path_factory) -> Path:
+    """The tiny denoiser of the kind committed before sub-bin offsets: patches on bins only."""
+    cfg = dataclasses.replace(TINY, sub_bin_offsets=False)
+    path = tmp_path_factory.mktemp("ckpt") / "bin_aligned.safetensors"
+    return write_random_checkpoint(path, cfg)
 
 
 @pytest.fixture(scope="session")

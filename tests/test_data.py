@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tera_pipeline.core.geometry import Box, bin_box
+from tera_pipeline.core.geometry import Box, bin_box, patch_bins
 from tera_pipeline.inputs.conditioning import cell_count_raster, rasterize
 from tera_pipeline.inputs.synthetic import CELL_TYPES, GENE_PANEL, SyntheticBrain
 from tera_pipeline.storage import store
@@ -79,26 +79,16 @@ def test_rasterize_sums_counts_per_bin():
     np.testing.assert_array_equal(sub_raster, raster[:, 1:3, 1:3, 2:4])
 
 
-def test_a_raster_on_a_shifted_bin_grid_bins_each_cell_where_its_voxel_falls():
-    """Bins starting at voxel ``phase`` + multiples of the bin (a shifted lattice's step): each
-    cell is counted in bin (voxel - phase) // bin, and nothing is lost or counted twice."""
-    from tera_pipeline.inputs.conditioning import SyntheticSource, phase_raster
+def test_a_patch_starting_within_a_bin_reads_the_stored_bins_from_the_one_holding_it():
+    """The gene window of a patch moved by voxels: the fixed grid's bins from the one holding the
+    patch's first voxel (one more in-plane), grown by the context, and the offset within it."""
+    from tera_pipeline.core.geometry import gene_window
 
-    brain = SyntheticBrain(0)
-    volume, b, phase = Box((0, 0, 0), (4, 96, 96)), (1, 16, 16), (0, 5, 11)
-    cells = brain.cells(volume)
-    voxels = np.floor(cells.position_um / np.asarray(brain.spacing)).astype(int)
-    bins = Box((0, -1, -1), (4, 7, 7))  # covers the volume on the shifted grid
-    raster = phase_raster(SyntheticSource(brain), bins, volume, brain.spacing, b, phase)
-    assert np.isclose(raster.sum(), cells.counts.sum(), rtol=1e-5)
-    i = int(np.argmax(cells.counts.sum(axis=1)))
-    where = (voxels[i] - np.asarray(phase)) // np.asarray(b) - np.asarray(bins.begin)
-    assert raster[(slice(None), *where)].sum() >= cells.counts[i].sum()
-    plain = rasterize(cells, bin_box(volume, b), brain.spacing, b)
-    assert np.isclose(plain.sum(), raster.sum(), rtol=1e-5) and plain.shape != raster.shape
-    beyond = phase_raster(SyntheticSource(brain), Box((0, 50, 50), (1, 2, 2)), volume,
-                          brain.spacing, b, phase)  # fmt: skip
-    assert beyond.shape == (len(brain.genes), 1, 2, 2) and not beyond.any()
+    b, footprint, context = (1, 16, 16), (4, 3, 3), (1, 1, 1)
+    window, offset = gene_window(Box((3, 37, -5), (4, 32, 32)), b, footprint, context)
+    assert offset == (0, 5, 11) and window == Box((2, 1, -2), (6, 5, 5))
+    aligned, zero = gene_window(Box((0, 32, 16), (4, 32, 32)), b, (4, 2, 2), context)
+    assert zero == (0, 0, 0) and aligned == patch_bins(Box((0, 32, 16), (4, 32, 32)), b, context)
 
 
 def test_store_read_box_fills_beyond_the_edge(tmp_path):

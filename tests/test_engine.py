@@ -46,12 +46,10 @@ def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
     x0 = None
     sub_bin = model.cfg.sub_bin_offsets  # windows on the fixed grid, the offset given
     extra = model.cfg.cond_extra
+    cond_box = patch_bins(span, b, context).grow((0, 0, 0), extra)  # every bin a window reads
+    cond = rasterize(cells, cond_box, job.volume.spacing_um, b)
     for step in range(steps_to_run):
         patches = lattices[step].all_patches(vol)
-        phase = (0, 0, 0) if sub_bin else job.bin_phase(step)  # the bin grid of the step
-        cond_box = patch_bins(span, b, context, phase)  # every bin a patch's gene window reads
-        cond_box = cond_box.grow((0, 0, 0), extra)
-        cond = rasterize(cells, cond_box, job.volume.spacing_um, b, phase)
         padded = np.zeros((2, *span.shape), np.float32)
         padded[(slice(None), *vbox.slices(span))] = state
         total = np.zeros((2, *vol), np.float32)
@@ -65,15 +63,10 @@ def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
             offset = torch.zeros(n, 3, dtype=torch.long)
             for i, p in enumerate(group):
                 x[i] = torch.from_numpy(padded[(slice(None), *p.slices(span))])
-                first = np.floor_divide(p.begin, b)
+                first = np.floor_divide(p.begin, b)  # the bin holding the patch's first voxel
                 offset[i] = torch.from_numpy(np.asarray(p.begin) - first * b)
-                begin = first - np.asarray(context) if sub_bin else None
-                bins = (
-                    Box(tuple(begin), model.cfg.cond_input).slices(cond_box)
-                    if sub_bin
-                    else patch_bins(p, b, context, phase).slices(cond_box)
-                )
-                c[i] = torch.from_numpy(cond[(slice(None), *bins)])
+                genes = Box(tuple(first - np.asarray(context)), model.cfg.cond_input)
+                c[i] = torch.from_numpy(cond[(slice(None), *genes.slices(cond_box))])
             with torch.inference_mode():
                 x = x.contiguous(memory_format=torch.channels_last_3d)
                 eps_batch = model(x, t, c, offset if sub_bin else None).numpy()
@@ -117,38 +110,32 @@ def test_receptive_field_exceeds_halo(small_job):
     assert delta > 1e-6
 
 
-SHIFTED = {"lattice.stride": (4, 32, 32), "lattice.mode": "shifted"}
-"""The shifted non-overlapping lattice (stride = patch, offset per step) on the same job."""
-
-
 @pytest.fixture(
     params=[
+        "shifted (the default)",
+        "bin-shifted",
+        "bin-shifted, bin-aligned model",
+        "z-shifted",
         "overlapped",
-        "shifted in z only (the default)",
-        "shifted",
-        "shifted by voxels",
-        "shifted by voxels, sub-bin model",
-        "shifted, last steps overlapped",
-        "overlapped, dpmpp_2m",
-        "shifted in z only, dpmpp_2m",
+        "bin-shifted, last steps overlapped",
         "shifted, dpmpp_2m",
+        "z-shifted, dpmpp_2m",
+        "overlapped, dpmpp_2m",
     ]
 )
-def any_mode_job(request, small_job, tiny_sub_bin_checkpoint) -> JobConfig:
-    """The small job in each lattice mode and sampler (shifted by voxels: steps offset within a
-    bin bin their cells on the step's grid; DPM-Solver++: its second-order step, the second of
-    three, reads the first step's x0 from scratch)."""
-    job = small_job.with_overrides(**lattice_preset("overlapped", small_job.lattice.patch))
-    if "z only" in request.param:  # in-plane overlapped and blended, z non-overlapping, moving
-        job = small_job
-        assert job.lattice.stride == (4, 16, 16) and job.lattice.mode == "shifted"
-    elif "shifted" in request.param:
-        final = 2 if "last" in request.param else 0  # steps 1 and 2 of 3 overlapped
-        job = job.with_overrides(**SHIFTED, **{"lattice.overlapped_final_steps": final})
-    if "voxels" in request.param:
-        job = job.with_overrides(**{"lattice.shift_unit": "voxel"})
-    if "sub-bin" in request.param:  # the stored bins at every step, each patch's offset given
-        job = job.with_overrides(checkpoint=str(tiny_sub_bin_checkpoint))
+def any_mode_job(request, small_job, tiny_bin_aligned_checkpoint) -> JobConfig:
+    """The small job in each lattice (``lattice_preset``'s names) and sampler. Shifted by voxels:
+    every step reads the stored bins, each patch's offset in its first bin given to the model;
+    a bin-aligned model (the kind committed before) on bins. DPM-Solver++: its second-order
+    step, the second of three, reads the first step's x0 from scratch."""
+    name = request.param.split(",")[0].removesuffix(" (the default)")
+    job = small_job.with_overrides(**lattice_preset(name, small_job.lattice.patch))
+    if "default" in request.param:
+        assert job.lattice == small_job.lattice  # the preset is the config's default
+    if "last" in request.param:
+        job = job.with_overrides(**{"lattice.overlapped_final_steps": 2})  # steps 2, 3 of 3
+    if "bin-aligned" in request.param:
+        job = job.with_overrides(checkpoint=str(tiny_bin_aligned_checkpoint))
     if "dpmpp_2m" in request.param:
         job = job.with_overrides(**{"diffusion.sampler": "dpmpp_2m"})
     return job
@@ -223,6 +210,16 @@ def test_existing_store_is_refused(small_job, client):
     with pytest.raises(store.StoreError, match="already exists"):
         lifecycle.prepare_store(small_job)
     assert marker.read_bytes() == before
+
+
+def test_a_bin_aligned_checkpoint_is_refused_for_a_lattice_moved_by_voxels(
+    small_job, tiny_bin_aligned_checkpoint
+):
+    job = small_job.with_overrides(checkpoint=str(tiny_bin_aligned_checkpoint))
+    with pytest.raises(errors.GenerationError, match="pass --lattice bin-shifted"):
+        lifecycle.prepare_store(job)
+    assert not job.out.exists()
+    lifecycle.prepare_store(job.with_overrides(**lattice_preset("bin-shifted", (4, 32, 32))))
 
 
 def test_checkpoint_for_other_patch_is_refused_before_any_block(small_job, tmp_path):

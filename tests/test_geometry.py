@@ -126,16 +126,16 @@ def test_a_shifted_lattice_predicts_each_voxel_once_and_blocks_see_exactly_its_p
 
 def test_shifted_mode_draws_one_lattice_per_step_from_the_seed():
     job = JobConfig.model_validate(
-        {"lattice": {"stride": (4, 32, 32), "mode": "shifted"}, "diffusion": {"seed": 3}}
+        {
+            "lattice": {"stride": (4, 32, 32), "mode": "shifted", "shift_unit": "bin"},
+            "diffusion": {"seed": 3},
+        }
     )
     shifts = [job.lattice_at(k).offset for k in range(job.diffusion.steps)]
     assert all(s[1] % 16 == 0 and s[2] % 16 == 0 for s in shifts)  # whole gene bins
-    assert all(job.bin_phase(k) == (0, 0, 0) for k in range(job.diffusion.steps))
     by_voxels = job.with_overrides(**{"lattice.shift_unit": "voxel"})
     voxel_shifts = [by_voxels.lattice_at(k).offset for k in range(job.diffusion.steps)]
     assert any(s[1] % 16 or s[2] % 16 for s in voxel_shifts)  # whole voxels
-    phases = [by_voxels.bin_phase(k) for k in range(3)]
-    assert phases == [(0, s[1] % 16, s[2] % 16) for s in voxel_shifts[:3]]
     z_only = job.with_overrides(**{"lattice.stride": (4, 16, 16)})
     assert all(z_only.lattice_at(k).offset[1:] == (0, 0) for k in range(job.diffusion.steps))
     assert any(z_only.lattice_at(k).offset[0] for k in range(job.diffusion.steps))
@@ -154,11 +154,16 @@ def test_shifted_mode_draws_one_lattice_per_step_from_the_seed():
     assert hybrid.lattice_at(0) == job.lattice_at(0)
 
 
-def test_the_default_lattice_is_z_shifted_and_a_stride_alone_picks_its_mode():
-    """The default blends in-plane and shifts in z; a stride that overlaps on every axis, given
-    without a mode (older configs), means the overlapped lattice; the named lattices."""
+def test_the_default_lattice_is_shifted_by_voxels_and_a_stride_alone_picks_its_mode():
+    """The default is non-overlapping and moved by voxels on every axis; a stride that overlaps
+    on every axis, given without a mode (older configs), means the overlapped lattice; the named
+    lattices."""
     job = JobConfig()
-    assert job.lattice.mode == "shifted" and job.lattice.shifted_axes == (True, False, False)
+    assert job.lattice.mode == "shifted" and job.lattice.shifted_axes == (True, True, True)
+    assert job.lattice.shift_unit == "voxel"
+    assert (
+        job.lattice == JobConfig().with_overrides(**lattice_preset("shifted", (4, 32, 32))).lattice
+    )
     assert JobConfig.model_validate({"lattice": {"stride": (2, 16, 16)}}).lattice.mode == (
         "overlapped"
     )
@@ -167,8 +172,10 @@ def test_the_default_lattice_is_z_shifted_and_a_stride_alone_picks_its_mode():
     big = job.with_overrides(**{"volume.shape": (10_000,) * 3})
     old = big.with_overrides(**lattice_preset("overlapped", job.lattice.patch))
     assert old.lattice.stride == (2, 16, 16) and round(old.evaluations_per_voxel(), 2) == 7.97
-    assert round(big.evaluations_per_voxel(), 2) == 3.99  # half the model calls of the former
-    with pytest.raises(ConfigError, match="unknown lattice 'diagonal'; choose one of z-shifted"):
+    assert round(big.evaluations_per_voxel(), 3) == 1.007  # one patch a voxel, but the edges
+    z_shifted = big.with_overrides(**lattice_preset("z-shifted", job.lattice.patch))
+    assert round(z_shifted.evaluations_per_voxel(), 2) == 3.99  # the default of 2026-12-02
+    with pytest.raises(ConfigError, match="unknown lattice 'diagonal'; choose one of shifted"):
         lattice_preset("diagonal", job.lattice.patch)
 
 

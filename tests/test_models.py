@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from flows.cli import app
 from models.checkpoint import DEFAULT_DENOISER, CheckpointError, load_denoiser, read_metadata
 from models.denoiser import ConditionalUNet3D
 from tera_pipeline.core import errors
@@ -44,8 +47,9 @@ def test_conditioning_changes_the_prediction():
 def test_a_sub_bin_model_takes_a_wider_window_and_heeds_the_offset():
     """A patch that starts within a bin: one bin more in y and x, the offset moves the bins'
     features over the patch (zero offset, given or not, is the same)."""
-    cfg = dataclasses.replace(TINY, sub_bin_offsets=True)
-    assert cfg.cond_input == (6, 5, 5) and TINY.cond_input == (6, 4, 4)
+    cfg = TINY
+    assert cfg.cond_input == (6, 5, 5)
+    assert dataclasses.replace(TINY, sub_bin_offsets=False).cond_input == (6, 4, 4)
     model = ConditionalUNet3D(cfg).eval()
     x = torch.randn(2, 2, *cfg.patch)
     t = torch.tensor([300, 300])
@@ -140,14 +144,18 @@ def test_training_on_user_images_and_cells_resumes(tmp_path, client):
         frame[name] = cells.counts[:, g]
     frame.to_csv(tmp_path / "cells.csv", index=False)
     user = UserData(job.out, tmp_path / "cells.csv", (4.0, 1.0, 1.0))
-    data = user_training_data(user, (1, 16, 16))
-    assert data[0].image.shape == (2, 4, 96, 128) and data[1].image.shape == (2, 4, 32, 128)
+    data = user_training_data(user, (1, 16, 16), patch=(4, 48, 48))  # a patch and a bin held out
+    assert data[0].image.shape == (2, 4, 80, 128) and data[1].image.shape == (2, 4, 48, 128)
     first = tmp_path / "first.safetensors"
     train_denoiser(first, 4, Recipe(batch=4, lr=2e-3), model_config=TINY, data=data, log_every=2)
-    history = train_denoiser(
-        tmp_path / "second.safetensors", 4, Recipe(4, 2e-3), data=data, resume=first, log_every=2
-    )
+    second = tmp_path / "second.safetensors"  # the README's command
+    args = ["train", "denoiser", "--images", str(job.out), "--cells", str(tmp_path / "cells.csv"),
+            "--resume", str(first), "--out", str(second), "--steps", "4",
+            "--batch", "4"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    history = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
     assert {"train_loss", "val_loss"} <= set(history[-1])
-    _, meta = load_denoiser(tmp_path / "second.safetensors")
+    _, meta = load_denoiser(second)
     assert meta["training"]["steps_total"] == 8
     assert meta["training"]["resumed_from"] == str(first)

@@ -110,6 +110,15 @@ def _expected(x: np.ndarray, y: np.ndarray, z: np.ndarray, genes: np.ndarray, jo
     return binned_counts(np.stack([x, y, z], axis=1), genes, GENE_PANEL, job)
 
 
+XENIUM_CONTROLS = ("NegControlProbe_", "BLANK_", "UnassignedCodeword_")
+
+
+def _centroids(rows: pd.DataFrame, xyz: tuple[str, str, str], cell: str, none) -> np.ndarray:
+    """(x, y, z) µm: the mean position of each named cell's rows, counted here."""
+    named = rows[rows[cell] != none]
+    return named.groupby(cell)[list(xyz)].mean().to_numpy(np.float64)
+
+
 def _job(tmp_path: Path, name: str, source: Path, checkpoint: Path, **transcripts) -> JobConfig:
     return JobConfig.model_validate({
         "out": str(tmp_path / f"{name}.zarr"), "volume": {"shape": SHAPE, "spacing_um": SPACING},
@@ -139,6 +148,9 @@ def test_xenium_merscope_and_cosmx_tables_generate_as_written(tmp_path, tiny_che
         if name == "xenium":  # qv >= 20 and no control codeword, from the file's own columns
             table = pd.read_parquet(path)
             kept = table[(table.qv >= 20) & table.feature_name.isin(GENE_PANEL)]
+            placed = table[(table.qv >= 20) & ~table.feature_name.str.startswith(XENIUM_CONTROLS)]
+            cells = _centroids(placed, ("x_location", "y_location", "z_location"), "cell_id",
+                               "UNASSIGNED")  # fmt: skip
             xyz = [kept[c].to_numpy(np.float64) for c in ("x_location", "y_location", "z_location")]
             want = _expected(*xyz, kept.feature_name.to_numpy(), job)
             low = table.qv < 20
@@ -150,6 +162,10 @@ def test_xenium_merscope_and_cosmx_tables_generate_as_written(tmp_path, tiny_che
         elif name == "merscope":
             table = pd.read_csv(path)
             kept = table[table.gene.isin(GENE_PANEL)]
+            placed = table[~table.gene.str.startswith("Blank-")].assign(
+                z_um=lambda t: t.global_z * Z_STEP
+            )
+            cells = _centroids(placed, ("global_x", "global_y", "z_um"), "cell_id", -1)
             z = kept.global_z.to_numpy() * Z_STEP
             want = _expected(kept.global_x.to_numpy(), kept.global_y.to_numpy(), z,
                              kept.gene.to_numpy(), job)  # fmt: skip
@@ -157,13 +173,27 @@ def test_xenium_merscope_and_cosmx_tables_generate_as_written(tmp_path, tiny_che
         else:
             table = pd.read_csv(path)
             kept = table[table.target.isin(GENE_PANEL)]
+            placed = table[~table.target.str.startswith(("NegPrb", "FalseCode", "SystemControl"))]
+            placed = placed.assign(
+                x_um=placed.x_global_px * COSMX_PX,
+                y_um=placed.y_global_px * COSMX_PX,
+                z_um=placed.z * Z_STEP,
+            )
+            cells = _centroids(placed, ("x_um", "y_um", "z_um"), "cell_ID", 0)
             want = _expected(kept.x_global_px.to_numpy() * COSMX_PX,
                              kept.y_global_px.to_numpy() * COSMX_PX,
                              kept.z.to_numpy() * Z_STEP, kept.target.to_numpy(), job)  # fmt: skip
             drops = {"control, blank or unassigned codewords": 3}
         np.testing.assert_array_equal(cond, want)
         assert cond.sum() == len(kept) > 0.85 * len(frame)
+        # cell_count: the centroids of the cells the instrument named, not transcripts
+        counted = store.open_array(job.out, layout.CELL_COUNT).read().result()
+        centroid_bins = binned_counts(cells, [GENE_PANEL[0]] * len(cells), GENE_PANEL, job)[0]
+        np.testing.assert_array_equal(counted, centroid_bins)
+        assert counted.sum() == len(cells) < cond.sum()
+        assert store.group_attrs(job.out)["tera_pipeline"]["cell_count"] == "cell centroids per bin"
         manifest = _manifest(job)
+        assert manifest["cells"] == len(cells)
         assert manifest["kept"] == len(kept) and manifest["rows"] == len(table)
         assert {k: v for k, v in manifest["dropped"].items() if v} == drops
         assert manifest["format"].startswith(name)
@@ -268,3 +298,78 @@ def test_an_atlas_h5ad_with_ensembl_ids_and_z_in_obs_reads_like_the_plain_one(tm
     atlas.write_h5ad(tmp_path / "no_z.h5ad")
     with pytest.raises(InputError, match=r"holds \(x, y\) only: give z in µm as obs\['z'\]"):
         load_cells(tmp_path / "no_z.h5ad", GENE_PANEL)
+
+
+def write_abc_atlas(folder: Path, cells) -> list[str]:
+    """The Allen Brain Cell atlas's MERFISH files: an expression h5ad (var Ensembl ids with a
+    gene_symbol column, obs indexed by cell_label, no obsm) and cell_metadata.csv keyed by
+    cell_label with x, y, z in mm among section and cluster columns, in another row order, one
+    row for a cell the h5ad lacks. Returns the labels."""
+    import anndata
+    import scipy.sparse
+
+    folder.mkdir()
+    labels = [f"10191719071023{i:05d}-1" for i in range(len(cells))]
+    anndata.AnnData(
+        X=scipy.sparse.csr_matrix(cells.counts),
+        obs=pd.DataFrame({"brain_section_label": "C57BL6J-638850.40"},
+                         index=pd.Index(labels, name="cell_label")),
+        var=pd.DataFrame({"gene_symbol": list(GENE_PANEL)},
+                         index=pd.Index([f"ENSMUSG{i:011d}" for i in range(len(GENE_PANEL))],
+                                        name="gene_identifier")),
+    ).write_h5ad(folder / "C57BL6J-638850-raw.h5ad")  # fmt: skip
+    mm = cells.position_um / 1000.0
+    order = np.random.default_rng(1).permutation(len(cells))
+    pd.DataFrame({
+        "cell_label": [*np.asarray(labels)[order], "9999999999999999999-1"],
+        "brain_section_label": "C57BL6J-638850.40", "cluster_alias": 1,
+        "average_correlation_score": 0.6, "feature_matrix_label": "C57BL6J-638850",
+        "donor_label": "C57BL6J-638850", "donor_genotype": "wt/wt", "donor_sex": "M",
+        "x": [*mm[order, 2], 5.0], "y": [*mm[order, 1], 5.0], "z": [*mm[order, 0], 5.0],
+    }).to_csv(folder / "cell_metadata.csv", index=False)  # fmt: skip
+    return labels
+
+
+def test_an_allen_atlas_folder_generates_with_its_cell_labels_to_spatia(
+    tmp_path, tiny_checkpoint, client
+):
+    """Positions joined from cell_metadata.csv on cell_label and read in mm; the conditioning
+    equals an independent count; SPATIA's obs_names and ``perturb --cell-id`` are the labels."""
+    from tera_pipeline.analysis import spatia
+    from tera_pipeline.analysis.perturb import perturb_store
+    from tera_pipeline.inputs.cells import load_cells
+
+    from .test_spatia import write_tiny_spatia
+
+    cells = SyntheticBrain(2).cells(Box((0, 0, 0), SHAPE))
+    labels = write_abc_atlas(tmp_path / "abc", cells)
+    h5ad = tmp_path / "abc" / "C57BL6J-638850-raw.h5ad"
+    table = load_cells(h5ad, GENE_PANEL)
+    assert table.names() == labels
+    np.testing.assert_allclose(table.position_um, cells.position_um, rtol=1e-12)
+    job = JobConfig.model_validate({
+        "out": str(tmp_path / "abc.zarr"), "volume": {"shape": SHAPE, "spacing_um": SPACING},
+        "storage": {"block": (4, 32, 32)}, "diffusion": {"steps": 1},
+        "conditioning": {"source": str(h5ad)}, "checkpoint": str(tiny_checkpoint),
+    })  # fmt: skip
+    lifecycle.generate(job, client)
+    cond = store.open_array(job.out, layout.CONDITIONING).read().result()
+    want = np.zeros_like(cond)
+    for g in range(len(GENE_PANEL)):
+        bins = binned_counts(
+            np.repeat(cells.position_um[:, ::-1], cells.counts[:, g].astype(int), axis=0),
+            [GENE_PANEL[0]] * int(cells.counts[:, g].sum()), GENE_PANEL, job,
+        )  # fmt: skip
+        want[g] = bins[0]
+    np.testing.assert_array_equal(cond, want)
+    result = spatia.run(Path(job.out), client, write_tiny_spatia(tmp_path / "s.safetensors"))
+    import anndata
+
+    obs_names = list(anndata.read_h5ad(result["h5ad"]).obs_names)
+    assert len(obs_names) == len(labels) and set(obs_names) == set(labels)
+    central = Box((0, 32, 32), (4, 32, 32))  # the central block of the 1 x 2 x 2 grid
+    voxel = np.floor(cells.position_um / np.asarray(SPACING)).astype(int)
+    there = [n for n, v in zip(labels, voxel) if central.contains(Box(tuple(v), (1, 1, 1)))]
+    report = perturb_store(Path(job.out), "Ccnd1=+20", cell_ids=there[:2],
+                           checkpoint=tmp_path / "s.safetensors", out_dir=tmp_path)  # fmt: skip
+    assert [c["cell_id"] for c in report["per_cell"]] == there[:2]

@@ -91,8 +91,10 @@ def transcript_options(command: Callable[..., None]) -> Callable[..., None]:
 Lattice = Annotated[
     str | None,
     typer.Option(
-        help="Patch lattice: z-shifted (the default), overlapped (the default before: stride half "
-        "the patch on every axis, for stores written with it), or shifted (stride = patch)."
+        help="Patch lattice: shifted (the default: stride = patch, moved by voxels at every "
+        "step), bin-shifted (moved by whole gene bins), z-shifted (the default of 2026-12-02: "
+        "overlapped in-plane, moved in z) or overlapped (the default before: stride half the "
+        "patch on every axis). Stores written with another keep theirs on --resume."
     ),
 ]
 CheckpointOut = Annotated[Path | None, typer.Option(help="Checkpoint to write.")]

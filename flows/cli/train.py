@@ -17,6 +17,7 @@ from flows.cli.common import (
     TrainingSteps,
     UserImages,
     echo_log,
+    fail,
     refusing,
     train_app,
     triple,
@@ -34,7 +35,12 @@ def train_denoiser_cmd(
     batch: Batch = 16,
     lr: LearningRate = 2e-3,
     seed: Seed = 1,
-    base_channels: Annotated[int, typer.Option(help="UNet base channels.")] = 16,
+    size: Annotated[
+        str, typer.Option(help="Model size: small (the committed one) or tiny (48 k parameters).")
+    ] = "small",
+    base_channels: Annotated[
+        int | None, typer.Option(help="UNet base channels (default: the size's).")
+    ] = None,
     prediction: Annotated[str, typer.Option(help="Model output: 'v' or 'epsilon'.")] = "v",
     sub_bin_offsets: Annotated[
         bool,
@@ -43,19 +49,43 @@ def train_denoiser_cmd(
             "voxels, needs); --no-sub-bin-offsets: only on bins, as before."
         ),
     ] = True,
+    images: UserImages = None,
+    cells: Annotated[
+        Path | None, typer.Option(help="Its cells or transcripts (.h5ad, .parquet, .csv).")
+    ] = None,
+    spacing: Spacing = "4,1,1",
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue from this checkpoint (its weights, config and panel)."),
+    ] = None,
     threads: Threads = 2,
 ) -> None:
-    """Train the denoiser on synthetic-brain patches; writes a safetensors checkpoint."""
+    """Train the denoiser on patches of a synthetic brain, or of your images and cells; writes
+    a safetensors checkpoint."""
     import torch
 
-    from models.denoiser import DenoiserConfig
-    from tera_pipeline.training.denoiser import train_denoiser
+    from models.denoiser import DENOISER_SIZES, DenoiserConfig
+    from tera_pipeline.training.denoiser import train_denoiser, user_training_data
     from tera_pipeline.training.loop import Recipe
+    from tera_pipeline.training.user_data import UserData
 
     torch.set_num_threads(threads)
-    cfg = DenoiserConfig(base_channels=base_channels, sub_bin_offsets=sub_bin_offsets)
-    recipe = Recipe(batch, lr, seed)
-    train_denoiser(out, steps, recipe, model_config=cfg, prediction=prediction, on_log=echo_log)
+    if size not in DENOISER_SIZES:
+        fail(f"unknown --size {size!r}; choose one of {', '.join(DENOISER_SIZES)}")
+    fields = DENOISER_SIZES[size] | (
+        {} if base_channels is None else {"base_channels": base_channels}
+    )
+    cfg = DenoiserConfig(**fields, sub_bin_offsets=sub_bin_offsets)
+    data, spacing_um = None, user_data_spacing(images, cells, spacing)
+    with refusing():
+        if spacing_um is not None:
+            user = UserData(images, cells, spacing_um)  # held out: a patch and a bin, at least
+            data = user_training_data(user, (1, 16, 16), patch=(4, 48, 48))
+        recipe = Recipe(batch, lr, seed)
+        train_denoiser(
+            out, steps, recipe, model_config=cfg, prediction=prediction, on_log=echo_log,
+            data=data, resume=resume,
+        )  # fmt: skip
     typer.echo(f"wrote {out}")
 
 

@@ -55,42 +55,49 @@ class VolumeSpec(_Section):
         return v
 
 
-LATTICES = ("z-shifted", "overlapped", "shifted")
+LATTICES = ("shifted", "bin-shifted", "z-shifted", "overlapped")
 """The named lattices (``lattice_preset``); the first is the default, chosen in
 docs/PERFORMANCE.md ("Quality against cost")."""
 
 
 def lattice_preset(name: str, patch: Triple) -> dict[str, object]:
-    """The lattice fields of a named lattice for ``patch``: ``z-shifted`` (half-patch stride in
-    y and x, blended; stride = patch in z, shifted per step), ``overlapped`` (half the patch on
-    every axis, one fixed lattice), ``shifted`` (stride = patch on every axis, shifted)."""
+    """The lattice fields of a named lattice for ``patch``: ``shifted`` (stride = patch, moved by
+    voxels at every step), ``bin-shifted`` (the same, moved by whole gene bins), ``z-shifted``
+    (half-patch stride in y and x, blended; stride = patch in z, moved per step), ``overlapped``
+    (half the patch on every axis, one fixed lattice)."""
     half = tuple(max(p // 2, 1) for p in patch)
-    strides = {"z-shifted": (patch[0], *half[1:]), "overlapped": half, "shifted": tuple(patch)}
+    strides = {
+        "shifted": tuple(patch),
+        "bin-shifted": tuple(patch),
+        "z-shifted": (patch[0], *half[1:]),
+        "overlapped": half,
+    }
     if name not in strides:
         raise ConfigError(f"unknown lattice {name!r}; choose one of {', '.join(LATTICES)}")
     mode = "overlapped" if name == "overlapped" else "shifted"
-    return {"lattice.mode": mode, "lattice.stride": strides[name]}
+    unit = "voxel" if name == "shifted" else "bin"
+    return {"lattice.mode": mode, "lattice.stride": strides[name], "lattice.shift_unit": unit}
 
 
 class LatticeSpec(_Section):
     patch: PositiveTriple = (4, 32, 32)
-    stride: PositiveTriple = (4, 16, 16)
+    stride: PositiveTriple = (4, 32, 32)
     window: Literal["cosine", "gaussian", "constant"] = "cosine"
     mode: Literal["overlapped", "shifted"] = "shifted"
     """``overlapped``: one fixed lattice of stride ``stride``, predictions blended. ``shifted``:
     on the axes where the stride is the patch (non-overlapping), the lattice is offset at every
     step by a pure function of (seed, step), so one step's seams move at the next (after
     SpotDiffusion); the other axes stay overlapped and blended. Stride = patch on every axis
-    predicts each voxel once. The default (stride = patch in z only): docs/PERFORMANCE.md. A
-    stride given without a mode that overlaps on every axis means ``overlapped``."""
+    (the default, docs/PERFORMANCE.md) predicts each voxel once. A stride given without a mode
+    that overlaps on every axis means ``overlapped``."""
     overlapped_final_steps: int = Field(0, ge=0)
     """In ``shifted`` mode, the last steps run on the unshifted lattice of ``final_stride``."""
     final_stride: PositiveTriple | None = None
     """The stride of those last steps; default half the patch (in whole gene bins)."""
-    shift_unit: Literal["bin", "voxel"] = "bin"
-    """What ``shifted`` offsets are multiples of: a gene bin (the stored bins serve every step),
-    or a voxel (a step's seams land anywhere; a step offset within a bin bins the cells again
-    on its own grid, which this model follows poorly: docs/PERFORMANCE.md)."""
+    shift_unit: Literal["bin", "voxel"] = "voxel"
+    """What ``shifted`` offsets are multiples of: a voxel (a step's seams land anywhere; needs a
+    model trained with sub-bin offsets, as the committed one, which reads the stored bins at
+    every step), or a gene bin (patches keep whole bins: any model)."""
 
     @property
     def shifted_axes(self) -> tuple[bool, bool, bool]:
@@ -363,12 +370,6 @@ class JobConfig(_Section):
         drawn = lattice_shift(self.diffusion.seed, step, self.lattice.patch, unit)
         shift = tuple(o if moved else 0 for o, moved in zip(drawn, self.lattice.shifted_axes))
         return PatchLattice(self.lattice.patch, self.lattice.stride, shift)
-
-    def bin_phase(self, step: int) -> Triple:
-        """Where the gene bins of step ``step``'s patches start within a bin (0 but for shifted
-        lattices offset by voxels)."""
-        offset = self.lattice_at(step).offset
-        return tuple(o % b for o, b in zip(offset, self.conditioning.bin))  # type: ignore[return-value]
 
     def grid(self, step: int | None = None) -> BlockGrid:
         """The block grid, with the lattice of ``step`` (default: the unshifted lattice)."""

@@ -284,8 +284,6 @@ def gene_window(
     return Box(first, footprint).grow(context, context), offset  # type: ignore[return-value]
 
 
-def patch_bins(patch: Box, bin_shape: Shape, context: Shape, phase: Shape = (0, 0, 0)) -> Box:
-    """The gene window of a patch: the bins of its footprint grown by ``context`` bins, on the
-    bin grid of ``phase`` (bins start at voxels ``phase`` + multiples of the bin)."""
-    moved = Box(tuple(b - f for b, f in zip(patch.begin, phase, strict=True)), patch.shape)
-    return bin_box(moved, bin_shape).grow(context, context)
+def patch_bins(patch: Box, bin_shape: Shape, context: Shape) -> Box:
+    """The gene window of a bin-aligned patch: the bins of its footprint grown by ``context``."""
+    return bin_box(patch, bin_shape).grow(context, context)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tera_pipeline.core.config import JobConfig
-from tera_pipeline.core.geometry import Box, bin_box, bounding_box, gene_window, patch_bins
+from tera_pipeline.core.geometry import Box, bin_box, bounding_box, gene_window
 from tera_pipeline.core.intensity import to_uint8
 from tera_pipeline.core.noise import position_noise
 from tera_pipeline.generation.blending import Accumulator, patch_window
@@ -31,7 +31,7 @@ from tera_pipeline.generation.predictor import get_predictor, schedule_of
 from tera_pipeline.generation.seams import fetch as fetch_seams
 from tera_pipeline.generation.seams import plan as plan_seams
 from tera_pipeline.generation.seams import publish as publish_seams
-from tera_pipeline.inputs.conditioning import open_source, phase_raster
+from tera_pipeline.inputs.conditioning import open_source
 from tera_pipeline.runtime.cluster import gpu_task
 from tera_pipeline.runtime.tasks import BlockStats
 from tera_pipeline.storage import store
@@ -93,23 +93,15 @@ def _read_inputs(config: JobConfig, grid, step: int, core: Box, model_cfg) -> _S
         x[:, ~mask] = 0.0  # beyond the volume the state reads as the fixed fill, as in scratch
     else:
         x = store.read_box(store.open_array(root, STATES[step % 2]), span).astype(np.float32)
+    # windows on the stored bins, wherever the patches start (a bin-aligned model's patches
+    # start on bins: ``check_checkpoint``), with the patches' offset in their first bin
     b, context = config.conditioning.bin, model_cfg.cond_context
-    if model_cfg.sub_bin_offsets:  # windows on the stored bins, wherever the patches start
-        placed = [gene_window(p, b, model_cfg.cond_footprint, context) for p in patches]
-        windows = [w for w, _ in placed]
-        cond_span = bounding_box(windows)
-        cond = store.read_box(store.open_array(root, CONDITIONING), cond_span)
-        return _StepInputs(patches, span, x, cond, cond_span, windows, placed[0][1])
-    phase = config.bin_phase(step)
-    cond_span = patch_bins(span, b, context, phase)
-    windows = [patch_bins(p, b, context, phase) for p in patches]
-    if any(phase):  # the step's patches start within bins: bin the cells on their grid
-        source = open_source(config, job_genes(root))
-        sp = config.volume.spacing_um
-        cond = phase_raster(source, cond_span, grid.volume_box, sp, b, phase)
-    else:
-        cond = store.read_box(store.open_array(root, CONDITIONING), cond_span)
-    return _StepInputs(patches, span, x, cond, cond_span, windows, None)
+    placed = [gene_window(p, b, model_cfg.cond_footprint, context) for p in patches]
+    windows = [w for w, _ in placed]
+    cond_span = bounding_box(windows)
+    cond = store.read_box(store.open_array(root, CONDITIONING), cond_span)
+    offset = placed[0][1] if model_cfg.sub_bin_offsets else None
+    return _StepInputs(patches, span, x, cond, cond_span, windows, offset)
 
 
 def _predict(

@@ -21,6 +21,7 @@ from tera_pipeline.generation.block_step import denoise_block, rasterize_block
 from tera_pipeline.generation.predictor import check_checkpoint, resolve_checkpoint
 from tera_pipeline.inputs.conditioning import CELLS_DIR, open_source
 from tera_pipeline.inputs.partition import PartitionedSource, partition
+from tera_pipeline.inputs.transcript_cells import CELL_COUNTS
 from tera_pipeline.runtime.tasks import Blocks, BlockTask, PhaseReport, Progress, run_task
 from tera_pipeline.storage import ledger, lock, ownership, store
 from tera_pipeline.storage.layout import array_specs, bytes_needed, coordinates
@@ -148,6 +149,7 @@ def prepare_store(
                     "trained_with": meta.get("command"),
                 },
                 "genes": list(source.genes),
+                "cell_count": getattr(source, "cell_count_kind", CELL_COUNTS),
                 "version": _version(),
                 "status": "running",
                 "started": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -142,9 +142,24 @@ def check_checkpoint(config: JobConfig, genes: Sequence[str], meta: dict | None 
             f"checkpoint {path} expects gene windows {tuple(model_cfg.get('cond_window', ()))} "
             f"bins, the job's patch and bin give {window}"
         )
+    if needs_sub_bin_offsets(config) and not model_cfg.get("sub_bin_offsets", False):
+        raise GenerationError(
+            f"checkpoint {path} takes only patches that start on a gene bin, and the lattice "
+            f"moves by voxels: pass --lattice bin-shifted (or z-shifted, overlapped), or use a "
+            f"checkpoint trained with sub-bin offsets (tera train denoiser, the default)"
+        )
     difference = panel_difference(genes, meta.get("genes", []))
     if difference:
         raise GenerationError(
             f"checkpoint {path} gene panel does not match the conditioning's: {difference}"
         )
     return meta
+
+
+def needs_sub_bin_offsets(config: JobConfig) -> bool:
+    """Whether some step's patches start within a gene bin (a lattice moved by voxels)."""
+    b = config.conditioning.bin
+    return any(
+        o % n for step in range(config.diffusion.steps)
+        for o, n in zip(config.lattice_at(step).offset, b, strict=True)
+    )  # fmt: skip

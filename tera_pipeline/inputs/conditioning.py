@@ -17,24 +17,18 @@ from tera_pipeline.core.geometry import Box, Shape
 from tera_pipeline.inputs.synthetic import CellTable, SyntheticBrain
 
 
-def cell_bins(
-    cells: CellTable, spacing_um: Shape, bin_shape: Shape, phase: Shape = (0, 0, 0)
-) -> np.ndarray:
-    """Bin index (z, y, x) of each cell's centroid, shape (N, 3) int64, on the global bin grid
-    or on the grid of ``phase`` (bins start at voxels ``phase`` + multiples of the bin)."""
+def cell_bins(cells: CellTable, spacing_um: Shape, bin_shape: Shape) -> np.ndarray:
+    """Bin index (z, y, x) of each cell's centroid on the global bin grid, (N, 3) int64."""
     voxel = np.floor(cells.position_um / np.asarray(spacing_um, dtype=np.float64)).astype(np.int64)
-    return np.floor_divide(voxel - np.asarray(phase), np.asarray(bin_shape, dtype=np.int64))
+    return np.floor_divide(voxel, np.asarray(bin_shape, dtype=np.int64))
 
 
-def rasterize(
-    cells: CellTable, bins: Box, spacing_um: Shape, bin_shape: Shape, phase: Shape = (0, 0, 0)
-) -> np.ndarray:
-    """Summed counts per gene and bin over ``bins`` (a box in bin units of the grid of
-    ``phase``): (G, *bins.shape)."""
+def rasterize(cells: CellTable, bins: Box, spacing_um: Shape, bin_shape: Shape) -> np.ndarray:
+    """Summed counts per gene and bin over ``bins`` (a box in bin units): (G, *bins.shape)."""
     out = np.zeros((len(cells.genes), *bins.shape), dtype=np.float32)
     if len(cells) == 0:
         return out
-    idx = cell_bins(cells, spacing_um, bin_shape, phase) - np.asarray(bins.begin)
+    idx = cell_bins(cells, spacing_um, bin_shape) - np.asarray(bins.begin)
     inside = np.all((idx >= 0) & (idx < np.asarray(bins.shape)), axis=1)
     idx, counts = idx[inside], cells.counts[inside]
     flat = np.ravel_multi_index(idx.T, bins.shape)
@@ -69,19 +63,6 @@ class CellSource:
             rasterize(cells, bins, spacing_um, bin_shape),
             cell_count_raster(cells, bins, spacing_um, bin_shape),
         )
-
-
-def phase_raster(
-    source: CellSource, bins: Box, volume: Box, spacing_um: Shape, bin_shape: Shape, phase: Shape
-) -> np.ndarray:
-    """The gene raster over ``bins`` on the bin grid of ``phase``, from the cells inside the
-    volume (beyond it the raster is zero, as the stored conditioning reads there)."""
-    begin = tuple(i * n + f for i, n, f in zip(bins.begin, bin_shape, phase, strict=True))
-    voxels = Box(begin, tuple(i * n for i, n in zip(bins.shape, bin_shape, strict=True)))
-    inside = voxels.intersect(volume)
-    if inside.empty:
-        return np.zeros((len(source.genes), *bins.shape), dtype=np.float32)
-    return rasterize(source.cells(inside), bins, spacing_um, bin_shape, phase)
 
 
 class SyntheticSource(CellSource):

@@ -46,6 +46,11 @@ LATER_DEFAULTS = {
 out of an identity, so a store written before the field existed still resumes."""
 
 
+DEFAULTS_CHANGED = {"diffusion.steps", "checkpoint_sha256"}
+"""Identity fields (besides the lattice's) whose defaults changed: a resume that differs in one
+names the former defaults."""
+
+
 class ResumeError(TeraError):
     """A resume that cannot continue this store (other layout or config, no ledger, ...)."""
 
@@ -127,12 +132,12 @@ def check_identity(root: Path, identity: dict) -> None:
         if a.get(k) != b.get(k)
     ]
     hint = ""
-    if a.get("lattice.mode", "overlapped") != b.get("lattice.mode", "overlapped") or (
-        a.get("diffusion.steps") != b.get("diffusion.steps")
-    ):
+    changed = {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    if any(k.startswith("lattice.") or k in DEFAULTS_CHANGED for k in changed):
         hint = (
-            "; pass the store's own --lattice and --steps (the defaults before 2026-12: "
-            "--lattice overlapped --steps 15)"
+            "; pass the store's own --lattice, --steps and --checkpoint (the defaults before "
+            "2026-12: --lattice overlapped --steps 15; then --lattice z-shifted --steps 8; both "
+            "with the denoiser of git revision 3400262)"
         )
     raise ResumeError(f"cannot resume {root}: the job differs ({'; '.join(diff[:5])}){hint}")
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from models.checkpoint import CheckpointError, load_denoiser
 from models.denoiser import ConditionalUNet3D, DenoiserConfig
+from tera_pipeline.core.errors import InputError
 from tera_pipeline.core.geometry import Box, Shape, bin_box, patch_bins
 from tera_pipeline.core.intensity import from_uint8
 from tera_pipeline.generation.schedule import Prediction, Schedule
@@ -66,6 +67,11 @@ def sample_offset_batch(
     b = data.bin
     region = tuple(p + e * n for p, e, n in zip(patch, extra, b, strict=True))
     limits = [(s - r) // n for s, r, n in zip(data.image.shape[1:], region, b, strict=True)]
+    if min(limits) < 0:
+        raise InputError(
+            f"training volume {data.image.shape[1:]} is smaller than a patch and its gene "
+            f"window {region} voxels"
+        )
     padded = np.pad(data.cond, [(0, 0)] + [(c, c) for c in context])
     frame = Box(tuple(-c for c in context), padded.shape[1:])
     xs, cs, offsets = [], [], []
@@ -114,8 +120,6 @@ def user_training_data(
 ) -> tuple[TrainingData, TrainingData]:
     """A user's image volume and its cells or transcripts in ``bin_shape`` bins; the last
     ``val_fraction`` of y (at least one patch) is held out."""
-    from tera_pipeline.core.errors import InputError
-
     image, table = data.load()
     shape = image.shape[1:]
     box = Box((0, 0, 0), shape)
