@@ -106,7 +106,13 @@ Threads = Annotated[int, typer.Option(help="torch threads.")]
 UserImages = Annotated[
     Path | None, typer.Option(help="Your image zarr (c, z, y, x) uint8, or a store.")
 ]
-Spacing = Annotated[str, typer.Option(help="Voxel spacing z,y,x in µm of --images.")]
+Spacing = Annotated[
+    str | None,
+    typer.Option(
+        help="Voxel spacing z,y,x in µm of --images (default: what tera import-images recorded, "
+        "else 4,1,1)."
+    ),
+]
 
 analyze_app = typer.Typer(no_args_is_help=True, help="Downstream analyses of a generated store.")
 app.add_typer(analyze_app, name="analyze")
@@ -132,12 +138,19 @@ def parse_spacing(text: str) -> tuple[float, float, float]:
     return _three(text, "--spacing", float, "numbers Z,Y,X in µm")
 
 
-def user_data_spacing(images: Path | None, cells: Path | None, spacing: str):
-    """For training on a user's data: the spacing of ``--images`` (None when neither
-    ``--images`` nor ``--cells`` is given; a refusal when only one is)."""
+def user_data_spacing(images: Path | None, cells: Path | None, spacing: str | None):
+    """For training on a user's data: the spacing of ``--images``: given, or as ``tera
+    import-images`` recorded it, else 4,1,1 µm (None when neither ``--images`` nor ``--cells`` is
+    given; a refusal when only one is)."""
+    from tera_pipeline.inputs.images import recorded_spacing
+
     if (images is None) != (cells is None):
         fail("--images and --cells go together")
-    return None if images is None else parse_spacing(spacing)
+    if images is None:
+        return None
+    if spacing is None:
+        return recorded_spacing(images) or (4.0, 1.0, 1.0)
+    return parse_spacing(spacing)
 
 
 def echo_log(entry: dict) -> None:

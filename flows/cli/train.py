@@ -53,7 +53,7 @@ def train_denoiser_cmd(
     cells: Annotated[
         Path | None, typer.Option(help="Its cells or transcripts (.h5ad, .parquet, .csv).")
     ] = None,
-    spacing: Spacing = "4,1,1",
+    spacing: Spacing = None,
     resume: Annotated[
         Path | None,
         typer.Option(help="Continue from this checkpoint (its weights, config and panel)."),
@@ -103,7 +103,7 @@ def train_magnet_cmd(
     cells: Annotated[
         Path | None, typer.Option(help="Its cells or transcripts (.h5ad, .parquet, .csv).")
     ] = None,
-    spacing: Spacing = "4,1,1",
+    spacing: Spacing = None,
     threads: Threads = 2,
 ) -> None:
     """Train MagNet on (image, expression per bin) pairs: synthetic renders, or yours."""
@@ -139,7 +139,7 @@ def train_spatia_cmd(
     crop: Annotated[str, typer.Option(help="Crop Z,Y,X voxels (Z > 1: 3-D crops).")] = "1,32,32",
     images: UserImages = None,
     cells: Annotated[Path | None, typer.Option(help="Its cell table (.h5ad, cell .csv).")] = None,
-    spacing: Spacing = "4,1,1",
+    spacing: Spacing = None,
     type_key: Annotated[
         str, typer.Option(help="obs / column with cell types in --cells, if any.")
     ] = "cell_type",
