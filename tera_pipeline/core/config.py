@@ -66,12 +66,8 @@ def lattice_preset(name: str, patch: Triple) -> dict[str, object]:
     (half-patch stride in y and x, blended; stride = patch in z, moved per step), ``overlapped``
     (half the patch on every axis, one fixed lattice)."""
     half = tuple(max(p // 2, 1) for p in patch)
-    strides = {
-        "shifted": tuple(patch),
-        "bin-shifted": tuple(patch),
-        "z-shifted": (patch[0], *half[1:]),
-        "overlapped": half,
-    }
+    strides = {"shifted": tuple(patch), "bin-shifted": tuple(patch)}
+    strides |= {"z-shifted": (patch[0], *half[1:]), "overlapped": half}
     if name not in strides:
         raise ConfigError(f"unknown lattice {name!r}; choose one of {', '.join(LATTICES)}")
     mode = "overlapped" if name == "overlapped" else "shifted"
