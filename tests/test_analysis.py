@@ -64,7 +64,9 @@ def test_attention_maps_open_on_the_grid_and_reproduce_across_seeds(generated):
         tiles = tuple(n // s for n, s in zip(job.volume.shape, job.lattice.stride, strict=True))
         assert pairs.shape == (2, *tiles)  # one value per stride tile
         assert list(ds["pair"].values) == ["Slc17a6/Slc17a7", "Nr4a2/Th"]
-        np.testing.assert_allclose(ds["ypatch"].values[:2], [16.0, 32.0])  # patch centres, µm
+        half, stride = job.lattice.patch[1] / 2, job.lattice.stride[1]
+        centres = [half, half + stride]  # patch centres, µm (1 µm pixels)
+        np.testing.assert_allclose(ds["ypatch"].values[:2], centres)
         matrix = ds[attention.MATRIX_ARRAY]
         assert matrix.dims == ("zblock", "yblock", "xblock", "gene", "gene_to")
         m = matrix.values
@@ -91,7 +93,7 @@ def test_evaluate_writes_json_and_png(generated, client, tmp_path):
     for key in ("fidelity", "seams", "truth", "nuclei"):
         assert key in saved
     seams = report["seams"]
-    assert seams["engine"]["face_period"] == [16, 16]
+    assert seams["engine"]["face_period"] == list(generated[0].lattice.stride[1:])  # [32, 32]
     assert seams["naive_tiling"]["face_period"] == [32, 32]
     assert len(saved["truth"]["ssim_per_slice"]) == 8
 

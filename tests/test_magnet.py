@@ -48,8 +48,9 @@ def stores(tmp_path_factory, tiny_checkpoint, client):
     """The same generated volume (4 x 176 x 208) written with two block sizes."""
     root = tmp_path_factory.mktemp("magnet-stores")
     out = {}
-    for block in ((4, 32, 64), (4, 96, 48)):
-        job = tiny_job(root / f"b{block[1]}.zarr", (4, 176, 208), block, 1, 3, tiny_checkpoint)
+    for block in ((4, 32, 64), (4, 96, 48)):  # 48: whole strides of the overlapped lattice
+        job = tiny_job(root / f"b{block[1]}.zarr", (4, 176, 208), block, 1, 3, tiny_checkpoint,
+                       lattice={"stride": (2, 16, 16)})  # fmt: skip
         lifecycle.generate(job, client)
         out[block] = job.out
     return out
