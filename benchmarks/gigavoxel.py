@@ -76,6 +76,7 @@ def main() -> None:
     p.add_argument("--shape", default="64,4096,4096")
     p.add_argument("--block", default="32,256,256")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--steps", type=int, help="sampling steps (default: the config's)")
     p.add_argument("--sample-every", type=float, default=5.0)
     p.add_argument("--status-every", type=float, default=300.0)
     p.add_argument("--json", type=Path)
@@ -88,7 +89,7 @@ def main() -> None:
         str(TERA), "generate", "--out", str(out), "--shape", args.shape,
         "--block", args.block, "--workers", str(args.workers),
         "--checkpoint", str(args.checkpoint.resolve()),
-    ]  # fmt: skip
+    ] + (["--steps", str(args.steps)] if args.steps else [])  # fmt: skip
     t0 = time.time()
     child = subprocess.Popen(
         command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -1,9 +1,12 @@
-"""Real data that ships inside a package: bento-tools' 10x Xenium crop (a SpatialData store,
-BSD-2-Clause, bento-tools 2.1.4.post2), fetched as a wheel from the package registry and read
-as it is: inspected, then generated from, with the conditioning equal to an independent count."""
+"""Real data that ships inside packages, fetched as wheels from the package registry and read as
+it is: bento-tools' 10x Xenium crop (a SpatialData store, BSD-2-Clause, bento-tools 2.1.4.post2),
+inspected, then generated from, with the conditioning equal to an independent count; stardist's
+3-D nuclei image and its instance mask (BSD-3-Clause, stardist 0.9.2), its nuclei the cells of a
+generation (``benchmarks/stardist_nuclei.py`` trains on the image and measures the result)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -32,12 +35,11 @@ ORIGIN = (0.0, 2540.0, 2540.0)  # the crop spans x, y in [2550, 2657) µm
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def xenium_crop(tmp_path_factory) -> Path:
-    """bento's Xenium crop, extracted from its wheel (downloaded with pip, nothing else)."""
-    folder = tmp_path_factory.mktemp("bento")
+def _wheel(folder: Path, requirement: str) -> None:
+    """Download ``requirement``'s wheel with pip into ``folder`` (skip if the registry is out of
+    reach)."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-q",
-               "-d", str(folder), BENTO]  # fmt: skip
+               "--only-binary", ":all:", "-d", str(folder), requirement]  # fmt: skip
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "HOME": str(folder)})  # fmt: skip
@@ -45,6 +47,13 @@ def xenium_crop(tmp_path_factory) -> Path:
         pytest.skip("the package registry did not answer within 300 s")
     if done.returncode:
         pytest.skip(f"the package registry is out of reach: {done.stderr.strip()[-200:]}")
+
+
+@pytest.fixture(scope="module")
+def xenium_crop(tmp_path_factory) -> Path:
+    """bento's Xenium crop, extracted from its wheel (downloaded with pip, nothing else)."""
+    folder = tmp_path_factory.mktemp("bento")
+    _wheel(folder, BENTO)
     with zipfile.ZipFile(next(folder.glob("bento_tools-*.whl"))) as wheel:
         names = [n for n in wheel.namelist() if n.startswith(SAMPLE) or "licenses/LICENSE" in n]
         wheel.extractall(folder, names)
@@ -101,3 +110,51 @@ def test_a_generation_from_the_xenium_crop_counts_its_transcripts(xenium_crop, t
     want = binned_counts(xyz, mine.feature_name.astype(str).to_numpy(), panel, job)
     np.testing.assert_array_equal(cond, want)
     assert cond.sum() == len(mine) > 4000 and cond[:, 1:].sum() == 0  # a section: z plane 0
+
+
+STARDIST = "stardist==0.9.2"
+NUCLEI = ("stardist/data/images/img3d.tif", "stardist/data/images/mask3d.tif")
+
+
+@pytest.fixture(scope="module")
+def stardist_nuclei(tmp_path_factory) -> tuple[np.ndarray, np.ndarray]:
+    """stardist's 3-D nuclei image and its instance mask, from its wheel."""
+    tifffile = pytest.importorskip("tifffile")
+    folder = tmp_path_factory.mktemp("stardist")
+    _wheel(folder, STARDIST)
+    with zipfile.ZipFile(next(folder.glob("stardist-*.whl"))) as wheel:
+        wheel.extractall(folder, [*NUCLEI, "stardist-0.9.2.dist-info/licenses/LICENSE.txt"])
+    licence = (folder / "stardist-0.9.2.dist-info/licenses/LICENSE.txt").read_text()
+    assert "BSD 3-Clause" in licence
+    return tuple(tifffile.imread(folder / name) for name in NUCLEI)
+
+
+def test_stardist_nuclei_condition_a_generation_one_cell_each(stardist_nuclei, tmp_path, client):
+    """Each labelled nucleus of the mask is a cell at its centroid; a generation of the image's
+    shape is conditioned on exactly one count per nucleus, in the bin of its centroid."""
+    from scipy import ndimage
+
+    from .conftest import TINY
+
+    image, mask = stardist_nuclei
+    assert image.shape == mask.shape == (31, 61, 57) and image.dtype == np.uint16
+    labels = np.unique(mask[mask > 0])
+    assert len(labels) == 51
+    zyx = np.asarray(ndimage.center_of_mass(np.ones_like(mask), mask, labels)) + 0.5
+    table = pd.DataFrame({"x": zyx[:, 2], "y": zyx[:, 1], "z": zyx[:, 0], "nucleus": 1})
+    table.to_csv(tmp_path / "nuclei.csv", index=False)
+    one_gene = dataclasses.replace(TINY, genes=1)
+    checkpoint = write_random_checkpoint(tmp_path / "n.safetensors", one_gene, genes=("nucleus",))
+    job = JobConfig.model_validate({
+        "out": str(tmp_path / "nuclei.zarr"),
+        "volume": {"shape": image.shape, "spacing_um": (1.0, 1.0, 1.0)},
+        "storage": {"block": (16, 64, 64)}, "diffusion": {"steps": 1},
+        "conditioning": {"source": str(tmp_path / "nuclei.csv")}, "checkpoint": str(checkpoint),
+    })  # fmt: skip
+    lifecycle.generate(job, client)
+    cond = store.open_array(job.out, layout.CONDITIONING).read().result()
+    want = binned_counts(zyx[:, ::-1], ["nucleus"] * len(zyx), ("nucleus",), job)
+    np.testing.assert_array_equal(cond, want)
+    assert cond.sum() == 51
+    counted = store.open_array(job.out, layout.CELL_COUNT).read().result()
+    np.testing.assert_array_equal(counted, want[0])
