@@ -15,7 +15,6 @@ also writes it); the store stays in ``--work`` (remove it yourself: it is severa
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import subprocess
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import psutil
+from output import emit  # the benchmarks' folder: this script's own
 
 HERE = Path(__file__).resolve().parents[1]
 TERA = Path(sys.executable).with_name("tera")
@@ -139,10 +139,7 @@ def main() -> None:
         result["pyramid_levels"] = sorted(
             d.name for d in (out / "pyramid").iterdir() if (d / "zarr.json").exists()
         )
-    text = json.dumps(result, indent=1, default=str)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

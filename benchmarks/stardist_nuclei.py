@@ -19,7 +19,6 @@ image. Prints JSON (``--json`` also writes it); everything is written inside ``-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -30,6 +29,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+from output import emit  # noqa: E402
 
 from models.denoiser import DenoiserConfig  # noqa: E402
 from tera_pipeline.core.config import ClusterSpec, JobConfig  # noqa: E402
@@ -148,10 +150,7 @@ def main() -> None:
         },
         "load_average": os.getloadavg(),
     }
-    text = json.dumps(result, indent=1, default=str)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":
