@@ -346,6 +346,9 @@ def test_an_allen_atlas_folder_generates_with_its_cell_labels_to_spatia(
     h5ad = tmp_path / "abc" / "C57BL6J-638850-raw.h5ad"
     table = load_cells(h5ad, GENE_PANEL)
     assert table.names() == labels
+    info = inspect_input(h5ad, spacing_um=SPACING)
+    assert info["format"] == "allen atlas h5ad, positions from cell_metadata.csv (mm)"
+    assert info["cells"] == len(labels) and info["extent_um"]["max"][0] > 30  # µm, not mm
     np.testing.assert_allclose(table.position_um, cells.position_um, rtol=1e-12)
     job = JobConfig.model_validate({
         "out": str(tmp_path / "abc.zarr"), "volume": {"shape": SHAPE, "spacing_um": SPACING},

@@ -82,16 +82,20 @@ def _transcripts(path: Path, spec: TranscriptSpec) -> dict:
 
 
 def _cells(path: Path) -> dict:
+    from tera_pipeline.inputs.anndata_cells import ATLAS_METADATA
     from tera_pipeline.inputs.cells import load_cells
 
     table = load_cells(path)
+    kind = "h5ad" if path.suffix.lower() == ".h5ad" else "cell table"
+    if kind == "h5ad" and _atlas(path):
+        kind = f"allen atlas h5ad, positions from {ATLAS_METADATA} (mm)"
     xyz = np.asarray(table.position_um)[:, ::-1]
     totals = np.asarray(table.counts).sum(axis=0)
     order = np.argsort(-totals)[:10]
     return {
         "path": str(path),
         "kind": "cells",
-        "format": "h5ad" if path.suffix.lower() == ".h5ad" else "cell table",
+        "format": kind,
         "rows": len(table),
         "kept": len(table),
         "dropped": {},
@@ -105,6 +109,17 @@ def _cells(path: Path) -> dict:
         },  # fmt: skip
         "_names": list(table.genes),
     }
+
+
+def _atlas(path: Path) -> bool:
+    """Whether an h5ad's positions came from the atlas metadata beside it (no obsm spatial)."""
+    import h5py
+
+    from tera_pipeline.inputs.anndata_cells import ATLAS_METADATA
+
+    with h5py.File(path, "r") as f:
+        has_spatial = "obsm" in f and "spatial" in f["obsm"]
+    return not has_spatial and (path.with_name(ATLAS_METADATA)).is_file()
 
 
 def summary_lines(info: dict) -> list[str]:
