@@ -75,7 +75,8 @@ DENOISER_SIZES: dict[str, dict] = {
     },
 }  # fmt: skip
 """Named sizes: ``small`` (1.1 M parameters, 1.17 GFLOP per patch: the committed denoiser, for
-CPUs) and ``tiny`` (48 k parameters, 0.05 GFLOP: fast throughput runs, e.g. the gigavoxel job)."""
+CPUs) and ``tiny`` (48 k parameters, 0.064 GFLOP per patch: throughput runs such as the
+gigavoxel job)."""
 
 
 class ResBlock(nn.Module):
