@@ -217,7 +217,7 @@ def _dask_chunk(x, job: JobConfig, checkpoint: str, step: int, cond_path: str, b
         )
         for p, e in zip(group, predictor(xs, sched.timestep(step), cs)):
             acc.add(p, e, window)
-    out = sched.ddim_update(x[(slice(None), *core.slices(ext))], acc.result(), step)
+    out = sched.ddim_update(x[(slice(None), *core.slices(ext))], acc.result().numpy(), step)
     return to_uint8(out) if step == sched.steps - 1 else out
 
 

@@ -52,14 +52,21 @@ def _api():
 
 
 class _ZeroPredictor:
-    """The real predictor's interface (``meta``, ``config``), with a prediction that costs
+    """The real predictor's interface (``meta``, ``config``, ``device``; ``predict`` on tensors,
+    or called on arrays by engines before issue 17's device path), with a prediction that costs
     nothing: zeros of the output's shape."""
 
     def __init__(self, real) -> None:
         self.meta, self.config = real.meta, real.config
+        self.device = getattr(real, "device", None)
 
     def __call__(self, x: np.ndarray, t: int, cond: np.ndarray, offset=None) -> np.ndarray:
         return np.zeros(x.shape, dtype=np.float32)
+
+    def predict(self, x, t: int, cond, offset=None):
+        import torch
+
+        return torch.zeros(x.shape, dtype=torch.float32, device=self.device)
 
 
 class ZeroCostDenoiser(WorkerPlugin):
@@ -80,13 +87,14 @@ class ZeroCostDenoiser(WorkerPlugin):
         module.get_predictor = zero
 
 
-def _run(shape, block, steps: int, client, out: Path) -> dict:
+def _run(shape, block, steps: int, client, out: Path, codec: str | None = None) -> dict:
     JobConfig, _, generate, _ = _api()
+    storage = {"block": list(block)} | ({"scratch_codec": codec} if codec else {})
     job = JobConfig.model_validate(
         {
             "out": str(out),
             "volume": {"shape": list(shape)},
-            "storage": {"block": list(block)},
+            "storage": storage,
             "diffusion": {"steps": steps},
         }
     )
@@ -121,8 +129,11 @@ def _breakdown(run: dict, workers: int, steps: int) -> dict:
     return {k: round(v / budget, 3) for k, v in parts.items()}
 
 
-def measure(shape, blocks, steps: int, workers: int, real_too: bool = True) -> list[dict]:
-    """The zero-cost run (and the real one) at each block size, with the engine on the path."""
+def measure(
+    shape, blocks, steps: int, workers: int, real_too: bool = True, codecs: tuple = (None,)
+) -> list[dict]:
+    """The zero-cost run (and the real one) at each block size, with the engine on the path;
+    the zero-cost run again with each scratch codec of ``codecs`` (None: the default)."""
     _, ClusterSpec, _, cluster_client = _api()
     voxel_steps = 2 * int(np.prod(shape)) * steps  # two stains
     results = []
@@ -133,20 +144,18 @@ def measure(shape, blocks, steps: int, workers: int, real_too: bool = True) -> l
             if real_too:
                 with cluster_client(spec) as client:
                     real = _run(shape, block, steps, client, Path(tmp) / "real.zarr")
+            zeros = {}
             with cluster_client(spec) as client:
                 client.register_plugin(ZeroCostDenoiser())
-                zero = _run(shape, block, steps, client, Path(tmp) / "zero.zarr")
-        per_worker = voxel_steps / (zero["step_wall_s"] * steps) / workers
-        row = {
-            "block": list(block),
-            "zero_cost": {
-                "step_wall_s": zero["step_wall_s"],
-                "voxel_steps_per_s_per_worker": round(per_worker),
-                "ns_per_voxel_step_per_worker": round(1e9 / per_worker, 1),
-                "time_shares": _breakdown(zero, workers, steps),
-                "patch_evaluations_per_step": zero["patch_evaluations_per_step"],
-            },
+                for codec in codecs:
+                    out = Path(tmp) / f"zero-{codec or 'default'}.zarr"
+                    zeros[codec] = _run(shape, block, steps, client, out, codec)
+        rows = {
+            codec: _zero_row(zero, voxel_steps, steps, workers) for codec, zero in zeros.items()
         }
+        row = {"block": list(block), "zero_cost": rows.pop(None)}
+        row |= {f"zero_cost_scratch_{codec}": r for codec, r in rows.items()}
+        zero = zeros[codecs[0]]
         if real is not None:
             row["real_denoiser"] = {
                 "step_wall_s": real["step_wall_s"],
@@ -155,6 +164,17 @@ def measure(shape, blocks, steps: int, workers: int, real_too: bool = True) -> l
             row["engine_share_of_a_real_step"] = round(zero["step_wall_s"] / real["step_wall_s"], 4)
         results.append(row)
     return results
+
+
+def _zero_row(zero: dict, voxel_steps: int, steps: int, workers: int) -> dict:
+    per_worker = voxel_steps / (zero["step_wall_s"] * steps) / workers
+    return {
+        "step_wall_s": zero["step_wall_s"],
+        "voxel_steps_per_s_per_worker": round(per_worker),
+        "ns_per_voxel_step_per_worker": round(1e9 / per_worker, 1),
+        "time_shares": _breakdown(zero, workers, steps),
+        "patch_evaluations_per_step": zero["patch_evaluations_per_step"],
+    }
 
 
 def _measure_at(revision: str, args) -> list[dict]:
@@ -185,6 +205,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--engine-at", default=BEFORE, help="also measure this revision ('' skips)")
+    p.add_argument(
+        "--scratch-codecs", nargs="*", default=["none"],
+        help="this engine's zero-cost run again with these scratch codecs",
+    )  # fmt: skip
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
@@ -193,7 +217,8 @@ def main() -> None:
         print(json.dumps(measure(shape, blocks, args.steps, args.workers, real_too=False)))
         return
     before = _measure_at(args.engine_at, args) if args.engine_at else None
-    results = measure(shape, blocks, args.steps, args.workers)
+    codecs = (None, *(c for c in args.scratch_codecs if c))
+    results = measure(shape, blocks, args.steps, args.workers, codecs=codecs)
     out = {
         "benchmark": "engine_ceiling",
         "shape": list(shape),

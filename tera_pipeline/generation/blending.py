@@ -1,4 +1,4 @@
-"""Patch windows and weighted accumulation of overlapping patch predictions.
+"""Patch windows and weighted accumulation of overlapping patch predictions (on the device).
 
 The window is strictly positive everywhere so every voxel covered by at least one patch has a
 well-defined normalised blend: ``sum(w * prediction) / sum(w)`` (as chunkflow and MONAI).
@@ -10,6 +10,7 @@ from functools import lru_cache
 from typing import Literal
 
 import numpy as np
+import torch
 
 from tera_pipeline.core.geometry import Box, Shape
 
@@ -39,26 +40,37 @@ def patch_window(patch: Shape, kind: WindowKind = "cosine") -> np.ndarray:
 
 
 class Accumulator:
-    """Weighted sums of patch predictions over a target box (channels first)."""
+    """Weighted sums of patch predictions over a target box (channels first), as torch tensors
+    on the device that computed the predictions."""
 
-    def __init__(self, box: Box, channels: int) -> None:
+    def __init__(self, box: Box, channels: int, device: torch.device | str = "cpu") -> None:
         self.box = box
-        self.total = np.zeros((channels, *box.shape), dtype=np.float32)
-        self.weight = np.zeros(box.shape, dtype=np.float32)
+        self.device = torch.device(device)
+        self.total = torch.zeros((channels, *box.shape), dtype=torch.float32, device=self.device)
+        self.weight = torch.zeros(box.shape, dtype=torch.float32, device=self.device)
+        self._windows: dict[int, torch.Tensor] = {}
 
-    def add(self, patch: Box, values: np.ndarray, window: np.ndarray) -> None:
+    def add(self, patch: Box, values: torch.Tensor | np.ndarray, window: np.ndarray) -> None:
         """Add ``values`` (channels, *patch.shape) weighted by ``window`` where they overlap."""
         part = patch.intersect(self.box)
         if part.empty:
             return
         src = part.slices(patch)
         dst = part.slices(self.box)
-        w = window[src]
+        w = self._on_device(window)[src]
+        values = torch.as_tensor(values, device=self.device)
         self.total[(slice(None), *dst)] += values[(slice(None), *src)] * w
         self.weight[dst] += w
 
-    def result(self) -> np.ndarray:
+    def _on_device(self, window: np.ndarray) -> torch.Tensor:
+        held = self._windows.get(id(window))
+        if held is None:
+            held = self._windows[id(window)] = torch.tensor(window, device=self.device)
+        return held
+
+    def result(self) -> torch.Tensor:
         """The normalised blend; raises if any voxel was covered by no patch."""
-        if not np.all(self.weight > 0):
-            raise RuntimeError(f"{int((self.weight <= 0).sum())} voxels of {self.box} got no patch")
+        if not bool((self.weight > 0).all()):
+            uncovered = int((self.weight <= 0).sum())
+            raise RuntimeError(f"{uncovered} voxels of {self.box} got no patch")
         return self.total / self.weight

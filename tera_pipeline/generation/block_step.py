@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tera_pipeline.core.config import JobConfig
-from tera_pipeline.core.geometry import Box, bin_box, bounding_box, gene_window
+from tera_pipeline.core.geometry import Box, bin_box, bounding_box
 from tera_pipeline.core.intensity import to_uint8
 from tera_pipeline.core.noise import position_noise
 from tera_pipeline.generation.blending import Accumulator, patch_window
@@ -31,6 +32,7 @@ from tera_pipeline.generation.predictor import get_predictor, schedule_of
 from tera_pipeline.generation.seams import fetch as fetch_seams
 from tera_pipeline.generation.seams import plan as plan_seams
 from tera_pipeline.generation.seams import publish as publish_seams
+from tera_pipeline.generation.tiling import cut, join, tiles
 from tera_pipeline.inputs.conditioning import open_source
 from tera_pipeline.runtime.cluster import gpu_task
 from tera_pipeline.runtime.tasks import BlockStats
@@ -68,21 +70,32 @@ def read_span(grid, core: Box) -> tuple[list[Box], Box]:
 
 @dataclass
 class _StepInputs:
-    """What a block's step reads: the state over its span, the conditioning under it, each
-    patch's gene window in it, and the patches' offset within their first bin (for models that
-    take one; the same for every patch of a lattice)."""
+    """What a block's step reads, on the device that computes it: the state over its span, the
+    conditioning under it, each patch's gene window in it (origins, one shape), and the
+    patches' offset within their first bin (for models that take one; the same for every patch
+    of a lattice)."""
 
     patches: list[Box]
     span: Box
-    x: np.ndarray
-    cond: np.ndarray
-    cond_span: Box
-    windows: list[Box]
+    x: torch.Tensor
+    cond: torch.Tensor
+    windows: np.ndarray
+    window_shape: tuple[int, int, int]
     offset: tuple[int, int, int] | None
 
+    def cond_of(self, group: list[int]) -> torch.Tensor:
+        """The gene windows of the patches at ``group``, stacked."""
+        wz, wy, wx = self.window_shape
+        return torch.stack(
+            [self.cond[:, z : z + wz, y : y + wy, x : x + wx] for z, y, x in self.windows[group]]
+        )
 
-def _read_inputs(config: JobConfig, grid, step: int, core: Box, model_cfg) -> _StepInputs:
-    """The state over the block's span (step 0: the noise of the span) and its conditioning."""
+
+def _read_inputs(
+    config: JobConfig, grid, step: int, core: Box, model_cfg, device: torch.device
+) -> _StepInputs:
+    """The state over the block's span (step 0: the noise of the span) and its conditioning,
+    moved to ``device``."""
     patches, span = read_span(grid, core)
     root, channels = Path(config.out), len(config.volume.stains)
     if step == 0:
@@ -92,16 +105,26 @@ def _read_inputs(config: JobConfig, grid, step: int, core: Box, model_cfg) -> _S
         mask[outside.slices(span)] = True
         x[:, ~mask] = 0.0  # beyond the volume the state reads as the fixed fill, as in scratch
     else:
-        x = store.read_box(store.open_array(root, STATES[step % 2]), span).astype(np.float32)
+        x = store.read_box(store.open_array(root, STATES[step % 2]), span)
     # windows on the stored bins, wherever the patches start (a bin-aligned model's patches
     # start on bins: ``check_checkpoint``), with the patches' offset in their first bin
-    b, context = config.conditioning.bin, model_cfg.cond_context
-    placed = [gene_window(p, b, model_cfg.cond_footprint, context) for p in patches]
-    windows = [w for w, _ in placed]
-    cond_span = bounding_box(windows)
+    b, context = np.asarray(config.conditioning.bin), np.asarray(model_cfg.cond_context)
+    origins = np.asarray([p.begin for p in patches])
+    first = origins // b  # the bin holding each patch's first voxel
+    begins = first - context
+    shape = tuple(int(n) for n in np.asarray(model_cfg.cond_footprint) + 2 * context)
+    cond_span = Box.from_bounds(begins.min(axis=0), begins.max(axis=0) + shape)
     cond = store.read_box(store.open_array(root, CONDITIONING), cond_span)
-    offset = placed[0][1] if model_cfg.sub_bin_offsets else None
-    return _StepInputs(patches, span, x, cond, cond_span, windows, offset)
+    offset = tuple(int(o) for o in origins[0] - first[0] * b) if model_cfg.sub_bin_offsets else None
+    return _StepInputs(
+        patches,
+        span,
+        torch.from_numpy(x).to(device, torch.float32),
+        torch.from_numpy(cond).to(device),
+        begins - np.asarray(cond_span.begin),
+        shape,
+        offset,
+    )
 
 
 def _predict(
@@ -113,57 +136,76 @@ def _predict(
     inputs: _StepInputs,
     t: int,
     stats: BlockStats,
-) -> np.ndarray:
-    """The denoiser's prediction for every patch of the block, in lattice order: its outgoing
-    seam patches first (published as soon as they are done), those its neighbours own fetched
-    as late as possible (computed here when not yet published)."""
+) -> torch.Tensor:
+    """The denoiser's prediction for every patch of the block, in lattice order, on the
+    predictor's device: its outgoing seam patches first (published as soon as they are done),
+    those its neighbours own fetched as late as possible (computed here when not yet
+    published)."""
     root, channels = Path(config.out), len(config.volume.stains)
-    patches, span = inputs.patches, inputs.span
+    patches, span, device = inputs.patches, inputs.span, inputs.x.device
     batch = max(config.batch_size, 1)
     seams = plan_seams(grid, key, patches, share=config.share_seams)
-    preds = np.empty((len(patches), channels, *config.lattice.patch), dtype=np.float32)
+    if tiles(grid.lattice):  # the patches are a reshape of the span
+        cut_x = cut(inputs.x, grid.lattice.patch)
+    else:
+        cut_x = torch.stack([inputs.x[(slice(None), *p.slices(span))] for p in patches])
+    preds = torch.empty((len(patches), channels, *grid.lattice.patch), device=device)
     todo = deque(seams.outgoing + seams.interior)  # outgoing first: neighbours wait on them
     unpublished, resolved = len(seams.outgoing), not seams.incoming
     while todo or not resolved:
         if not resolved and len(todo) < batch:  # as late as possible; fills the last batch
             tr = time.perf_counter()
-            missing = fetch_seams(root, grid, step, patches, seams, preds)
+            fetched = np.empty(tuple(preds.shape), dtype=np.float32)
+            missing = fetch_seams(root, grid, step, patches, seams, fetched)
+            shared = sorted(set(i for g in seams.incoming.values() for i in g) - set(missing))
+            preds[shared] = torch.from_numpy(fetched[shared]).to(device)
             stats.read_s += time.perf_counter() - tr
-            stats.shared = sum(map(len, seams.incoming.values())) - len(missing)
+            stats.shared = len(shared)
             todo.extend(missing)
             resolved = True
             continue
         group = [todo.popleft() for _ in range(min(batch, len(todo)))]
-        xs = np.stack([inputs.x[(slice(None), *patches[i].slices(span))] for i in group])
-        cs = np.stack(
-            [inputs.cond[(slice(None), *inputs.windows[i].slices(inputs.cond_span))] for i in group]
-        )
         tm = time.perf_counter()
-        preds[group] = predictor(xs, t, cs, inputs.offset)
+        preds[group] = predictor.predict(cut_x[group], t, inputs.cond_of(group), inputs.offset)
         stats.model_s += time.perf_counter() - tm
         stats.items += len(group)
         if unpublished > 0:
             unpublished -= len(group)
             if unpublished <= 0:
                 tw = time.perf_counter()
-                publish_seams(root, grid, step, key, preds[seams.outgoing])
+                outgoing = preds[seams.outgoing].cpu().numpy()
+                publish_seams(root, grid, step, key, outgoing)
                 stats.write_s += time.perf_counter() - tw
     return preds
 
 
+def _assemble(config: JobConfig, grid, inputs: _StepInputs, preds: torch.Tensor, core: Box):
+    """The block's core of the prediction: its tiles put in place (a lattice that tiles), or the
+    patches blended with their window, normalised by the summed weights (lattice order)."""
+    lattice = grid.lattice
+    if tiles(lattice):
+        counts = tuple(s // p for s, p in zip(inputs.span.shape, lattice.patch, strict=True))
+        return join(preds, counts)[(slice(None), *core.slices(inputs.span))]
+    window = patch_window(tuple(lattice.patch), config.lattice.window)
+    acc = Accumulator(core, preds.shape[1], preds.device)
+    for p, e in zip(inputs.patches, preds, strict=True):  # whoever computed them
+        acc.add(p, e, window)
+    return acc.result()
+
+
 def _write_update(
-    config: JobConfig, step: int, core: Box, x_next: np.ndarray, x0: np.ndarray | None
+    config: JobConfig, step: int, core: Box, x_next: torch.Tensor, x0: torch.Tensor
 ) -> int:
     """Write the updated core to the next scratch state (the last step: the uint8 image), and
     the core's x0 prediction when the next step's sampler needs it; returns the digest."""
     root = Path(config.out)
     if step == config.diffusion.steps - 1:
-        return store.write_box(store.open_array(root, IMAGE), core, to_uint8(x_next))
+        return store.write_box(store.open_array(root, IMAGE), core, to_uint8(x_next.cpu().numpy()))
     phase = step + 1
-    digest = store.write_box(store.open_array(root, STATES[phase % 2]), core, x_next)
+    digest = store.write_box(store.open_array(root, STATES[phase % 2]), core, x_next.cpu().numpy())
     if PREVIOUS_X0[phase % 2] in scratch_arrays(config, phase):
         x0_array = store.open_array(root, PREVIOUS_X0[phase % 2])
-        digest = store.write_box(x0_array, core, x0, digest)
+        digest = store.write_box(x0_array, core, x0.cpu().numpy(), digest)
     return digest
 
 
@@ -171,41 +213,42 @@ def _write_update(
 def denoise_block(
     config: JobConfig, checkpoint: str, step: int, index: tuple[int, ...]
 ) -> BlockStats:
-    """One sampling step of one block: read with halo, denoise patches, blend, update, write
-    core (and, for DPM-Solver++, the core's x0 prediction).
+    """One sampling step of one block: read with halo, denoise patches, put them in place (or
+    blend), update, write core (and, for DPM-Solver++, the core's x0 prediction). From the
+    read to the write the block stays on the predictor's device (the GPU where there is one).
 
     The block's own seam patches are computed first and published; those its lower neighbours
     own are taken from their files when published (``tera_pipeline.seams``), else computed.
     """
     predictor = get_predictor(checkpoint, config.batch_size)  # loaded once per worker
+    device = predictor.device
     t0 = time.perf_counter()
     stats = BlockStats()
     grid = config.grid(step)  # the step's lattice (shifted mode: offset per step)
     core = grid.block(index).core
-    inputs = _read_inputs(config, grid, step, core, predictor.config)
+    inputs = _read_inputs(config, grid, step, core, predictor.config, device)
     sched = schedule_of(config, predictor.meta.get("prediction", "epsilon"))
     stats.read_s = time.perf_counter() - t0
 
     key = tuple(int(i) for i in index)
     preds = _predict(config, predictor, grid, step, key, inputs, sched.timestep(step), stats)
-    window = patch_window(tuple(config.lattice.patch), config.lattice.window)
-    acc = Accumulator(core, len(config.volume.stains))
-    for p, e in zip(inputs.patches, preds, strict=True):  # lattice order, whoever computed them
-        acc.add(p, e, window)
+    output = _assemble(config, grid, inputs, preds, core)
 
     channels = len(config.volume.stains)
-    noise = None
+    noise = previous_x0 = None
     if sched.sigma(step) > 0:
-        noise = position_noise(config.diffusion.seed, step + 1, core, channels)
-    previous_x0 = None
+        noise = _on(device, position_noise(config.diffusion.seed, step + 1, core, channels))
     if sched.needs_previous_x0 and 0 < step < sched.steps - 1:
-        previous_x0 = store.read_box(
-            store.open_array(Path(config.out), PREVIOUS_X0[step % 2]), core
-        )
+        array = store.open_array(Path(config.out), PREVIOUS_X0[step % 2])
+        previous_x0 = _on(device, store.read_box(array, core))
     x_core = inputs.x[(slice(None), *core.slices(inputs.span))]
-    x_next, x0 = sched.update(x_core, acc.result(), step, noise, previous_x0)
+    x_next, x0 = sched.update(x_core, output, step, noise, previous_x0)
     tw = time.perf_counter()
     stats.digest = _write_update(config, step, core, x_next, x0)
     stats.write_s += time.perf_counter() - tw
     stats.total_s = time.perf_counter() - t0
     return stats
+
+
+def _on(device: torch.device, a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a).to(device, torch.float32)

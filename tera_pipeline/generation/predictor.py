@@ -68,46 +68,50 @@ class PatchPredictor:
     def config(self):
         return self.model.cfg
 
-    @torch.inference_mode()
     def __call__(
         self, x: np.ndarray, t: int, cond: np.ndarray, offset: Sequence[int] | None = None
     ) -> np.ndarray:
-        """Noise predictions for ``x`` (N, C, *patch) and ``cond`` (N, G, *window), float32;
-        ``offset``: the patches' offset within their first bin (sub-bin-offsets models).
+        """``predict`` on numpy arrays, returned as a numpy array."""
+        xs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        cs = torch.from_numpy(np.ascontiguousarray(cond, dtype=np.float32))
+        return self.predict(xs, t, cs, offset).cpu().numpy()
+
+    @torch.inference_mode()
+    def predict(
+        self, x: torch.Tensor, t: int, cond: torch.Tensor, offset: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Noise predictions for ``x`` (N, C, *patch) and ``cond`` (N, G, *window), float32 on
+        any device, returned on the model's device; ``offset``: the patches' offset within
+        their first bin (sub-bin-offsets models).
 
         The model sees batches of ``batch_size`` patches; the last is padded to ``batch_size``
         (one shape for the kernels), or on a CPU running one intra-op thread only to a multiple
         of ``MIN_CPU_BATCH``. A patch's prediction is then bitwise the same whichever block,
         batch or position it comes in, which keeps outputs independent of block size.
         """
-        out = np.empty_like(x, dtype=np.float32)
+        out = torch.empty(x.shape, dtype=torch.float32, device=self.device)
+        unit = self.batch_size if self.pads_to_batch else min(MIN_CPU_BATCH, self.batch_size)
+        ob = None
+        if offset is not None and any(offset):
+            ob = torch.tensor([list(offset)], dtype=torch.long, device=self.device)
         for start in range(0, len(x), self.batch_size):
             sl = slice(start, start + self.batch_size)
             rows = len(x[sl])
-            unit = self.batch_size if self.pads_to_batch else min(MIN_CPU_BATCH, self.batch_size)
             size = min(-(-rows // unit) * unit, max(rows, self.batch_size))
-            xb = torch.from_numpy(_padded(x[sl], size))
-            cb = torch.from_numpy(_padded(cond[sl], size))
+            xb, cb = self._padded(x[sl], size), self._padded(cond[sl], size)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last_3d)
-            if self.device.type == "cuda":
-                xb = xb.pin_memory().to(self.device, non_blocking=True)
-                cb = cb.pin_memory().to(self.device, non_blocking=True)
-            tb = torch.full((len(xb),), t, dtype=torch.long, device=self.device)
-            ob = None
-            if offset is not None and any(offset):
-                ob = torch.tensor([list(offset)], dtype=torch.long).expand(len(xb), 3)
+            tb = torch.full((size,), t, dtype=torch.long, device=self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                eps = self.model(xb, tb, cb, ob)
-            out[sl] = eps[:rows].float().cpu().numpy()
+                eps = self.model(xb, tb, cb, None if ob is None else ob.expand(size, 3))
+            out[sl] = eps[:rows].float()
         return out
 
-
-def _padded(a: np.ndarray, size: int) -> np.ndarray:
-    """``a`` as contiguous float32 with zero rows appended up to ``size`` rows."""
-    out = np.zeros((size, *a.shape[1:]), dtype=np.float32)
-    out[: len(a)] = a
-    return out
+    def _padded(self, a: torch.Tensor, size: int) -> torch.Tensor:
+        """``a`` as contiguous float32 on the model's device, zero rows appended up to ``size``."""
+        out = torch.zeros((size, *a.shape[1:]), dtype=torch.float32, device=self.device)
+        out[: len(a)] = a
+        return out
 
 
 def get_predictor(checkpoint: str, batch_size: int) -> PatchPredictor:

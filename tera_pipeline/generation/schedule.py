@@ -9,15 +9,24 @@ The schedule is the one place that knows what the model's output (ε or v) means
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
 Prediction = Literal["epsilon", "v"]
 Sampler = Literal["ddim", "dpmpp_2m"]
 SAMPLERS: tuple[Sampler, ...] = ("ddim", "dpmpp_2m")
+
+Array = TypeVar("Array")
+"""A float32 numpy array or torch tensor: the sampling steps take either (on the device that
+holds the block), with every scalar a Python float so that float32 stays float32."""
+
+
+def _float32(x: Array) -> Array:
+    return x.astype(np.float32, copy=False) if isinstance(x, np.ndarray) else x.float()
 
 
 @dataclass(frozen=True)
@@ -81,36 +90,37 @@ class Schedule:
     def previous_timestep(self, step: int) -> int:
         return int(self.timesteps[step + 1]) if step + 1 < self.steps else -1
 
-    def ddim_update(
-        self, x: np.ndarray, output: np.ndarray, step: int, noise: np.ndarray | None = None
-    ) -> np.ndarray:
+    def ddim_update(self, x: Array, output: Array, step: int, noise: Array | None = None) -> Array:
         """One DDIM update of ``x`` given the model's ``output`` (ε or v; voxel-wise, float32)."""
+        return self._ddim(x, output, step, noise)[0]
+
+    def _ddim(self, x: Array, output: Array, step: int, noise: Array | None) -> tuple[Array, Array]:
+        """(the next x, the clipped x0 prediction) of a DDIM step."""
         t, t_prev = self.timestep(step), self.previous_timestep(step)
         a_prev = self.alpha(t_prev)
         x0, eps = self.split_output(x, output, t)
-        x0 = np.clip(x0, -1.0, 1.0)
+        x0 = _float32(x0.clip(-1.0, 1.0))
         sigma = self.sigma(step)
-        direction = np.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
-        out = np.sqrt(a_prev) * x0 + direction
+        out = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
         if sigma > 0:
             if noise is None:
                 raise ValueError("eta > 0 needs fresh noise for the update")
             out = out + sigma * noise
-        return out.astype(np.float32)
+        return _float32(out), x0
 
     def update(
         self,
-        x: np.ndarray,
-        output: np.ndarray,
+        x: Array,
+        output: Array,
         step: int,
-        noise: np.ndarray | None = None,
-        previous_x0: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
+        noise: Array | None = None,
+        previous_x0: Array | None = None,
+    ) -> tuple[Array, Array]:
         """One sampling step of ``x`` given the model's ``output``: (the next x, this step's
-        clipped x0 prediction, which the next DPM-Solver++ step takes as ``previous_x0``)."""
+        clipped x0 prediction, which the next DPM-Solver++ step takes as ``previous_x0``).
+        Numpy arrays or torch tensors (float32), on whichever device holds them."""
         if self.sampler == "ddim":
-            x0 = np.clip(self.split_output(x, output, self.timestep(step))[0], -1.0, 1.0)
-            return self.ddim_update(x, output, step, noise), x0.astype(np.float32)
+            return self._ddim(x, output, step, noise)
         return self.dpmpp_2m_update(x, output, step, previous_x0)
 
     def _log_snr(self, t: int) -> float:
@@ -119,13 +129,13 @@ class Schedule:
         return 0.5 * float(np.log(a) - np.log1p(-a))
 
     def dpmpp_2m_update(
-        self, x: np.ndarray, output: np.ndarray, step: int, previous_x0: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, x: Array, output: Array, step: int, previous_x0: Array | None
+    ) -> tuple[Array, Array]:
         """One DPM-Solver++(2M) step (data prediction, multistep): first order at the first and
         the last step (where it reduces to DDIM with x0 clipped), second order in between from
         this and ``previous_x0``, the x0 prediction of the step before. Returns (x, x0)."""
         t, t_prev = self.timestep(step), self.previous_timestep(step)
-        x0 = np.clip(self.split_output(x, output, t)[0], -1.0, 1.0).astype(np.float32)
+        x0 = _float32(self.split_output(x, output, t)[0].clip(-1.0, 1.0))
         if t_prev < 0:  # the last step: sigma 0, the sample is the data prediction
             return x0, x0
         a, a_prev = self.alpha(t), self.alpha(t_prev)
@@ -136,22 +146,21 @@ class Schedule:
                 raise ValueError("a second-order DPM-Solver++ step needs the previous x0")
             h_last = self._log_snr(t) - self._log_snr(self.timestep(step - 1))
             r = h_last / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * previous_x0
-        ratio = np.sqrt((1 - a_prev) / (1 - a))
-        out = ratio * x - np.sqrt(a_prev) * np.expm1(-h) * d
-        return out.astype(np.float32), x0
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * _float32(previous_x0)
+        ratio = math.sqrt((1 - a_prev) / (1 - a))
+        out = ratio * x - math.sqrt(a_prev) * math.expm1(-h) * d
+        return _float32(out), x0
 
-    def split_output(
-        self, x: np.ndarray, output: np.ndarray, t: int
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def split_output(self, x: Array, output: Array, t: int) -> tuple[Array, Array]:
         """The clean sample x0 and the noise ε that the model's ``output`` (ε or v) at ``x`` =
         x_t implies (the inverse of ``add_noise`` and ``training_target``)."""
         a = self.alpha(t)
+        signal, spread = math.sqrt(a), math.sqrt(1 - a)
         if self.prediction == "v":
-            x0 = np.sqrt(a) * x - np.sqrt(1 - a) * output
-            eps = np.sqrt(a) * output + np.sqrt(1 - a) * x
+            x0 = signal * x - spread * output
+            eps = signal * output + spread * x
         else:
-            x0 = (x - np.sqrt(1 - a) * output) / np.sqrt(a)
+            x0 = (x - spread * output) / signal
             eps = output
         return x0, eps
 
