@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from tera_pipeline.core.geometry import Box
 from tera_pipeline.core.noise import position_noise
@@ -111,3 +112,23 @@ def test_accumulator_normalises_by_summed_weights():
     uncovered.add(Box((0, 0, 0), (4, 32, 32)), np.ones((1, 4, 32, 32), np.float32), w)
     with pytest.raises(RuntimeError, match="got no patch"):
         uncovered.result()
+
+
+def test_a_tiling_lattice_cuts_its_span_into_patches_in_lattice_order_and_back():
+    from tera_pipeline.core.geometry import PatchLattice, bounding_box
+    from tera_pipeline.generation.tiling import cut, join, tiles
+
+    lattice = PatchLattice((4, 32, 32), (4, 32, 32), (1, 7, 19))  # a shifted default lattice
+    assert tiles(lattice) and not tiles(PatchLattice((4, 32, 32), (2, 16, 16)))
+    core = Box((4, 64, 32), (8, 64, 96))
+    patches = lattice.patches_touching(core, (16, 256, 256))
+    span = bounding_box(patches)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, *span.shape), np.float32))
+    pieces = cut(x, lattice.patch)
+    assert pieces.shape == (len(patches), 2, 4, 32, 32)
+    for p, piece in zip(patches, pieces, strict=True):  # the i-th piece is the i-th patch
+        assert torch.equal(piece, x[(slice(None), *p.slices(span))])
+    counts = tuple(s // p for s, p in zip(span.shape, lattice.patch, strict=True))
+    assert torch.equal(join(pieces, counts), x)
+    with pytest.raises(ValueError, match="not whole patches"):
+        cut(x[:, :-1], lattice.patch)
