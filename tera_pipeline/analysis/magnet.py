@@ -3,7 +3,8 @@
 Each block task reads its core's bins plus the context MagNet's tiles and neighbours need, and
 writes the predicted transcript counts per bin to ``magnet_expression`` (gene, zbin, ybin, xbin),
 on exactly the conditioning's bin grid and coordinates. ``metrics`` then compares them with the
-conditioning (cycle consistency of a generated volume) at 1 x 1, 2 x 2 and 4 x 4 bins.
+conditioning (cycle consistency of a generated volume) at 1 x 1, 2 x 2 and 4 x 4 bins. A run
+ends by writing the bin grid's SpatialData elements (``spatial_elements.write_bins``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from models.checkpoint import DEFAULT_MAGNET, CheckpointError, load_magnet
 from models.magnet import MagNet
+from tera_pipeline.analysis import spatial_elements
 from tera_pipeline.analysis.magnet_levels import Reader, array_reader, level_inputs
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.errors import AnalysisError
@@ -145,7 +147,7 @@ def run(root: Path, client, checkpoint: Path | None = None, progress=None) -> ta
         "magnet", magnet_block, (job, path), np.ndindex(*grid.shape), grid.num_blocks
     )
     report = tasks.run_task(client, job, phase, progress)
-    store.consolidate(root)
+    spatial_elements.write_bins(root)  # labels/bins and a table per bin array; consolidates
     return report
 
 

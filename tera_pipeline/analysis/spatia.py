@@ -12,7 +12,8 @@ Outputs: ``<store stem>.spatia.h5ad`` next to the store (X = counts, obsm ``X_sp
 cell embedding, ``X_spatia_niche`` the cell in its niche, ``spatial`` (x, y, z) µm; layer
 ``imputed``; obs predicted type and probability, niche index, crop inside fraction), and in the
 store ``spatia_niche`` (zniche, yniche, xniche, feature), ``spatia_niche_cells`` and
-``spatia_tissue`` (ztissue, ytissue, xtissue, feature), with µm coordinates.
+``spatia_tissue`` (ztissue, ytissue, xtissue, feature), with µm coordinates; the cells also as
+SpatialData elements in the store (``spatial_elements.write_cells``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 
 from models.checkpoint import load_spatia, read_metadata
 from models.spatia import Spatia
+from tera_pipeline.analysis import spatial_elements
 from tera_pipeline.analysis.cells import (
     cell_voxels,
     centred,
@@ -289,7 +291,7 @@ def run(
     out = assemble(p)
     attrs = {"h5ad": str(out), "cells": cells.stats.items, **p.uns}
     store.update_attrs(root, {"spatia": attrs})
-    store.consolidate(root)
+    spatial_elements.write_cells(root, out)  # points/cells and tables/spatia; consolidates
     return {
         "h5ad": str(out),
         "store": str(root),
