@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_image_artifact
 
 from flows.artifacts import artifact_key, png_data_uri
-from tera_pipeline.analysis import attention
+from tera_pipeline.analysis import attention, labels
 from tera_pipeline.runtime.cluster import cluster_client
 from tera_pipeline.storage import ownership
 from tera_pipeline.storage.layout import job_of
@@ -31,3 +31,15 @@ def attention_flow(store: str, pairs: str | None = None, workers: int | None = N
         description=f"Gene-gene attention of {root} ({png})",
     )
     return str(png)
+
+
+@flow(name="labels")
+def labels_flow(store: str, workers: int | None = None, block: list[int] | None = None) -> dict:
+    """Nuclei instance labels of the DAPI stain into the OME-Zarr label image ``labels/nuclei``,
+    block by block (``block``: the labels' block, default the job's; the labels are the same)."""
+    root = Path(store)
+    job = job_of(root)
+    spec = job.cluster.model_copy(update={"workers": workers or job.cluster.workers})
+    with cluster_client(spec) as client:
+        get_run_logger().info("Dask dashboard: %s", client.dashboard_link)
+        return labels.run(root, client, tuple(block) if block else None)

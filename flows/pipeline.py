@@ -1,5 +1,6 @@
 """Prefect flow ``pipeline``: generate a volume, then run the downstream analyses on its store
-(gene-gene attention, MagNet, SPATIA: those whose flow modules are installed), each as a subflow.
+(gene-gene attention, nuclei labels, MagNet, SPATIA: those whose flow modules are installed), each
+as a subflow.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from tera_pipeline.core.config import JobConfig
 # analysis name -> (module, flow function); all take (store, workers)
 ANALYSES = {
     "attention": ("flows.analyze", "attention_flow"),
+    "labels": ("flows.analyze", "labels_flow"),
     "magnet": ("flows.magnet", "analyze_magnet"),
     "spatia": ("flows.spatia", "analyze_spatia"),
 }

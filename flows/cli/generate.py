@@ -189,7 +189,7 @@ def demo(
     """Synthetic brain -> conditioning -> generation under the Prefect flow, then a summary."""
     import xarray as xr
 
-    from flows.cli.analyze import demo_spatia, echo_magnet
+    from flows.cli.analyze import demo_spatia, echo_labels, echo_magnet
     from tera_pipeline.core.config import JobConfig, lattice_preset
     from tera_pipeline.evaluation.fidelity import conditioning_fidelity
     from tera_pipeline.evaluation.views import orthoslices_png
@@ -209,21 +209,23 @@ def demo(
     run_job(job, overwrite, resume)
     ds = xr.open_zarr(store_path)
     typer.echo(ds)
-    fidelity = conditioning_fidelity(store_path)
-    with (
-        side_file(store_path, out / "demo_orthoslices.png") as target,
-        side_file(store_path, out / "demo_fidelity.json") as report,
-    ):
-        png = orthoslices_png(store_path, target)
-        report.write_text(json.dumps(fidelity, indent=2))
-    typer.echo(f"orthogonal slices: {png}")
-    typer.echo(
-        f"conditioning fidelity (per-bin DAPI vs cell count): r = {fidelity['pearson_r']:.3f}"
-    )
+    from flows.analyze import labels_flow
     from flows.magnet import analyze_magnet
 
-    typer.echo("MagNet: expression predicted back from the generated image")
     with running_flows():
+        echo_labels(labels_flow(str(store_path), workers))  # before the slices: drawn on them
+        fidelity = conditioning_fidelity(store_path)
+        with (
+            side_file(store_path, out / "demo_orthoslices.png") as target,
+            side_file(store_path, out / "demo_fidelity.json") as report,
+        ):
+            png = orthoslices_png(store_path, target)
+            report.write_text(json.dumps(fidelity, indent=2))
+        typer.echo(f"orthogonal slices: {png}")
+        typer.echo(
+            f"conditioning fidelity (per-bin DAPI vs cell count): r = {fidelity['pearson_r']:.3f}"
+        )
+        typer.echo("MagNet: expression predicted back from the generated image")
         echo_magnet(analyze_magnet(str(store_path), workers))
         demo_spatia(store_path, out, workers)
 

@@ -106,7 +106,12 @@ def nucleus_area(dapi: np.ndarray, threshold: float | None = None) -> float:
 
 def otsu_threshold(values: np.ndarray) -> float:
     """Otsu's threshold of uint8 values."""
-    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    return histogram_otsu(np.bincount(values.ravel(), minlength=256))
+
+
+def histogram_otsu(hist: np.ndarray) -> float:
+    """Otsu's threshold of a 256-bin histogram of uint8 values (foreground: value > it)."""
+    hist = np.asarray(hist, dtype=np.float64)
     p = hist / hist.sum()
     omega, mu = np.cumsum(p), np.cumsum(p * np.arange(256))
     between = (mu[-1] * omega - mu) ** 2 / np.maximum(omega * (1 - omega), 1e-12)
