@@ -1,4 +1,4 @@
-"""``tera analyze attention|magnet|spatia`` and ``tera perturb``."""
+"""``tera analyze attention|labels|tables|magnet|spatia`` and ``tera perturb``."""
 
 from __future__ import annotations
 
@@ -42,6 +42,60 @@ def analyze_attention(
     with running_flows():
         png = attention_flow(str(store_path), pairs, workers)
     typer.echo(f"attention arrays written to {store_path}; heat map: {png}")
+
+
+@analyze_app.command("labels")
+def analyze_labels_cmd(
+    store_path: GeneratedStore,
+    block: Annotated[
+        str | None,
+        typer.Option(help="Labels block Z,Y,X (default: the job's; any gives the same labels)."),
+    ] = None,
+    workers: Workers = None,
+) -> None:
+    """Nuclei instance labels of the DAPI stain, block-wise with a halo: the OME-Zarr label image
+    labels/nuclei in STORE (napari, neuroglancer and ome-zarr readers show it over the image)."""
+    from flows.analyze import labels_flow
+    from tera_pipeline.analysis import labels
+
+    blk = triple(block, "--block")
+    with refusing():
+        labels.check(store_path, blk)
+    with running_flows():
+        echo_labels(labels_flow(str(store_path), workers, list(blk) if blk else None))
+
+
+def echo_labels(result: dict) -> None:
+    typer.echo(
+        f"{result['nuclei']} nuclei labelled in {result['store']}/{result['labels']} "
+        f"(DAPI threshold {result['threshold']}, {len(result['levels'])} levels, "
+        f"{result['wall_s']:.1f} s)"
+    )
+    if result["unassigned_voxels"]:
+        reach = result["radius_um"] + result["margin_um"]
+        typer.echo(
+            f"  {result['unassigned_voxels']} foreground voxels left unlabelled: farther than "
+            f"{reach:g} µm from every nucleus seed (tissue, bright bridges)"
+        )
+
+
+@analyze_app.command("tables")
+def analyze_tables_cmd(store_path: GeneratedStore) -> None:
+    """SpatialData elements of STORE's outputs (rewritten; `analyze magnet` and `analyze spatia`
+    write them too): labels/bins with a table per bin array, points/cells with tables/spatia."""
+    from tera_pipeline.analysis import spatia, spatial_elements
+
+    with refusing():
+        bins = spatial_elements.write_bins(store_path)
+        h5ad = spatia.h5ad_path(store_path)
+        cells = spatial_elements.write_cells(store_path, h5ad) if h5ad.is_file() else {}
+    if not bins and not cells:
+        typer.echo(f"{store_path} has no bin arrays and no SPATIA cells: nothing written")
+    for what in (bins, cells):
+        if what:
+            region = what.get("labels") or what.get("points")
+            tables = ", ".join(f"tables/{t}" for t in what["tables"])
+            typer.echo(f"{store_path}: {region} with {tables}")
 
 
 @analyze_app.command("magnet")

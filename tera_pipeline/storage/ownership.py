@@ -42,6 +42,9 @@ STORE_ENTRIES = frozenset(
         "conditioning",
         "cell_count",
         "pyramid",
+        "labels",
+        "tables",
+        "points",
         "c",
         "gene",
         "x",
@@ -74,6 +77,13 @@ STORE_ENTRIES = frozenset(
     }
 )
 """Every top-level entry a store of ours may hold (arrays, groups and files it writes)."""
+LABEL_IMAGES = frozenset({"nuclei", "bins"})
+"""The label images the project writes in ``labels/``; any other there is someone else's."""
+SPATIAL_GROUPS = frozenset({"tables", "points"})
+"""SpatialData element groups (``analysis.spatial_elements``): an element in one is ours when its
+``zarr.json`` carries the ``tera_pipeline`` attributes."""
+PARQUET = {"ngff:points": "points.parquet", "ngff:shapes": "shapes.parquet"}
+"""The parquet folder a SpatialData points or shapes group holds."""
 
 
 class OwnershipError(TeraError):
@@ -129,7 +139,26 @@ def foreign_entries(path: Path) -> list[str]:
             out.append(p.name)
         elif not p.name.startswith("_") and p.is_dir():
             out += [f"{p.name}/{q}" for q in _foreign_in_node(p)]
+            if p.name == "labels":
+                out += [f"labels/{q.name}" for q in p.iterdir() if q.is_dir()
+                        and q.name not in LABEL_IMAGES and not _temporary(q.name)]  # fmt: skip
+            if p.name in SPATIAL_GROUPS:
+                out += [f"{p.name}/{q.name}" for q in p.iterdir()
+                        if q.is_dir() and not _temporary(q.name) and not _marked(q)]  # fmt: skip
     return sorted(out)
+
+
+def _temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def _marked(node: Path) -> bool:
+    """Whether a zarr node carries the ``tera_pipeline`` attributes (not through a link)."""
+    try:
+        attrs = json.loads((node / "zarr.json").read_text()).get("attributes")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return not node.is_symlink() and isinstance(attrs, dict) and "tera_pipeline" in attrs
 
 
 def _foreign_in_node(node: Path) -> list[str]:
@@ -139,16 +168,20 @@ def _foreign_in_node(node: Path) -> list[str]:
     if node.is_symlink() or not meta.is_file():
         return [""] if node.is_symlink() else []
     try:
-        kind = json.loads(meta.read_text()).get("node_type")
-    except (OSError, ValueError):
-        kind = None
+        node_meta = json.loads(meta.read_text())
+        kind = node_meta.get("node_type")
+        encoding = node_meta.get("attributes", {}).get("encoding-type")
+    except (OSError, ValueError, AttributeError):
+        kind = encoding = None
     out = []
     for child in node.iterdir():
         temporary = child.name.startswith(".") and child.name.endswith(".tmp")
         if child.name == "zarr.json" or temporary:
             continue
-        if kind == "array" and child.name == "c" and child.is_dir() and not child.is_symlink():
-            continue
+        if kind == "array" and child.name == "c" and not child.is_symlink():
+            continue  # its chunks (a file for a 0-d array)
+        if kind == "group" and child.name == PARQUET.get(encoding) and not child.is_symlink():
+            continue  # a SpatialData points or shapes element's table
         if kind == "group" and child.is_dir() and (child / "zarr.json").is_file():
             out += [f"{child.name}/{q}" for q in _foreign_in_node(child)]
             continue
