@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.attention import WindowAttention3D
 from models.config import ModelConfig, check_heads, check_unet_plane
-from models.layers import group_norm, resized_like, sinusoidal_embedding, unet_down
+from models.layers import group_norm, resized_like, sinusoidal_embedding
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,12 @@ class DenoiserConfig(ModelConfig):
     ``sub_bin_offsets``: a patch may start at any voxel of a bin. The gene window is then read on
     the volume's fixed bin grid from the bin holding the patch's first voxel, one bin longer on
     every axis whose bin is over a voxel, and the model is given the patch's offset within that
-    bin. A lattice shifted by voxels then conditions every step on the same bins."""
+    bin. A lattice shifted by voxels then conditions every step on the same bins.
+
+    ``res_blocks`` residual blocks per UNet level (encoder and decoder); ``attention_levels``:
+    the levels (0: full resolution) whose blocks are followed by windowed self-attention
+    (``attention_window`` voxels in-plane, ``attention_heads`` heads), the middle too when the
+    deepest level is one of them."""
 
     patch: tuple[int, int, int] = (4, 32, 32)
     cond_window: tuple[int, int, int] = (4, 2, 2)
@@ -40,6 +46,10 @@ class DenoiserConfig(ModelConfig):
     cond_channels: int = 8
     time_dim: int = 64
     sub_bin_offsets: bool = False
+    res_blocks: int = 1
+    attention_levels: tuple[int, ...] = ()
+    attention_heads: int = 8
+    attention_window: int = 16
 
     @property
     def bin(self) -> tuple[int, int, int]:
@@ -65,6 +75,14 @@ class DenoiserConfig(ModelConfig):
     def __post_init__(self) -> None:
         check_unet_plane(self.patch, len(self.channel_mults), "patch")
         check_heads(self.gene_dim, self.gene_heads, "gene_dim")
+        levels = len(self.channel_mults)
+        if self.res_blocks < 1 or any(not 0 <= a < levels for a in self.attention_levels):
+            raise ValueError(
+                f"res_blocks {self.res_blocks} must be >= 1 and attention_levels "
+                f"{self.attention_levels} among the {levels} levels"
+            )
+        for a in self.attention_levels:
+            check_heads(self.base_channels * self.channel_mults[a], self.attention_heads, "level")
 
 
 DENOISER_SIZES: dict[str, dict] = {
@@ -73,10 +91,17 @@ DENOISER_SIZES: dict[str, dict] = {
         "base_channels": 4, "channel_mults": (1, 2), "gene_dim": 32, "gene_layers": 1,
         "cond_channels": 4, "time_dim": 32,
     },
+    "base": {
+        "patch": (2, 64, 64), "cond_window": (2, 4, 4), "base_channels": 64,
+        "channel_mults": (1, 2, 4, 8), "res_blocks": 2, "attention_levels": (2, 3),
+        "gene_dim": 256, "gene_heads": 8, "gene_layers": 2, "cond_channels": 32, "time_dim": 256,
+    },
 }  # fmt: skip
 """Named sizes: ``small`` (1.1 M parameters, 1.17 GFLOP per patch: the committed denoiser, for
-CPUs) and ``tiny`` (48 k parameters, 0.064 GFLOP per patch: throughput runs such as the
-gigavoxel job)."""
+CPUs), ``tiny`` (48 k parameters, 0.064 GFLOP per patch: throughput runs such as the gigavoxel
+job) and ``base``, Tera-MIND's capacity class for GPUs: its 2-slice 64² patch on a 4-slice gene
+window, 64 base channels x 1-2-4-8, two residual blocks per level, windowed attention at 16² and
+below (parameters and FLOPs: tests/test_training_distributed.py prints them)."""
 
 
 class ResBlock(nn.Module):
@@ -172,26 +197,45 @@ class ConditionalUNet3D(nn.Module):
         )
         self.genes = GeneEncoder(cfg)
         self.conv_in = nn.Conv3d(cfg.channels + cfg.cond_channels, chans[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList()
+        n = cfg.res_blocks
+        self.down_blocks = nn.ModuleList()  # level l's blocks: [l * n, (l + 1) * n)
         self.downsamplers = nn.ModuleList()
+        self.attention = nn.ModuleDict()  # "down<l>_<j>", "up<l>_<j>": after that block
         cin = chans[0]
         for i, c in enumerate(chans):
-            self.down_blocks.append(ResBlock(cin, c, cfg.time_dim))
+            for j in range(n):
+                self.down_blocks.append(ResBlock(cin if j == 0 else c, c, cfg.time_dim))
+                self._attend(f"down{i}_{j}", i, c)
             cin = c
             if i < len(chans) - 1:
                 self.downsamplers.append(
                     nn.Conv3d(c, c, (1, 4, 4), stride=(1, 2, 2), padding=(0, 1, 1))
                 )
         self.mid = ResBlock(cin, cin, cfg.time_dim)
+        self._attend("mid", len(chans) - 1, cin)
         self.cond_levels = nn.ModuleList(
             nn.Conv3d(cfg.cond_channels, cfg.cond_channels, 3, padding=1) for _ in chans
         )
-        self.up_blocks = nn.ModuleList()
-        for c in reversed(chans):
-            self.up_blocks.append(ResBlock(cin + c + cfg.cond_channels, c, cfg.time_dim))
+        self.up_blocks = nn.ModuleList()  # deepest level first, n blocks each
+        for i, c in reversed(list(enumerate(chans))):
+            for j in range(n):
+                first = cin + c + cfg.cond_channels
+                self.up_blocks.append(ResBlock(first if j == 0 else c, c, cfg.time_dim))
+                self._attend(f"up{i}_{j}", i, c)
             cin = c
         self.norm_out = group_norm(cin)
         self.conv_out = nn.Conv3d(cin, cfg.channels, 3, padding=1)
+
+    def _attend(self, name: str, level: int, channels: int) -> None:
+        """Windowed attention after block ``name`` if ``level`` is an attention level."""
+        if level in self.cfg.attention_levels:
+            heads, window = self.cfg.attention_heads, self.cfg.attention_window
+            self.attention[name] = WindowAttention3D(channels, heads, window)
+
+    def _block(self, block: nn.Module, name: str, h: torch.Tensor, temb: torch.Tensor):
+        """``block``, then its attention if it has one."""
+        h = block(h, temb)
+        return self.attention[name](h) if name in self.attention else h
 
     def forward(
         self,
@@ -206,14 +250,22 @@ class ConditionalUNet3D(nn.Module):
         if self.cfg.sub_bin_offsets:  # features on the patch's voxels, then area-resized
             gene_map, mode = self._on_patch(gene_map, offset), "area"
         h = self.conv_in(torch.cat([x, F.interpolate(gene_map, size=x.shape[2:])], dim=1))
-        h, skips = unet_down(h, self.down_blocks, self.downsamplers, temb)
-        h = self.mid(h, temb)
-        for level, block in zip(reversed(range(len(skips))), self.up_blocks, strict=True):
+        n, levels, skips = self.cfg.res_blocks, len(self.cond_levels), []
+        for level in range(levels):
+            for j in range(n):
+                h = self._block(self.down_blocks[level * n + j], f"down{level}_{j}", h, temb)
+            skips.append(h)
+            if level < levels - 1:
+                h = self.downsamplers[level](h)
+        h = self._block(self.mid, "mid", h, temb)
+        for k, level in enumerate(reversed(range(levels))):
             skip = skips[level]
             h = resized_like(h, skip)
             cond_feat = F.interpolate(gene_map, size=skip.shape[2:], mode=mode)
             cond_feat = self.cond_levels[level](cond_feat)
-            h = block(torch.cat([h, skip, cond_feat], dim=1), temb)
+            h = torch.cat([h, skip, cond_feat], dim=1)
+            for j in range(n):
+                h = self._block(self.up_blocks[k * n + j], f"up{level}_{j}", h, temb)
         return self.conv_out(F.silu(self.norm_out(h)))
 
     def _on_patch(self, gene_map: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
