@@ -1,11 +1,15 @@
 """Training the denoiser on patches of the synthetic brain or of a user's images (v- or
-ε-prediction, MSE against the schedule's target), saving safetensors."""
+ε-prediction, MSE against the schedule's target), saving safetensors.
+
+Training is keyed (``training/sampling.py``): sample ``i`` of step ``s`` (its patch, timestep
+and noise) is a function of (seed, s, i), so any number of processes see the one-process batch.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,86 +19,35 @@ import torch.nn.functional as F
 from models.checkpoint import CheckpointError, load_denoiser
 from models.denoiser import ConditionalUNet3D, DenoiserConfig
 from tera_pipeline.core.errors import InputError
-from tera_pipeline.core.geometry import Box, Shape, bin_box, patch_bins
+from tera_pipeline.core.geometry import Box, Shape, bin_box
 from tera_pipeline.core.intensity import from_uint8
 from tera_pipeline.generation.schedule import Prediction, Schedule
 from tera_pipeline.inputs.conditioning import rasterize
 from tera_pipeline.inputs.panel import panel_difference
-from tera_pipeline.inputs.synthetic import SyntheticBrain
 from tera_pipeline.training.loop import Losses, Recipe, Stage, TrainingLog, run_stage, save_trained
+from tera_pipeline.training.patches import (
+    MemoryPatches,
+    PatchBatch,
+    PatchSource,
+    TrainingData,
+    sample_offset_batch,
+    synthetic_training_data,
+)
+from tera_pipeline.training.sampling import NOISE_DOMAIN, keyed_rng
+from tera_pipeline.training.trainer import Trainer, TrainOptions
 from tera_pipeline.training.user_data import UserData
+
+__all__ = [
+    "DENOISER_RECIPE", "TrainingData", "diffusion_loss", "sample_offset_batch",
+    "synthetic_training_data", "train_denoiser", "user_training_data",
+]  # fmt: skip
 
 log = logging.getLogger("tera_pipeline.training")
 
 DENOISER_RECIPE = Recipe(batch=16, lr=2e-3)
 """The default batch and learning rate."""
-
-
-@dataclass(frozen=True)
-class TrainingData:
-    """A rendered volume in [-1, 1] (C, Z, Y, X) and its gene bins (G, Zb, Yb, Xb)."""
-
-    image: np.ndarray
-    cond: np.ndarray
-    genes: tuple[str, ...]
-    bin: Shape
-
-
-def synthetic_training_data(
-    seed: int, shape: Shape, spacing_um: tuple[float, float, float], bin_shape: Shape
-) -> TrainingData:
-    """Render a synthetic brain volume and rasterise its cells (training and validation data)."""
-    brain = SyntheticBrain(seed, spacing_um)
-    box = Box((0, 0, 0), shape)
-    image = from_uint8(brain.render(box))
-    bins = bin_box(box, bin_shape)
-    cond = rasterize(brain.cells(box), bins, spacing_um, bin_shape)
-    return TrainingData(image, cond, brain.genes, tuple(bin_shape))
-
-
-def sample_offset_batch(
-    data: TrainingData,
-    patch: Shape,
-    context: Shape,
-    extra: Shape,
-    batch: int,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Random patches with their gene windows and offsets (B, 3): where ``extra`` is 1 a patch
-    starts at any voxel of its first bin, and its window is one bin longer (a sub-bin-offsets
-    model's input); where 0 it starts on a bin. The window's bins and their voxels are cut out
-    whole, flipped and rotated in-plane together, and the patch is cut from the voxels after."""
-    b = data.bin
-    region = tuple(p + e * n for p, e, n in zip(patch, extra, b, strict=True))
-    limits = [(s - r) // n for s, r, n in zip(data.image.shape[1:], region, b, strict=True)]
-    if min(limits) < 0:
-        raise InputError(
-            f"training volume {data.image.shape[1:]} is smaller than a patch and its gene "
-            f"window {region} voxels"
-        )
-    padded = np.pad(data.cond, [(0, 0)] + [(c, c) for c in context])
-    frame = Box(tuple(-c for c in context), padded.shape[1:])
-    xs, cs, offsets = [], [], []
-    for _ in range(batch):
-        origin = tuple(int(rng.integers(0, lim + 1)) * n for lim, n in zip(limits, b, strict=True))
-        box = Box(origin, region)
-        x = data.image[(slice(None), *box.slices())]
-        c = padded[(slice(None), *patch_bins(box, b, context).slices(frame))]
-        k = int(rng.integers(4))
-        x, c = np.rot90(x, k, axes=(2, 3)), np.rot90(c, k, axes=(2, 3))
-        if rng.random() < 0.5:
-            x, c = x[:, :, :, ::-1], c[:, :, :, ::-1]
-        if rng.random() < 0.5:
-            x, c = x[:, ::-1], c[:, ::-1]
-        offset = tuple(int(rng.integers(n)) if e else 0 for e, n in zip(extra, b, strict=True))
-        xs.append(x[(slice(None), *(slice(o, o + p) for o, p in zip(offset, patch, strict=True)))])
-        cs.append(c)
-        offsets.append(offset)
-    return (
-        np.ascontiguousarray(np.stack(xs)),
-        np.ascontiguousarray(np.stack(cs)),
-        np.asarray(offsets, dtype=np.int64),
-    )
+DENOISER_EMA = 0.999
+"""The default EMA decay of the denoiser's weights (its checkpoint holds the average)."""
 
 
 def diffusion_loss(
@@ -109,10 +62,36 @@ def diffusion_loss(
     drawn timesteps (``offset``: the patches' offsets in their first bins)."""
     t = torch.randint(0, sched.train_steps, (len(x0),), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
-    clean, eps, steps = x0.numpy(), noise.numpy(), t.numpy()
-    xt = torch.from_numpy(sched.add_noise(clean, eps, steps))
-    target = torch.from_numpy(sched.training_target(clean, eps, steps))
-    return F.mse_loss(model(xt, t, cond, offset), target)
+    return _mse(model, _noised(sched, x0.numpy(), noise.numpy(), t.numpy(), cond, offset))
+
+
+def _noised(sched: Schedule, clean, eps, t, cond, offset) -> tuple[torch.Tensor, ...]:
+    """(x_t, t, cond, offset, target) of clean patches noised by ``eps`` at timesteps ``t``."""
+    xt = torch.from_numpy(sched.add_noise(clean, eps, t))
+    target = torch.from_numpy(sched.training_target(clean, eps, t))
+    offset = None if offset is None else torch.as_tensor(offset)
+    return xt, torch.as_tensor(t), torch.as_tensor(cond), offset, target
+
+
+def _mse(model: ConditionalUNet3D, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The model's MSE on a noised batch (on the model's device)."""
+    device = next(model.parameters()).device
+    xt, t, cond, offset, target = (None if v is None else v.to(device) for v in batch)
+    out = model(xt, t, cond, offset if model.cfg.sub_bin_offsets else None)
+    return F.mse_loss(out.float(), target)
+
+
+def keyed_noise(
+    sched: Schedule, patches: PatchBatch, seed: int, step: int, indices: Sequence[int]
+) -> tuple[torch.Tensor, ...]:
+    """The drawn patches noised: sample ``i``'s timestep and noise from its own stream."""
+    x, c, offset = patches
+    t, eps = np.empty(len(x), np.int64), np.empty_like(x)
+    for j, i in enumerate(indices):
+        rng = keyed_rng(seed, step, i, NOISE_DOMAIN)
+        t[j] = rng.integers(sched.train_steps)
+        eps[j] = rng.standard_normal(x.shape[1:], dtype=np.float32)
+    return _noised(sched, x, eps, t, c, offset)
 
 
 def user_training_data(
@@ -149,49 +128,57 @@ def train_denoiser(
     on_log: Callable[[dict], None] | None = None,
     data: tuple[TrainingData, TrainingData] | None = None,
     resume: Path | None = None,
+    options: TrainOptions | None = None,
+    validate_every: int = 0,
+    val_patches: int = 32,
+    source: PatchSource | None = None,
 ) -> list[dict]:
     """Train a denoiser and save it to ``out``; returns the log of train and validation loss.
 
     ``data`` (train, validation) defaults to a synthetic brain (``recipe.seed``; validation on
-    another seed). ``resume`` continues from a checkpoint's weights, config and prediction type.
+    another seed); ``source`` (a keyed patch source such as ``store_patches.StorePatches``)
+    replaces it. ``resume`` starts from a checkpoint's weights, config and prediction type.
+    ``options`` (default: an EMA of decay ``DENOISER_EMA``, saved as the checkpoint) carry out
+    the run: processes, accumulation, training states to continue exactly, figures, a stop.
+    Validation on ``val_patches`` fixed patches at every log entry, or only every
+    ``validate_every`` steps (and at the end).
     """
+    options = options or TrainOptions(ema_decay=DENOISER_EMA)
     model, cfg, previous = None, model_config or DenoiserConfig(), {}
     if resume is not None:
         model, previous = load_denoiser(resume)
         cfg, prediction = model.cfg, previous.get("prediction", "epsilon")
     _check_cond_window(cfg, bin_shape)
-    rng, gen = recipe.start()
-    train, val = (
-        data if data is not None else _synthetic_data(recipe.seed, volume, spacing_um, bin_shape)
-    )
-    difference = previous and panel_difference(train.genes, previous.get("genes", []))
+    recipe.start()
+    if source is None:
+        train, val = data or _synthetic_data(recipe.seed, volume, spacing_um, bin_shape)
+        window = (cfg.patch, cfg.cond_context, cfg.cond_extra)
+        source = MemoryPatches(train, *window, recipe.seed, val)
+    difference = previous and panel_difference(source.genes, previous.get("genes", []))
     if difference:
         raise CheckpointError(
             f"{resume} was trained on another gene panel than these data: {difference}"
         )
     if model is None:
-        cfg = replace(cfg, genes=len(train.genes))
+        cfg = replace(cfg, genes=len(source.genes))
         model = ConditionalUNet3D(cfg)
     model.train()
     sched = Schedule(prediction=prediction)
     history = TrainingLog(log, on_log)
-    stage = _diffusion_stage(model, (train, val), sched, rng, gen, steps, recipe, log_every)
-    run_stage(stage, history)
-    meta = {
-        "config": cfg.to_dict(),
-        "prediction": prediction,
-        "genes": list(train.genes),
-        "bin": list(bin_shape),
-        "spacing_um": list(spacing_um),
-    }
-    training = {
-        "steps": steps,
-        **recipe.to_dict(),
-        "volume": list(train.image.shape[1:]),
-        "resumed_from": str(resume) if resume else None,
-        "steps_total": steps + previous.get("training", {}).get("steps_total", 0),
-    }
-    save_trained(out, model, "denoiser", meta, training, history)
+    run = {"kind": "denoiser", "config": cfg.to_dict(), "prediction": prediction, "steps": steps,
+           **recipe.to_dict(), "volume": list(source.volume)}  # fmt: skip
+    with Trainer(model, options, out, run, history.entries) as trainer:
+        stage = _diffusion_stage(model, source, val_patches, sched, steps, recipe)
+        stage = replace(stage, log_every=log_every, validate_every=validate_every)
+        run_stage(stage, history, trainer=trainer)
+        meta = {"config": cfg.to_dict(), "prediction": prediction, "genes": list(source.genes),
+                "bin": list(bin_shape), "spacing_um": list(spacing_um)}  # fmt: skip
+        training = {
+            "steps": steps, **recipe.to_dict(), "volume": list(source.volume),
+            "resumed_from": str(resume) if resume else None,
+            "steps_total": steps + previous.get("training", {}).get("steps_total", 0),
+        }  # fmt: skip
+        save_trained(out, model, "denoiser", meta, training, history, trainer)
     return history.entries
 
 
@@ -205,40 +192,31 @@ def _check_cond_window(cfg: DenoiserConfig, bin_shape: Shape) -> None:
 
 def _diffusion_stage(
     model: ConditionalUNet3D,
-    data: tuple[TrainingData, TrainingData],
+    patches: PatchSource,
+    val_patches: int,
     sched: Schedule,
-    rng: np.random.Generator,
-    gen: torch.Generator,
     steps: int,
     recipe: Recipe,
-    log_every: int,
 ) -> Stage:
-    """The denoiser's training: ``recipe.batch`` random patches of the training data per step, the
-    diffusion loss, validation on the validation data; the learning rate is logged."""
-    (train, val), cfg = data, model.cfg
+    """The denoiser's training: ``recipe.batch`` keyed patches of ``patches`` per step, the
+    diffusion loss, validation on its ``val_patches`` fixed validation patches, sample images;
+    the learning rate is logged."""
+    fixed, clean = _validation_batch(patches.validation_batch(val_patches), sched)
 
-    def draw() -> tuple[torch.Tensor, ...]:
-        arrays = sample_offset_batch(
-            train, cfg.patch, cfg.cond_context, cfg.cond_extra, recipe.batch, rng
-        )
-        return tuple(torch.from_numpy(a) for a in arrays)
+    def draw(step: int, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        return keyed_noise(sched, patches.draw(step, indices), recipe.seed, step, indices)
 
     return Stage(
         model,
         steps,
         recipe.lr,
         batch=draw,
-        loss=lambda xco: Losses.single("loss", _loss(model, xco, sched, gen)),
-        validate=lambda: {"val_loss": _validate(model, val, cfg, sched)},
-        log_every=log_every,
+        loss=lambda batch: Losses.single("loss", _mse(model, batch)),
+        batch_size=recipe.batch,
+        validate=lambda: {"val_loss": _validate(model, fixed)},
         log_lr=True,
+        samples=lambda: denoised_rows(model, clean, fixed[2], fixed[3], sched),
     )
-
-
-def _loss(model, batch: tuple[torch.Tensor, ...], sched: Schedule, gen) -> torch.Tensor:
-    """The diffusion loss of a drawn (patches, windows, offsets) batch."""
-    x, c, offset = batch
-    return diffusion_loss(model, x, c, sched, gen, offset if model.cfg.sub_bin_offsets else None)
 
 
 def _synthetic_data(
@@ -251,13 +229,53 @@ def _synthetic_data(
     )
 
 
-@torch.no_grad()
-def _validate(model, data: TrainingData, cfg: DenoiserConfig, sched: Schedule) -> float:
-    """The loss on 32 fixed patches of the validation data (model in eval mode)."""
-    model.eval()
-    rng = np.random.default_rng(0)
+def _validation_batch(
+    patches: PatchBatch, sched: Schedule
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Fixed validation patches noised (torch stream 0), and the clean patches."""
     gen = torch.Generator().manual_seed(0)
-    arrays = sample_offset_batch(data, cfg.patch, cfg.cond_context, cfg.cond_extra, 32, rng)
-    loss = _loss(model, tuple(torch.from_numpy(a) for a in arrays), sched, gen).item()
+    x, c, offset = patches
+    t = torch.randint(0, sched.train_steps, (len(x),), generator=gen)
+    noise = torch.randn(x.shape, generator=gen)
+    return _noised(sched, x, noise.numpy(), t.numpy(), c, offset), torch.from_numpy(x)
+
+
+@torch.no_grad()
+def _validate(model: ConditionalUNet3D, batch: Sequence[torch.Tensor]) -> float:
+    """The loss on the fixed validation patches (model in eval mode)."""
+    model.eval()
+    loss = _mse(model, batch).item()
     model.train()
     return loss
+
+
+@torch.no_grad()
+def denoised_rows(
+    model: ConditionalUNet3D,
+    clean: torch.Tensor,
+    cond: torch.Tensor,
+    offset: torch.Tensor | None,
+    sched: Schedule,
+    n: int = 4,
+) -> dict[str, np.ndarray]:
+    """Images of ``n`` clean patches and their gene windows (first stain, middle z): the patch,
+    it noised at t = 600, the model's one-step estimate of the patch from there, and a 10-step
+    DDIM sample from pure noise on the same genes."""
+    model.eval()
+    device = next(model.parameters()).device
+    clean, cond = clean[:n].to(device), cond[:n].to(device)
+    off = offset[:n].to(device) if offset is not None and model.cfg.sub_bin_offsets else None
+    t = torch.full((len(clean),), 600, device=device, dtype=torch.long)
+    eps = torch.randn(clean.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    a = sched.alpha(600)
+    noisy = a**0.5 * clean + (1 - a) ** 0.5 * eps
+    estimate, _ = sched.split_output(noisy, model(noisy, t, cond, off).float(), 600)
+    ddim = Schedule(prediction=sched.prediction, steps=10)
+    x = torch.randn(clean.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    for step in range(ddim.steps):
+        tt = torch.full((len(x),), ddim.timestep(step), device=device, dtype=torch.long)
+        x = ddim.ddim_update(x, model(x, tt, cond, off).float(), step)
+    model.train()
+    mid = clean.shape[2] // 2
+    rows = {"patch": clean, "noised t=600": noisy, "estimate": estimate, "DDIM 10 steps": x}
+    return {k: v[:, 0, mid].clamp(-1, 1).cpu().numpy() for k, v in rows.items()}

@@ -27,7 +27,17 @@ from tera_pipeline.training.denoiser import (
     synthetic_training_data,
     user_training_data,
 )
-from tera_pipeline.training.loop import Losses, Recipe, Stage, TrainingLog, run_stage, save_trained
+from tera_pipeline.training.loop import (
+    Losses,
+    Recipe,
+    Stage,
+    TrainingLog,
+    run_stage,
+    save_trained,
+    to_device,
+)
+from tera_pipeline.training.sampling import streamed
+from tera_pipeline.training.trainer import Trainer, TrainOptions
 from tera_pipeline.training.user_data import UserData
 
 log = logging.getLogger("tera_pipeline.magnet_training")
@@ -131,10 +141,11 @@ def validate(model, sampler: WindowSampler) -> dict[str, float]:
     """Bin-level PCC (per gene across bins) and MSE over every window of the validation data."""
     model.eval()
     preds, truths = [], []
+    device = next(model.parameters()).device
     for item in range(len(sampler.items)):
         for origin in sampler.origins(item):
             inputs, targets = sampler.window(item, *origin)
-            preds.append(model(inputs)["bin"].flatten(0, 2))
+            preds.append(model(to_device(inputs, device))["bin"].flatten(0, 2).float().cpu())
             truths.append(targets["bin"].flatten(0, 2))
     model.train()
     p, t = torch.cat(preds), torch.cat(truths)
@@ -151,11 +162,14 @@ def train_magnet(
     data: tuple[list[TrainingData], list[TrainingData]] | None = None,
     log_every: int = 100,
     on_log: Callable[[dict], None] | None = None,
+    options: TrainOptions | None = None,
 ) -> list[dict]:
     """Train MagNet (``kind="magnet"``) or the bin-crop CNN baseline and save it to ``out``.
 
     ``data`` (train, validation) defaults to synthetic renders of seeds ``recipe.seed`` .. ``+ 2``
-    (validation: ``recipe.seed + 1000``). Returns the log.
+    (validation: ``recipe.seed + 1000``). ``options``: processes, accumulation, EMA, training
+    states, figures (default: one process as before). Windows come from a running stream (one
+    per rank). Returns the log.
     """
     if kind not in TRAINED_KINDS:
         raise ValueError(f"kind must be one of {sorted(TRAINED_KINDS)}, got {kind!r}")
@@ -177,15 +191,19 @@ def train_magnet(
         model,
         steps,
         recipe.lr,
-        batch=lambda: sampler.batch(recipe.batch, rng),
+        batch=streamed(lambda n: sampler.batch(n, rng)),
         loss=lambda b: Losses.single("loss", loss_of(kind, model(b[0]), b[1], cfg)),
+        batch_size=recipe.batch,
         validate=lambda: validate(model, val_sampler),
         log_every=log_every,
         warmup_cap=50,
+        streams=(rng,),
     )
     history = TrainingLog(log, on_log)
-    run_stage(stage, history)
-    meta = {"config": cfg.to_dict(), "genes": list(genes), "bin": list(bin_shape)}
-    training = {"kind": kind, "steps": steps, **recipe.to_dict()}
-    save_trained(out, model, kind, meta, training, history)
+    run = {"kind": kind, "config": cfg.to_dict(), "steps": steps, **recipe.to_dict()}
+    with Trainer(model, options, out, run, history.entries) as trainer:
+        run_stage(stage, history, trainer=trainer)
+        meta = {"config": cfg.to_dict(), "genes": list(genes), "bin": list(bin_shape)}
+        training = {"kind": kind, "steps": steps, **recipe.to_dict()}
+        save_trained(out, model, kind, meta, training, history, trainer)
     return history.entries

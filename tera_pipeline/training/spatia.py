@@ -37,6 +37,7 @@ from tera_pipeline.analysis.cells import centred
 from tera_pipeline.core.geometry import Shape
 from tera_pipeline.core.intensity import from_uint8
 from tera_pipeline.training.loop import Losses, Recipe, Stage, TrainingLog, run_stage, save_trained
+from tera_pipeline.training.sampling import streamed
 from tera_pipeline.training.spatia_cells import (
     CellSet,
     SetBatch,
@@ -46,6 +47,7 @@ from tera_pipeline.training.spatia_cells import (
     synthetic_cells,
     thin,
 )
+from tera_pipeline.training.trainer import Trainer, TrainOptions
 
 log = logging.getLogger("tera_pipeline.spatia_training")
 
@@ -79,7 +81,8 @@ class CellBatch(NamedTuple):
 @dataclass
 class SpatiaRun:
     """What every SPATIA stage shares: the model, the data, the batch and learning rate, the
-    random streams (each stage draws from them in turn, so a run is reproducible) and the log."""
+    random streams (each stage draws from them in turn, so a run is reproducible), the log and
+    the run's trainer (processes, EMA, training states; default: one process)."""
 
     model: Spatia
     train: CellSet
@@ -89,6 +92,7 @@ class SpatiaRun:
     rng: np.random.Generator
     gen: torch.Generator
     report: Callable[[dict], None]
+    trainer: Trainer | None = None
 
 
 def train_cells(
@@ -102,20 +106,21 @@ def train_cells(
     rng, gen, report = run.rng, run.gen, run.report
     enc = model.cell
 
-    def draw() -> CellBatch:
-        idx = rng.integers(0, len(train), batch)
+    def draw(n: int) -> CellBatch:
+        idx = rng.integers(0, len(train), n)
         crops = torch.from_numpy(from_uint8(flip_rotate(train.crops[idx], rng)))
         full = train.counts[idx]
-        gene_mask, patch_mask = _masks(model.cfg, batch, gen, 0.25, 0.5)
+        gene_mask, patch_mask = _masks(model.cfg, n, gen, 0.25, 0.5)
         return CellBatch(idx, crops, full, torch.from_numpy(thin(full, rng)), gene_mask, patch_mask)
 
     def loss(b: CellBatch) -> Losses:
         out = enc(b.crops, b.thinned, b.gene_mask, b.patch_mask)
-        terms = cell_losses(enc, out, b.crops, torch.from_numpy(b.counts), weights)
+        device = b.crops.device
+        terms = cell_losses(enc, out, b.crops, torch.from_numpy(b.counts).to(device), weights)
         objective = terms["expression"] + terms["image"]
         if out.type_logits is not None and train.types is not None:
             terms["probe"] = F.cross_entropy(
-                out.type_logits, torch.from_numpy(train.types[b.index])
+                out.type_logits, torch.from_numpy(train.types[b.index]).to(device)
             )
             objective = objective + terms["probe"]
         return Losses(objective, terms)
@@ -124,14 +129,17 @@ def train_cells(
         enc,
         steps,
         lr,
-        batch=draw,
+        batch=streamed(draw),
         loss=loss,
+        batch_size=batch,
         validate=lambda: _validate_cells(model, val, weights),
         name="cells",
         log_every=log_every,
         digits=5,
+        streams=(rng, gen),
+        find_unused=True,
     )
-    run_stage(stage, report)
+    run_stage(stage, report, trainer=run.trainer)
 
 
 @torch.no_grad()
@@ -173,12 +181,12 @@ def embed_cells(model: Spatia, cells: CellSet, batch: int = 256) -> np.ndarray:
 def _context_loss(encoder, sets: SetBatch, gen: torch.Generator) -> Losses:
     """Hidden-member expression (MSE on log-normalised values) + the set's mean expression."""
     x, pos, valid, members, targets = sets
-    hidden = (torch.rand(valid.shape, generator=gen) < 0.2) & valid
+    hidden = (torch.rand(valid.shape, generator=gen).to(valid.device) < 0.2) & valid
     out, pooled = encoder(x, pos, valid, hidden)
     tgt = np.zeros((*valid.shape, targets.shape[1]), np.float32)
     for b, idx in enumerate(members):
         tgt[b, : len(idx)] = targets[idx]
-    tgt_t = torch.from_numpy(tgt)
+    tgt_t = torch.from_numpy(tgt).to(valid.device)
     w = hidden.float()
     member = (
         ((encoder.member_expression(out) - tgt_t) ** 2).mean(-1) * w
@@ -208,37 +216,39 @@ def train_context(
     size = np.asarray(niche_um)
     tile = size * np.asarray(tissue_niches)
 
-    def niches() -> SetBatch:
-        windows = random_windows(points, extent, size, batch, rng)
+    def niches(n: int) -> SetBatch:
+        windows = random_windows(points, extent, size, n, rng)
         return SetBatch(*pad_sets([w for w in windows if len(w[0])], emb, max_members), values)
 
-    def tissue_tiles() -> SetBatch:
+    def tissue_tiles(n: int) -> SetBatch:
         """Niches on a grid at a random offset, pooled by the trained niche model, in tiles."""
         niche_emb, centres, niche_values = _grid_niches(
             model, emb, points, values, size, extent, rng
         )
-        windows = random_windows(centres, extent, tile, max(2, batch // 4), rng)
+        windows = random_windows(centres, extent, tile, n, rng)
         sets = [w for w in windows if len(w[0])]
         return SetBatch(*pad_sets(sets, niche_emb, max_members), niche_values)
 
     started = time.perf_counter()
-    for encoder, name, n, draw, log_every in (
-        (model.niche, "niche", steps, niches, 100),
-        (model.tissue, "tissue", steps // 2, tissue_tiles, 50),
+    for encoder, name, n, draw, size_, log_every in (
+        (model.niche, "niche", steps, niches, batch, 100),
+        (model.tissue, "tissue", steps // 2, tissue_tiles, max(2, batch // 4), 50),
     ):
         stage = Stage(
             encoder,
             n,
             lr,
-            batch=draw,
+            batch=streamed(draw),
             loss=partial(_context_loss, encoder, gen=gen),
+            batch_size=size_,
             name=name,
             log_every=log_every,
             clip=None,
             summary="last",
             digits=5,
+            streams=(rng, gen),
         )
-        run_stage(stage, report, started)
+        run_stage(stage, report, started, trainer=run.trainer)
 
 
 @torch.no_grad()
@@ -270,8 +280,8 @@ def train_generator(run: SpatiaRun, steps: int, log_every: int = 100) -> None:
     rng, gen, report = run.rng, run.gen, run.report
     g = model.generator
 
-    def draw() -> tuple[torch.Tensor, torch.Tensor]:
-        idx = rng.integers(0, len(train), batch)
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = rng.integers(0, len(train), n)
         x1 = torch.from_numpy(from_uint8(flip_rotate(train.crops[idx], rng)))
         return x1, torch.from_numpy(train.counts[idx])
 
@@ -279,14 +289,16 @@ def train_generator(run: SpatiaRun, steps: int, log_every: int = 100) -> None:
         g,
         steps,
         lr,
-        batch=draw,
+        batch=streamed(draw),
         loss=lambda b: Losses.single("flow", g.loss(*b, gen)),
+        batch_size=batch,
         validate=lambda: _validate_generator(model, val),
         name="generator",
         log_every=log_every,
         digits=5,
+        streams=(rng, gen),
     )
-    run_stage(stage, report)
+    run_stage(stage, report, trainer=run.trainer)
 
 
 @torch.no_grad()
@@ -321,11 +333,13 @@ def train_spatia(
     data: tuple[CellSet, CellSet] | None = None,
     on_log: Callable[[dict], None] | None = None,
     loss_weights: CellLossWeights = CELL_LOSS_WEIGHTS,
+    options: TrainOptions | None = None,
 ) -> list[dict]:
     """Train SPATIA and save it to ``out``; returns the training log.
 
     ``data`` (train, validation) defaults to the synthetic brain of ``recipe.seed`` (validation
-    on ``recipe.seed + 1000``)."""
+    on ``recipe.seed + 1000``). ``options``: processes, accumulation, EMA, training states (a
+    resumed run skips the stages it finished), figures (default: one process as before)."""
     cfg = model_config or SpatiaConfig()
     seed = recipe.seed
     rng, gen = recipe.start()
@@ -337,31 +351,25 @@ def train_spatia(
     model.train()
     history = TrainingLog(log, on_log)
     t0 = time.perf_counter()
-    run = SpatiaRun(model, train, val, recipe.batch, recipe.lr, rng, gen, history)
-    train_cells(run, cell_steps, weights=loss_weights)
-    train_context(run, context_steps, niche_um, tissue_niches)
-    train_generator(run, generator_steps)
-    meta = {
-        "config": cfg.to_dict(),
-        "genes": list(train.genes),
-        "cell_types": list(train.type_names),
-        "spacing_um": list(train.spacing_um),
-        "niche_um": list(niche_um),
-        "tissue_niches": list(tissue_niches),
-    }
-    training = {
-        "cells": len(train),
-        "cell_steps": cell_steps,
-        "context_steps": context_steps,
-        "generator_steps": generator_steps,
-        "batch": recipe.batch,
-        "lr": recipe.lr,
-        "cell_loss_weights": loss_weights.to_dict(),
-        "seed": seed,
-        "volume": list(train.volume),
-        "wall_s": round(time.perf_counter() - t0, 1),
-    }
-    save_trained(out, model, "spatia", meta, training, history)
+    stage_steps = {"cell_steps": cell_steps, "context_steps": context_steps,
+                   "generator_steps": generator_steps}  # fmt: skip
+    identity = {"kind": "spatia", "config": cfg.to_dict(), **stage_steps, **recipe.to_dict()}
+    with Trainer(model, options, out, identity, history.entries) as trainer:
+        run = SpatiaRun(model, train, val, recipe.batch, recipe.lr, rng, gen, history, trainer)
+        train_cells(run, cell_steps, weights=loss_weights)
+        train_context(run, context_steps, niche_um, tissue_niches)
+        train_generator(run, generator_steps)
+        meta = {
+            "config": cfg.to_dict(), "genes": list(train.genes),
+            "cell_types": list(train.type_names), "spacing_um": list(train.spacing_um),
+            "niche_um": list(niche_um), "tissue_niches": list(tissue_niches),
+        }  # fmt: skip
+        training = {
+            "cells": len(train), **stage_steps, "batch": recipe.batch, "lr": recipe.lr,
+            "cell_loss_weights": loss_weights.to_dict(), "seed": seed,
+            "volume": list(train.volume), "wall_s": round(time.perf_counter() - t0, 1),
+        }  # fmt: skip
+        save_trained(out, model, "spatia", meta, training, history, trainer)
     return history.entries
 
 
