@@ -1,7 +1,10 @@
-"""``tera train denoiser|magnet|spatia``."""
+"""``tera train denoiser|magnet|spatia``: one process, or one per GPU under ``torchrun``."""
 
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -25,7 +28,68 @@ from flows.cli.common import (
 )
 from models.checkpoint_files import DEFAULT_DENOISER
 
-# Prefect's analytics only log a harmless "database is locked" error in ephemeral mode.
+# How a run is carried out, the same options for every model (training/trainer.TrainOptions).
+Accumulate = Annotated[
+    int, typer.Option(help="Micro-batches per step (gradient accumulation): the batch split.")
+]
+Ema = Annotated[float, typer.Option(help="EMA decay of the weights saved (0: the last weights).")]
+CheckpointEvery = Annotated[
+    int, typer.Option(help="Steps between training states <out stem>.resume.pt (0: none).")
+]
+FiguresEvery = Annotated[
+    int,
+    typer.Option(help="Steps between loss curves and samples in <out stem>_training/ (0: end)."),
+]
+StopAfter = Annotated[
+    int | None, typer.Option(help="Stop after this many steps, the training state saved.")
+]
+Progress = Annotated[
+    bool | None, typer.Option(help="A progress bar on stderr (default: on a terminal).")
+]
+LogEvery = Annotated[int, typer.Option(help="Steps between log entries (with validation).")]
+ResumeState = Annotated[
+    Path | None,
+    typer.Option(help="Continue exactly from a training state (*.resume.pt; none yet: start)."),
+]
+
+
+def _options(accumulate, ema, checkpoint_every, figures_every, stop_after, progress, resume):
+    from tera_pipeline.training.trainer import TrainOptions
+
+    resume = _state_file(resume)
+    with refusing():
+        return TrainOptions(
+            accumulate, ema or None, checkpoint_every, figures_every, stop_after,
+            sys.stderr.isatty() if progress is None else progress, resume,
+        )  # fmt: skip
+
+
+def _state_file(path: Path | None) -> Path | None:
+    """A training state to resume; a ``*.resume.pt`` not written yet starts the run (the same
+    command line for a job's first start and its requeues)."""
+    if path is None or path.exists() or not path.name.endswith(".resume.pt"):
+        return path
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(f"no training state {path} yet: starting", err=True)
+    return None
+
+
+def _wrote(out: Path, history: list[dict] | None = None) -> None:
+    """Rank 0 (the one process that saved) says what it wrote."""
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(f"wrote {out}" + (f": {history[-1]}" if history else ""))
+
+
+@contextmanager
+def _stoppable():
+    """A run stopped by --stop-after says how to continue, and exits 0."""
+    from tera_pipeline.training.trainer import TrainingStopped
+
+    try:
+        yield
+    except TrainingStopped as stop:
+        typer.echo(str(stop))
+        raise typer.Exit(0) from None
 
 
 @train_app.command("denoiser")
@@ -36,7 +100,11 @@ def train_denoiser_cmd(
     lr: LearningRate = 2e-3,
     seed: Seed = 1,
     size: Annotated[
-        str, typer.Option(help="Model size: small (the committed one) or tiny (48 k parameters).")
+        str,
+        typer.Option(
+            help="Model size: small (the committed one), tiny (48 k parameters) or base "
+            "(Tera-MIND's capacity, 110 M parameters, for GPUs)."
+        ),
     ] = "small",
     base_channels: Annotated[
         int | None, typer.Option(help="UNet base channels (default: the size's).")
@@ -54,19 +122,37 @@ def train_denoiser_cmd(
         Path | None, typer.Option(help="Its cells or transcripts (.h5ad, .parquet, .csv).")
     ] = None,
     spacing: Spacing = None,
+    volume: Annotated[
+        str, typer.Option(help="Synthetic training volume Z,Y,X voxels (without --images).")
+    ] = "32,512,512",
     resume: Annotated[
         Path | None,
-        typer.Option(help="Continue from this checkpoint (its weights, config and panel)."),
+        typer.Option(
+            help="Continue from a checkpoint (its weights, config and panel), or exactly from "
+            "a training state (<out stem>.resume.pt; none yet: start)."
+        ),
     ] = None,
+    accumulate: Accumulate = 1,
+    ema: Ema = 0.999,
+    checkpoint_every: CheckpointEvery = 500,
+    figures_every: FiguresEvery = 500,
+    stop_after: StopAfter = None,
+    progress: Progress = None,
+    log_every: LogEvery = 50,
+    validate_every: Annotated[
+        int, typer.Option(help="Steps between validations (0: at every log entry).")
+    ] = 0,
     threads: Threads = 2,
 ) -> None:
     """Train the denoiser on patches of a synthetic brain, or of your images and cells; writes
-    a safetensors checkpoint."""
+    a safetensors checkpoint (the EMA weights). Under ``torchrun`` one process per GPU (or CPU
+    process) shares each step's batch."""
     import torch
 
     from models.denoiser import DENOISER_SIZES, DenoiserConfig
     from tera_pipeline.training.denoiser import train_denoiser, user_training_data
     from tera_pipeline.training.loop import Recipe
+    from tera_pipeline.training.resume import is_training_state
     from tera_pipeline.training.user_data import UserData
 
     torch.set_num_threads(threads)
@@ -76,17 +162,22 @@ def train_denoiser_cmd(
         {} if base_channels is None else {"base_channels": base_channels}
     )
     cfg = DenoiserConfig(**fields, sub_bin_offsets=sub_bin_offsets)
+    resume = _state_file(resume)
+    state = resume if resume is not None and is_training_state(resume) else None
+    options = _options(accumulate, ema, checkpoint_every, figures_every, stop_after, progress,
+                       state)  # fmt: skip
     data, spacing_um = None, user_data_spacing(images, cells, spacing)
-    with refusing():
+    with refusing(), _stoppable():
         if spacing_um is not None:
             user = UserData(images, cells, spacing_um)  # held out: a patch and a bin, at least
             data = user_training_data(user, (1, 16, 16), patch=(4, 48, 48))
         recipe = Recipe(batch, lr, seed)
         train_denoiser(
-            out, steps, recipe, model_config=cfg, prediction=prediction, on_log=echo_log,
-            data=data, resume=resume,
+            out, steps, recipe, triple(volume, "--volume"), model_config=cfg,
+            prediction=prediction, log_every=log_every, on_log=echo_log, data=data,
+            resume=None if state else resume, options=options, validate_every=validate_every,
         )  # fmt: skip
-    typer.echo(f"wrote {out}")
+    _wrote(out)
 
 
 @train_app.command("magnet")
@@ -104,6 +195,13 @@ def train_magnet_cmd(
         Path | None, typer.Option(help="Its cells or transcripts (.h5ad, .parquet, .csv).")
     ] = None,
     spacing: Spacing = None,
+    resume: ResumeState = None,
+    accumulate: Accumulate = 1,
+    ema: Ema = 0.0,
+    checkpoint_every: CheckpointEvery = 500,
+    figures_every: FiguresEvery = 0,
+    stop_after: StopAfter = None,
+    progress: Progress = None,
     threads: Threads = 2,
 ) -> None:
     """Train MagNet on (image, expression per bin) pairs: synthetic renders, or yours."""
@@ -123,8 +221,13 @@ def train_magnet_cmd(
             data = user_pairs(UserData(images, cells, spacing_um))
     target = out or DEFAULT_MAGNET.with_name(f"{kind}.safetensors")
     recipe = Recipe(batch, lr, seed)
-    history = train_magnet(target, steps, recipe, kind, data=data, on_log=echo_log)
-    typer.echo(f"wrote {target}: {history[-1]}")
+    options = _options(accumulate, ema, checkpoint_every, figures_every, stop_after, progress,
+                       resume)  # fmt: skip
+    with refusing(), _stoppable():
+        history = train_magnet(
+            target, steps, recipe, kind, data=data, on_log=echo_log, options=options
+        )
+    _wrote(target, history)
 
 
 @train_app.command("spatia")
@@ -143,6 +246,13 @@ def train_spatia_cmd(
     type_key: Annotated[
         str, typer.Option(help="obs / column with cell types in --cells, if any.")
     ] = "cell_type",
+    resume: ResumeState = None,
+    accumulate: Accumulate = 1,
+    ema: Ema = 0.0,
+    checkpoint_every: CheckpointEvery = 500,
+    figures_every: FiguresEvery = 0,
+    stop_after: StopAfter = None,
+    progress: Progress = None,
     threads: Threads = 2,
 ) -> None:
     """Train SPATIA on cells with crops: the synthetic brain, or your images and cells."""
@@ -165,5 +275,10 @@ def train_spatia_cmd(
     target = out or DEFAULT_SPATIA
     stage_steps = (cell_steps, context_steps, generator_steps)
     recipe = Recipe(batch, lr, seed)
-    history = train_spatia(target, cfg, *stage_steps, recipe, data=data, on_log=echo_log)
-    typer.echo(f"wrote {target}: {history[-1]}")
+    options = _options(accumulate, ema, checkpoint_every, figures_every, stop_after, progress,
+                       resume)  # fmt: skip
+    with refusing(), _stoppable():
+        history = train_spatia(
+            target, cfg, *stage_steps, recipe, data=data, on_log=echo_log, options=options
+        )
+    _wrote(target, history)
