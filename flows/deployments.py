@@ -2,8 +2,9 @@
 
 ``register()`` (or ``tera deploy`` / ``python -m flows.deployments``) creates the work pool if
 needed and one deployment per flow: ``generate``, ``attention``, ``analyze_magnet`` and
-``analyze_spatia`` (when their modules are installed) and ``pipeline`` (generate, then the
-analyses). Runs are picked up by a worker on the machine that drives the Dask cluster:
+``analyze_spatia`` (when their modules are installed), ``pipeline`` (generate, then the
+analyses) and ``train`` (``tera train``, under torchrun for several processes). Runs are
+picked up by a worker on the machine that drives the Dask cluster:
 
     prefect worker start --pool tera
 
@@ -35,6 +36,7 @@ from prefect.exceptions import ObjectNotFound
 from flows.analyze import attention_flow
 from flows.generate import generate_flow
 from flows.pipeline import analysis_flows, pipeline_flow
+from flows.train import train_flow
 
 WORK_POOL = "tera"
 DEPLOYMENT = "tera"
@@ -42,10 +44,10 @@ TAGS = ["tera-pipeline"]
 
 
 def project_flows() -> list[Flow]:
-    """Every flow to deploy: generate, the analyses installed, and the pipeline."""
+    """Every flow to deploy: generate, the analyses installed, the pipeline, and training."""
     analyses = analysis_flows()
     analyses.setdefault("attention", attention_flow)
-    return [generate_flow, *analyses.values(), pipeline_flow]
+    return [generate_flow, *analyses.values(), pipeline_flow, train_flow]
 
 
 def deployments(
