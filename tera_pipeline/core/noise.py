@@ -1,5 +1,10 @@
 """Noise as a pure function of (seed, stream, global position): any block, on any worker, in
-any order, draws the same numbers for the same voxels."""
+any order, draws the same numbers for the same voxels.
+
+``position_noise`` (sampling) hashes each voxel's global position with the key of (seed,
+stream, channel) and draws exactly the voxels asked for; ``tiled_position_noise`` (the synthetic
+brain's render, kept as the committed checkpoints were trained on it) draws whole Philox tiles.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,63 @@ NOISE_TILE: Shape = (8, 64, 64)
 """Fixed tile of the counter-based noise field; independent of block and patch sizes."""
 
 
+_MIX = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_AXIS_BITS = 21
+"""Bits per axis of a position's counter: positions from -2^20 to 2^20 - 1 on each axis."""
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijective 64-bit hash whose every output bit depends on every
+    input bit (arrays of uint64, wrapping arithmetic)."""
+    z = z ^ (z >> np.uint64(30))
+    z = z * _MIX[0]
+    z = z ^ (z >> np.uint64(27))
+    z = z * _MIX[1]
+    return z ^ (z >> np.uint64(31))
+
+
+def _key(*values: int) -> np.ndarray:
+    """A 64-bit key of an ordered tuple of non-negative integers (a chain of hashes)."""
+    key = np.zeros(1, dtype=np.uint64)
+    for v in values:
+        key = _mix((key + np.asarray([v], dtype=np.uint64)) * _GOLDEN)
+    return key
+
+
 def position_noise(seed: int, stream: int, box: Box, channels: int) -> np.ndarray:
     """Standard normal noise for ``box`` (spatial z, y, x) as a pure function of position.
+
+    Each voxel's counter (its global z, y, x, 21 bits each) is hashed with the key of (seed,
+    stream, channel) by SplitMix64's finaliser; the hash's two 24-bit halves are two uniforms, and
+    Box-Muller makes them one standard normal (tails to 5.8 sigma). Only the voxels of ``box`` are
+    drawn, anywhere in space (beyond the volume too), and the same ones always give the same
+    numbers. ``stream`` separates the initial noise (0) from per-step noise (step + 1).
+    Returns float32 of shape ``(channels, *box.shape)``.
+    """
+    half = 1 << (_AXIS_BITS - 1)
+    if any(b < -half or e > half for b, e in zip(box.begin, box.end, strict=True)):
+        raise ValueError(f"noise positions are within +-{half} voxels per axis, not {box}")
+    counter = np.zeros(box.shape, dtype=np.uint64)
+    for axis, (b, n) in enumerate(zip(box.begin, box.shape, strict=True)):
+        along = np.arange(b + half, b + half + n, dtype=np.int64).astype(np.uint64)
+        shape = [1, 1, 1]
+        shape[axis] = n
+        counter |= (along << np.uint64(_AXIS_BITS * (2 - axis))).reshape(shape)
+    counter *= _GOLDEN
+    out = np.empty((channels, *box.shape), dtype=np.float32)
+    scale = np.float32(2.0**-24)
+    for c in range(channels):
+        h = _mix(counter + _key(seed, stream, c))
+        u1 = ((h >> np.uint64(40)).astype(np.float32) + np.float32(0.5)) * scale  # (0, 1)
+        u2 = (h & np.uint64(0xFFFFFF)).astype(np.float32) * scale
+        out[c] = np.sqrt(np.float32(-2.0) * np.log(u1)) * np.cos(np.float32(2 * np.pi) * u2)
+    return out
+
+
+def tiled_position_noise(seed: int, stream: int, box: Box, channels: int) -> np.ndarray:
+    """Standard normal noise for ``box`` (spatial z, y, x) as a pure function of position, drawn
+    in whole tiles (the synthetic brain's render).
 
     The field is drawn tile by tile (``NOISE_TILE``) from Philox keyed by (seed, stream, tile
     index), so any box anywhere — even beyond the volume — regenerates the same values.

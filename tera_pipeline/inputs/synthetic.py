@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tera_pipeline.core.geometry import Box, Shape
-from tera_pipeline.core.noise import position_noise
+from tera_pipeline.core.noise import tiled_position_noise
 
 GENE_PANEL: tuple[str, ...] = (
     "Slc17a7",
@@ -290,7 +290,7 @@ class SyntheticBrain:
             dapi[tuple(sl)] += nucleus * cells.brightness[i] * (1.0 + cells.texture[i] * tex)
             cyto = 1.0 / (1.0 + np.exp((d - 2.0) * 4.0))
             polyt[tuple(sl)] += (cyto - 0.7 * nucleus) * min(total[i] / 250.0, 1.2) * 0.3
-        noise = position_noise(self.seed, 0x5EED, box, channels=2)
+        noise = tiled_position_noise(self.seed, 0x5EED, box, channels=2)
         dapi = np.clip(dapi + 0.04 + 0.02 * noise[0], 0.0, 1.0)
         polyt = np.clip(polyt + 0.06 + 0.02 * noise[1], 0.0, 1.0)
         return np.round(np.stack([dapi, polyt]) * 255.0).astype(np.uint8)
