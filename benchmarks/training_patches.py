@@ -35,7 +35,8 @@ CHILD = r"""
 import json, resource, sys, time
 limit = int(sys.argv[2])
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-from tera_pipeline.training.store_patches import Prefetcher, StorePatches
+from tera_pipeline.training.prefetch import Prefetcher
+from tera_pipeline.training.store_patches import StorePatches
 steps, batch, workers, prefetch = (int(v) for v in sys.argv[3:7])
 source = StorePatches(sys.argv[1], (4, 32, 32), (1, 1, 1), (0, 1, 1), (1, 16, 16), channels=2)
 indices = range(batch)

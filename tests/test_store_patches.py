@@ -16,7 +16,8 @@ from tera_pipeline.inputs.cells import load_cells
 from tera_pipeline.inputs.conditioning import rasterize
 from tera_pipeline.storage import store
 from tera_pipeline.training.denoiser import TrainingData, sample_offset_batch
-from tera_pipeline.training.store_patches import Prefetcher, StorePatches, parse_box
+from tera_pipeline.training.prefetch import Prefetcher
+from tera_pipeline.training.store_patches import StorePatches, parse_box
 
 PATCH, CONTEXT, EXTRA, BIN = (4, 32, 32), (1, 1, 1), (0, 1, 1), (1, 16, 16)
 VOLUME = (6, 128, 112)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -142,18 +142,30 @@ def train_denoiser_cmd(
     validate_every: Annotated[
         int, typer.Option(help="Steps between validations (0: at every log entry).")
     ] = 0,
+    validation_box: Annotated[
+        str | None,
+        typer.Option(
+            help="Held-out box of --images, Z0:Z1,Y0:Y1,X0:X1 voxels (default: the last eighth "
+            "of y); never read for training."
+        ),
+    ] = None,
+    data_workers: Annotated[
+        int, typer.Option(help="Processes reading --images patches ahead (0: in process).")
+    ] = 2,
     threads: Threads = 2,
 ) -> None:
-    """Train the denoiser on patches of a synthetic brain, or of your images and cells; writes
+    """Train the denoiser on patches of a synthetic brain, or of your images and cells (read out
+    of core, a patch at a time, by --data-workers processes ahead of the step); writes
     a safetensors checkpoint (the EMA weights). Under ``torchrun`` one process per GPU (or CPU
     process) shares each step's batch."""
     import torch
 
     from models.denoiser import DENOISER_SIZES, DenoiserConfig
-    from tera_pipeline.training.denoiser import train_denoiser, user_training_data
+    from tera_pipeline.training.denoiser import train_denoiser
     from tera_pipeline.training.loop import Recipe
+    from tera_pipeline.training.prefetch import Prefetched
     from tera_pipeline.training.resume import is_training_state
-    from tera_pipeline.training.user_data import UserData
+    from tera_pipeline.training.store_patches import StorePatches, parse_box
 
     torch.set_num_threads(threads)
     if size not in DENOISER_SIZES:
@@ -166,18 +178,33 @@ def train_denoiser_cmd(
     state = resume if resume is not None and is_training_state(resume) else None
     options = _options(accumulate, ema, checkpoint_every, figures_every, stop_after, progress,
                        state)  # fmt: skip
-    data, spacing_um = None, user_data_spacing(images, cells, spacing)
-    with refusing(), _stoppable():
-        if spacing_um is not None:
-            user = UserData(images, cells, spacing_um)  # held out: a patch and a bin, at least
-            data = user_training_data(user, (1, 16, 16), patch=(4, 48, 48))
+    spacing_um = user_data_spacing(images, cells, spacing)
+    with refusing(), _stoppable(), ExitStack() as held:
+        source = None
+        if spacing_um is not None:  # read out of core, a patch at a time, prefetched
+            model_cfg = cfg if resume is None or state else _checkpoint_config(resume)
+            patches = StorePatches(
+                images, model_cfg.patch, model_cfg.cond_context, model_cfg.cond_extra,
+                seed=seed, cells=cells, spacing_um=spacing_um, channels=model_cfg.channels,
+                validation=parse_box(validation_box) if validation_box else None,
+            )  # fmt: skip
+            source = held.enter_context(Prefetched(patches, steps, workers=data_workers))
         recipe = Recipe(batch, lr, seed)
         train_denoiser(
             out, steps, recipe, triple(volume, "--volume"), model_config=cfg,
-            prediction=prediction, log_every=log_every, on_log=echo_log, data=data,
+            prediction=prediction, log_every=log_every, on_log=echo_log, source=source,
             resume=None if state else resume, options=options, validate_every=validate_every,
+            spacing_um=spacing_um or (4.0, 1.0, 1.0),
         )  # fmt: skip
     _wrote(out)
+
+
+def _checkpoint_config(path: Path):
+    """The denoiser config a checkpoint to continue from was trained with."""
+    from models.checkpoint_files import read_metadata
+    from models.denoiser import DenoiserConfig
+
+    return DenoiserConfig.from_dict(read_metadata(path)["config"])
 
 
 @train_app.command("magnet")

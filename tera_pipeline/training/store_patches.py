@@ -8,23 +8,22 @@ ybin, xbin) (a store's ``conditioning``) or are rasterised from the user's cells
 Sampling is keyed: sample ``i`` of step ``step``'s global batch is drawn from a generator of
 (seed, step, i) alone, so ranks that take disjoint index slices see the one-process batch and a
 resumed run needs nothing but the step. A held-out box (default: the last eighth of y) is never
-read for a training patch; validation draws fixed patches inside it. ``Prefetcher`` prepares the
-next steps' batches in spawned DataLoader workers (TensorStore is not fork-safe), each opening
-the store itself; a step's batch is the same with any number of workers.
+read for a training patch; validation draws fixed patches inside it. ``training/prefetch.py``
+prepares the next steps' batches in spawned worker processes, each opening the store itself; a
+step's batch is the same with any number of workers.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import tensorstore as ts
-import torch
 
 from tera_pipeline.core.config import VolumeSpec
 from tera_pipeline.core.errors import InputError
@@ -307,80 +306,3 @@ class StorePatches:
             return out
 
         return finish
-
-
-class _Steps(torch.utils.data.Dataset):
-    """Step ``s`` -> the batch of ``indices`` at step ``s`` (in a worker)."""
-
-    def __init__(self, source: StorePatches, indices: tuple[int, ...]) -> None:
-        self.source, self.indices = source, indices
-
-    def __getitem__(self, step: int) -> Batch:
-        return self.source.draw(step, self.indices)
-
-
-class _From(torch.utils.data.Sampler):
-    """Steps ``start`` .. ``stop`` - 1; ``start`` moves when the loop asks for another step."""
-
-    def __init__(self, start: int, stop: int) -> None:
-        self.start, self.stop = start, stop
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.stop))
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
-def _as_is(batch: Batch) -> Batch:
-    return batch
-
-
-class Prefetcher:
-    """``source.draw(step, indices)`` for steps ``start`` .. ``stop`` - 1, prepared ahead by
-    ``workers`` spawned DataLoader workers (``prefetch`` batches each); 0 workers draw in
-    process. Another step or index list than the next is drawn in process (another step: the
-    workers restart from it)."""
-
-    def __init__(
-        self,
-        source: StorePatches,
-        indices: Sequence[int],
-        start: int,
-        stop: int,
-        workers: int = 2,
-        prefetch: int = 2,
-    ) -> None:
-        self.source, self.indices = source, tuple(indices)
-        self._next, self._it, self._loader = start, None, None
-        self._steps = _From(start, stop)
-        if workers > 0:
-            self._loader = torch.utils.data.DataLoader(
-                _Steps(source, self.indices), batch_size=None, sampler=self._steps,
-                num_workers=workers, prefetch_factor=prefetch, persistent_workers=True,
-                multiprocessing_context="spawn", collate_fn=_as_is,
-                generator=torch.Generator().manual_seed(0),  # leaves torch's global stream be
-            )  # fmt: skip
-
-    def draw(self, step: int, indices: Sequence[int]) -> Batch:
-        """The batch of ``indices`` at ``step`` (prefetched when it is the next one)."""
-        if self._loader is None or tuple(indices) != self.indices or step >= self._steps.stop:
-            return self.source.draw(step, indices)
-        if self._it is None or step != self._next:
-            self._steps.start, self._next = step, step
-            self._it = iter(self._loader)
-        self._next += 1
-        return next(self._it)
-
-    def close(self) -> None:
-        """Stop the workers."""
-        it = self._loader._iterator if self._loader is not None else None
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        self._it = self._loader = None
-
-    def __enter__(self) -> Prefetcher:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
