@@ -5,7 +5,9 @@ larger than the cap, then, in a child process whose address space is capped with
 DataLoader workers inherit the cap), draws ``--steps`` batches with ``--workers`` prefetching
 workers (``training.store_patches``), then the same steps in process. Reports patches per
 second, the child's and its workers' peak RSS, and the process tree's largest RSS at once
-(sampled here). The store goes in a temporary folder, or in ``--work`` (only it is removed).
+(sampled here); then trains the tiny denoiser ``--train-steps`` steps on batches read so (the
+checkpoint and its figures go beside the store). The store goes in a temporary folder, or in
+``--work`` (only it is removed).
 
     python benchmarks/training_patches.py [--cap-gb 2] [--store-gb 3.5] [--steps 500] [--work DIR]
 """
@@ -33,6 +35,7 @@ PLANE, SHARD, BIN = 4096, (16, 512, 512), (1, 16, 16)
 
 CHILD = r"""
 import json, resource, sys, time
+from pathlib import Path
 limit = int(sys.argv[2])
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 from tera_pipeline.training.prefetch import Prefetcher
@@ -52,6 +55,20 @@ for step in range(1, inline_steps + 1):
     source.draw(step, indices)
 t3 = time.perf_counter()
 val = source.validation_batch(32)
+# training itself: the tiny denoiser, its batches read from the store by prefetching workers
+from models.denoiser import DENOISER_SIZES, DenoiserConfig
+from tera_pipeline.training.denoiser import train_denoiser
+from tera_pipeline.training.loop import Recipe
+from tera_pipeline.training.prefetch import Prefetched
+train_steps = int(sys.argv[7])
+cfg = DenoiserConfig(**DENOISER_SIZES["tiny"])
+t4 = time.perf_counter()
+with Prefetched(StorePatches(sys.argv[1], cfg.patch, cfg.cond_context, cfg.cond_extra,
+                             channels=2), train_steps, workers=workers) as patches:
+    log = train_denoiser(Path(sys.argv[8]) / "tiny.safetensors", train_steps,
+                         Recipe(batch=batch, lr=2e-3), model_config=cfg, source=patches,
+                         log_every=max(train_steps // 4, 1), val_patches=8)
+t5 = time.perf_counter()
 own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 print(json.dumps({
@@ -60,6 +77,9 @@ print(json.dumps({
     "inline_patches_per_s": round(inline_steps * batch / (t3 - t2), 1),
     "batch_shapes": [list(x.shape), list(c.shape), list(o.shape)],
     "validation": list(val[0].shape), "peak_rss_mib": round(own, 1),
+    "training_steps": train_steps, "training_s": round(t5 - t4, 2),
+    "training_patches_per_s": round(train_steps * batch / (t5 - t4), 1),
+    "training_loss_first_last": [log[0].get("train_loss"), log[-1].get("train_loss")],
     "worker_peak_rss_mib": round(kids, 1)}))
 """
 
@@ -95,9 +115,10 @@ def write_store(root: Path, z: int, seed: int = 0) -> tuple[int, float]:
     return math.prod(shape), time.perf_counter() - t0
 
 
-def run_child(root: Path, cap: int, steps: int, batch: int, workers: int, prefetch: int) -> dict:
+def run_child(root: Path, cap: int, args: argparse.Namespace, work: Path) -> dict:
     """The capped child, its process tree's RSS sampled every 0.2 s."""
-    args = [str(root), str(cap), str(steps), str(batch), str(workers), str(prefetch)]
+    args = [str(v) for v in (root, cap, args.steps, args.batch, args.workers, args.prefetch,
+                             args.train_steps, work)]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
@@ -126,7 +147,7 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
         nbytes, write_s = write_store(root, z)
         disk = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
         cap = int(args.cap_gb * 2**30)
-        child = run_child(root, cap, args.steps, args.batch, args.workers, args.prefetch)
+        child = run_child(root, cap, args, folder)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     tree = child.pop("tree_peak_rss_mib")
@@ -155,6 +176,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--prefetch", type=int, default=4)
+    p.add_argument("--train-steps", type=int, default=40, help="then train the tiny denoiser")
     p.add_argument("--work", type=Path, default=None, help="folder for the store (else a temp)")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = p.parse_args()
