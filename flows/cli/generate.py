@@ -314,8 +314,8 @@ def deploy(
     ] = None,
     concurrency_limit: Annotated[int | None, typer.Option(help="Runs at once in the pool.")] = None,
 ) -> None:
-    """Register the Prefect deployments (generate, analyses, pipeline) on a process work pool of
-    the server at PREFECT_API_URL."""
+    """Register the Prefect deployments (generate, analyses, pipeline, train) on a process work
+    pool of the server at PREFECT_API_URL."""
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
