@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from tera_pipeline.core.errors import TeraError
+from tera_pipeline.storage.store import StoreError, read_meta
 
 PUBLIC_CLIENT = "https://neuroglancer-demo.appspot.com/"
 """The public neuroglancer client (Google's demo deployment)."""
@@ -53,15 +54,11 @@ class Multiscale:
 
 
 def _read(path: Path) -> dict:
+    """A node's zarr.json (the store's reader; its refusal as this module's)."""
     try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise NotViewable(f"{path.parent} is not a zarr v3 store (no zarr.json)") from None
-    except (OSError, ValueError) as err:
-        raise NotViewable(f"{path} is unreadable ({err})") from None
-    if not isinstance(meta, dict):
-        raise NotViewable(f"{path} is not zarr metadata")
-    return meta
+        return read_meta(path)
+    except StoreError as err:
+        raise NotViewable(str(err)) from None
 
 
 def _multiscale(root: Path, group: str) -> Multiscale:

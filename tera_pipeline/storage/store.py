@@ -164,12 +164,13 @@ def update_attrs(root: Path, attrs: dict) -> None:
 def update_array_attrs(node: Path, attrs: dict) -> None:
     """Merge ``attrs`` into the attributes of the group or array at ``node``, atomically."""
     meta_path = Path(node) / "zarr.json"
-    meta = _read_meta(meta_path)
+    meta = read_meta(meta_path)
     meta.setdefault("attributes", {}).update(attrs)
     write_json(meta_path, meta)
 
 
-def _read_meta(meta_path: Path) -> dict:
+def read_meta(meta_path: Path) -> dict:
+    """A zarr.json as a dict, or a one-line ``StoreError`` (missing, unreadable, not a mapping)."""
     try:
         meta = json.loads(meta_path.read_text())
     except FileNotFoundError:
@@ -183,7 +184,7 @@ def _read_meta(meta_path: Path) -> dict:
 
 def group_attrs(root: Path) -> dict:
     """The attributes of the group at ``root`` (a one-line ``StoreError`` if unreadable)."""
-    return _read_meta(Path(root) / "zarr.json").get("attributes", {})
+    return read_meta(Path(root) / "zarr.json").get("attributes", {})
 
 
 def consolidate(root: Path) -> None:
@@ -197,7 +198,7 @@ def consolidate(root: Path) -> None:
             meta_path = child / "zarr.json"
             if child.name.startswith((".", "_pyramid_")) or not meta_path.is_file():
                 continue
-            meta = _read_meta(meta_path)
+            meta = read_meta(meta_path)
             key = f"{prefix}{child.name}"
             nodes[key] = {k: v for k, v in meta.items() if k != "consolidated_metadata"}
             if meta.get("node_type") == "group":
@@ -207,7 +208,7 @@ def consolidate(root: Path) -> None:
                 walk(child, key + "/")
 
     walk(root, "")
-    meta = _read_meta(root / "zarr.json")
+    meta = read_meta(root / "zarr.json")
     meta["consolidated_metadata"] = {"kind": "inline", "must_understand": False,
                                      "metadata": nodes}  # fmt: skip
     write_json(root / "zarr.json", meta)
