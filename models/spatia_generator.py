@@ -79,10 +79,11 @@ class FlowGenerator(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
     def loss(self, x1, counts, gen: torch.Generator, drop_rate: float = 0.1) -> torch.Tensor:
-        """Conditional flow-matching MSE: x_t = (1 - t) x0 + t x1, target x1 - x0."""
-        x0 = torch.randn(x1.shape, generator=gen)
-        t = torch.rand(len(x1), generator=gen)
-        drop = torch.rand(len(x1), generator=gen) < drop_rate
+        """Conditional flow-matching MSE: x_t = (1 - t) x0 + t x1, target x1 - x0; the draws come
+        from ``gen`` (a CPU generator) and move to ``x1``'s device."""
+        x0 = torch.randn(x1.shape, generator=gen).to(x1.device)
+        t = torch.rand(len(x1), generator=gen).to(x1.device)
+        drop = (torch.rand(len(x1), generator=gen) < drop_rate).to(x1.device)
         xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * x1
         return F.mse_loss(self(xt, t, self.condition(counts, drop)), x1 - x0)
 

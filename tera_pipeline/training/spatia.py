@@ -60,6 +60,11 @@ SPATIA_RECIPE = Recipe(batch=64, lr=2e-3)
 
 
 # -- stage 1: cells --------------------------------------------------------------------------------
+def _device(model: torch.nn.Module) -> torch.device:
+    """Where a model's weights are (validation data go there)."""
+    return next(model.parameters()).device
+
+
 def _masks(cfg: SpatiaConfig, n: int, gen: torch.Generator, genes: float, patches: float):
     """Random masks of a ``genes`` share of the genes and a ``patches`` share of the patches."""
     gene_mask = torch.rand(n, cfg.genes, generator=gen) < genes
@@ -148,15 +153,16 @@ def _validate_cells(model: Spatia, val: CellSet, weights: CellLossWeights, n: in
     rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)
     idx = rng.choice(len(val), min(n, len(val)), replace=False)
-    crops = torch.from_numpy(from_uint8(val.crops[idx]))
-    counts = torch.from_numpy(val.counts[idx])
-    gene_mask, patch_mask = _masks(model.cfg, len(idx), gen, 0.25, 0.5)
+    dev = _device(model)
+    crops = torch.from_numpy(from_uint8(val.crops[idx])).to(dev)
+    counts = torch.from_numpy(val.counts[idx]).to(dev)
+    gene_mask, patch_mask = (m.to(dev) for m in _masks(model.cfg, len(idx), gen, 0.25, 0.5))
     out = model.cell(crops, counts, gene_mask, patch_mask)
     losses = cell_losses(model.cell, out, crops, counts, weights)
     entry = {f"val_{k}": round(v.item(), 5) for k, v in losses.items()}
     if out.type_logits is not None and val.types is not None:
         entry["val_probe_acc"] = round(
-            float((out.type_logits.argmax(1).numpy() == val.types[idx]).mean()), 4
+            float((out.type_logits.argmax(1).cpu().numpy() == val.types[idx]).mean()), 4
         )
     model.train()
     return entry
@@ -166,11 +172,14 @@ def _validate_cells(model: Spatia, val: CellSet, weights: CellLossWeights, n: in
 def embed_cells(model: Spatia, cells: CellSet, batch: int = 256) -> np.ndarray:
     """Cell embeddings (N, E) from full crops and counts (no masking)."""
     model.eval()
+    dev = _device(model)
     out = [
         model.cell(
-            torch.from_numpy(from_uint8(cells.crops[s : s + batch])),
-            torch.from_numpy(cells.counts[s : s + batch]),
-        ).embedding.numpy()
+            torch.from_numpy(from_uint8(cells.crops[s : s + batch])).to(dev),
+            torch.from_numpy(cells.counts[s : s + batch]).to(dev),
+        )
+        .embedding.cpu()
+        .numpy()
         for s in range(0, len(cells), batch)
     ]
     model.train()
@@ -308,9 +317,10 @@ def _validate_generator(model: Spatia, val: CellSet, n: int = 256) -> dict:
     g.eval()
     vi = np.random.default_rng(0).choice(len(val), min(n, len(val)), replace=False)
     vgen = torch.Generator().manual_seed(0)
+    dev = _device(model)
     vloss = g.loss(
-        torch.from_numpy(from_uint8(val.crops[vi])),
-        torch.from_numpy(val.counts[vi]),
+        torch.from_numpy(from_uint8(val.crops[vi])).to(dev),
+        torch.from_numpy(val.counts[vi]).to(dev),
         vgen,
         drop_rate=0.0,
     ).item()
