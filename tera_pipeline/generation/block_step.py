@@ -29,6 +29,7 @@ from tera_pipeline.core.intensity import to_uint8
 from tera_pipeline.core.noise import position_noise
 from tera_pipeline.generation.blending import Accumulator, patch_window
 from tera_pipeline.generation.predictor import get_predictor, schedule_of
+from tera_pipeline.generation.seams import SeamPlan
 from tera_pipeline.generation.seams import fetch as fetch_seams
 from tera_pipeline.generation.seams import plan as plan_seams
 from tera_pipeline.generation.seams import publish as publish_seams
@@ -82,6 +83,10 @@ class _StepInputs:
     windows: np.ndarray
     window_shape: tuple[int, int, int]
     offset: tuple[int, int, int] | None
+    seams: SeamPlan
+    complete: bool
+    """Whether ``x`` holds the whole span; else only the core and the patches the block owns
+    (the others come from their owners' seam files, and the rest is read if one is missing)."""
 
     def cond_of(self, group: list[int]) -> torch.Tensor:
         """The gene windows of the patches at ``group``, stacked."""
@@ -92,12 +97,16 @@ class _StepInputs:
 
 
 def _read_inputs(
-    config: JobConfig, grid, step: int, core: Box, model_cfg, device: torch.device
+    config: JobConfig, grid, step: int, index: tuple[int, ...], model_cfg, device: torch.device
 ) -> _StepInputs:
-    """The state over the block's span (step 0: the noise of the span) and its conditioning,
-    moved to ``device``."""
+    """The state the block computes from (step 0: the noise of its span) and its conditioning,
+    moved to ``device``: over the whole span, or, where neighbours share their seam patches,
+    over the core and the patches the block owns (its low-side halo is theirs)."""
+    core = grid.block(index).core
     patches, span = read_span(grid, core)
+    seams = plan_seams(grid, index, patches, share=config.share_seams)
     root, channels = Path(config.out), len(config.volume.stains)
+    complete = True
     if step == 0:
         x = position_noise(config.diffusion.seed, 0, span, channels)
         outside = span.intersect(grid.volume_box)
@@ -105,7 +114,9 @@ def _read_inputs(
         mask[outside.slices(span)] = True
         x[:, ~mask] = 0.0  # beyond the volume the state reads as the fixed fill, as in scratch
     else:
-        x = store.read_box(store.open_array(root, STATES[step % 2]), span)
+        own = [patches[i] for i in seams.outgoing + seams.interior]
+        needed = bounding_box([core, *own]) if seams.incoming else span
+        x, complete = _read_state(root, step, span, needed), needed == span
     # windows on the stored bins, wherever the patches start (a bin-aligned model's patches
     # start on bins: ``check_checkpoint``), with the patches' offset in their first bin
     b, context = np.asarray(config.conditioning.bin), np.asarray(model_cfg.cond_context)
@@ -124,7 +135,19 @@ def _read_inputs(
         begins - np.asarray(cond_span.begin),
         shape,
         offset,
+        seams,
+        complete,
     )
+
+
+def _read_state(root: Path, step: int, span: Box, box: Box) -> np.ndarray:
+    """Step ``step``'s state over ``span``, read over ``box`` alone (zeros elsewhere)."""
+    array = store.open_array(root, STATES[step % 2])
+    if box == span:
+        return store.read_box(array, span)
+    x = np.zeros((array.shape[0], *span.shape), dtype=array.dtype.numpy_dtype)
+    x[(slice(None), *box.slices(span))] = store.read_box(array, box)
+    return x
 
 
 def _predict(
@@ -142,13 +165,9 @@ def _predict(
     those its neighbours own fetched as late as possible (computed here when not yet
     published)."""
     root, channels = Path(config.out), len(config.volume.stains)
-    patches, span, device = inputs.patches, inputs.span, inputs.x.device
+    patches, device, seams = inputs.patches, inputs.x.device, inputs.seams
     batch = max(config.batch_size, 1)
-    seams = plan_seams(grid, key, patches, share=config.share_seams)
-    if tiles(grid.lattice):  # the patches are a reshape of the span
-        cut_x = cut(inputs.x, grid.lattice.patch)
-    else:
-        cut_x = torch.stack([inputs.x[(slice(None), *p.slices(span))] for p in patches])
+    cut_x = _patches_of(grid, inputs)
     preds = torch.empty((len(patches), channels, *grid.lattice.patch), device=device)
     todo = deque(seams.outgoing + seams.interior)  # outgoing first: neighbours wait on them
     unpublished, resolved = len(seams.outgoing), not seams.incoming
@@ -159,6 +178,10 @@ def _predict(
             missing = fetch_seams(root, grid, step, patches, seams, fetched)
             shared = sorted(set(i for g in seams.incoming.values() for i in g) - set(missing))
             preds[shared] = torch.from_numpy(fetched[shared]).to(device)
+            if missing and not inputs.complete:  # computed here after all: read the rest
+                state = _read_state(root, step, inputs.span, inputs.span)
+                inputs.x, inputs.complete = torch.from_numpy(state).to(device, torch.float32), True
+                cut_x = _patches_of(grid, inputs)
             stats.read_s += time.perf_counter() - tr
             stats.shared = len(shared)
             todo.extend(missing)
@@ -177,6 +200,14 @@ def _predict(
                 publish_seams(root, grid, step, key, outgoing)
                 stats.write_s += time.perf_counter() - tw
     return preds
+
+
+def _patches_of(grid, inputs: _StepInputs) -> torch.Tensor:
+    """The state of every patch of the block (N, C, *patch), in lattice order."""
+    if tiles(grid.lattice):  # the patches are a reshape of the span
+        return cut(inputs.x, grid.lattice.patch)
+    span = inputs.span
+    return torch.stack([inputs.x[(slice(None), *p.slices(span))] for p in inputs.patches])
 
 
 def _assemble(config: JobConfig, grid, inputs: _StepInputs, preds: torch.Tensor, core: Box):
@@ -226,11 +257,11 @@ def denoise_block(
     stats = BlockStats()
     grid = config.grid(step)  # the step's lattice (shifted mode: offset per step)
     core = grid.block(index).core
-    inputs = _read_inputs(config, grid, step, core, predictor.config, device)
+    key = tuple(int(i) for i in index)
+    inputs = _read_inputs(config, grid, step, key, predictor.config, device)
     sched = schedule_of(config, predictor.meta.get("prediction", "epsilon"))
     stats.read_s = time.perf_counter() - t0
 
-    key = tuple(int(i) for i in index)
     preds = _predict(config, predictor, grid, step, key, inputs, sched.timestep(step), stats)
     output = _assemble(config, grid, inputs, preds, core)
 
