@@ -134,10 +134,10 @@ class StorageSpec(_Section):
     (4, 64, 64) per axis."""
     compression_level: int = Field(3, ge=0, le=22)
     scratch_dtype: Literal["float16", "float32"] = "float16"
-    scratch_codec: Literal["zstd", "lz4", "none"] = "none"
-    """Compressor of the scratch state between steps: none (the engine's ceiling, measured by
-    ``benchmarks/engine_ceiling.py``: 98 -> 83 ns per voxel-step and worker at 16x128x128
-    blocks); zstd (level 1) keeps 8-15 % fewer scratch bytes where disk is short."""
+    scratch_codec: Literal["zstd", "lz4", "none"] = "zstd"
+    """Compressor of the scratch state between steps (level 1): 8-15 % fewer bytes than none
+    (``benchmarks/scratch_codec.py``), and no slower a zero-cost step, measured in both orders
+    (``benchmarks/engine_ceiling.py``)."""
 
     @property
     def shard_shape(self) -> Triple:
