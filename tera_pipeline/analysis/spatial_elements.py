@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -75,8 +76,8 @@ def _replace(root: Path, kind: str, name: str, write: Callable[[Path], dict], ma
             raise OwnershipError(
                 f"refusing to replace {target}: tera-pipeline did not write it; move it away first"
             )
-    tmp = target.with_name(f".{name}.{os.getpid()}.tmp")  # hidden: no reader lists it
-    shutil.rmtree(tmp, ignore_errors=True)
+    # a fresh hidden folder of this run's own (no reader lists it), removed if the write fails
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent))
     try:
         attrs = write(tmp)
         meta = (

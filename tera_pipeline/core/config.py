@@ -136,8 +136,8 @@ class StorageSpec(_Section):
     scratch_dtype: Literal["float16", "float32"] = "float16"
     scratch_codec: Literal["zstd", "lz4", "none"] = "zstd"
     """Compressor of the scratch state between steps (level 1): 8-15 % fewer bytes than none
-    (``benchmarks/scratch_codec.py``), and no slower a zero-cost step, measured in both orders
-    (``benchmarks/engine_ceiling.py``)."""
+    (``benchmarks/scratch_codec.py``); a zero-cost step about 8 % slower at 16x128x128 blocks
+    and no slower at 16x64x64 (``benchmarks/engine_ceiling.py``, two runs in opposite orders)."""
 
     @property
     def shard_shape(self) -> Triple:

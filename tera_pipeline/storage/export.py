@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -130,11 +129,8 @@ class _Written:
 
     def undo(self) -> None:
         """Remove what this run made: its files, then its folders if left empty."""
-        for path in reversed(self.files):
+        for path in reversed(self.files):  # write_json removes its own temporary on failure
             path.unlink(missing_ok=True)
-            path.with_name(f".{path.name}.{os.getpid()}.tmp").unlink(
-                missing_ok=True
-            )  # write_json's
         for folder in reversed(self.dirs):
             with suppress(OSError):  # something not ours inside: it stays, and the folder
                 folder.rmdir()
