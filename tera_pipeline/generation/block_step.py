@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +87,23 @@ class _StepInputs:
     complete: bool
     """Whether ``x`` holds the whole span; else only the core and the patches the block owns
     (the others come from their owners' seam files, and the rest is read if one is missing)."""
+    _cut: torch.Tensor | None = field(default=None, repr=False)
+
+    def states_of(self, group: list[int], lattice) -> torch.Tensor:
+        """The state of the patches at ``group`` (len(group), C, *patch): for a lattice that
+        tiles, rows of the span cut once by a reshape; else each patch sliced out."""
+        if not tiles(lattice):
+            span = self.span
+            return torch.stack(
+                [self.x[(slice(None), *self.patches[i].slices(span))] for i in group]
+            )
+        if self._cut is None:
+            self._cut = cut(self.x, lattice.patch)
+        return self._cut[group]
+
+    def complete_with(self, x: torch.Tensor) -> None:
+        """The whole span's state, read after all (a seam patch to compute here)."""
+        self.x, self.complete, self._cut = x, True, None
 
     def cond_of(self, group: list[int]) -> torch.Tensor:
         """The gene windows of the patches at ``group``, stacked."""
@@ -167,7 +184,6 @@ def _predict(
     root, channels = Path(config.out), len(config.volume.stains)
     patches, device, seams = inputs.patches, inputs.x.device, inputs.seams
     batch = max(config.batch_size, 1)
-    cut_x = _patches_of(grid, inputs)
     preds = torch.empty((len(patches), channels, *grid.lattice.patch), device=device)
     todo = deque(seams.outgoing + seams.interior)  # outgoing first: neighbours wait on them
     unpublished, resolved = len(seams.outgoing), not seams.incoming
@@ -180,8 +196,7 @@ def _predict(
             preds[shared] = torch.from_numpy(fetched[shared]).to(device)
             if missing and not inputs.complete:  # computed here after all: read the rest
                 state = _read_state(root, step, inputs.span, inputs.span)
-                inputs.x, inputs.complete = torch.from_numpy(state).to(device, torch.float32), True
-                cut_x = _patches_of(grid, inputs)
+                inputs.complete_with(torch.from_numpy(state).to(device, torch.float32))
             stats.read_s += time.perf_counter() - tr
             stats.shared = len(shared)
             todo.extend(missing)
@@ -189,7 +204,8 @@ def _predict(
             continue
         group = [todo.popleft() for _ in range(min(batch, len(todo)))]
         tm = time.perf_counter()
-        preds[group] = predictor.predict(cut_x[group], t, inputs.cond_of(group), inputs.offset)
+        states = inputs.states_of(group, grid.lattice)
+        preds[group] = predictor.predict(states, t, inputs.cond_of(group), inputs.offset)
         stats.model_s += time.perf_counter() - tm
         stats.items += len(group)
         if unpublished > 0:
@@ -200,14 +216,6 @@ def _predict(
                 publish_seams(root, grid, step, key, outgoing)
                 stats.write_s += time.perf_counter() - tw
     return preds
-
-
-def _patches_of(grid, inputs: _StepInputs) -> torch.Tensor:
-    """The state of every patch of the block (N, C, *patch), in lattice order."""
-    if tiles(grid.lattice):  # the patches are a reshape of the span
-        return cut(inputs.x, grid.lattice.patch)
-    span = inputs.span
-    return torch.stack([inputs.x[(slice(None), *p.slices(span))] for p in inputs.patches])
 
 
 def _assemble(config: JobConfig, grid, inputs: _StepInputs, preds: torch.Tensor, core: Box):
