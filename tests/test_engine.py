@@ -31,11 +31,6 @@ def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
     model.to(memory_format=torch.channels_last_3d)
     vol = job.volume.shape
     lattices = [job.lattice_at(step) for step in range(steps_to_run)]  # shifted: one per step
-    every = [p for lattice in lattices for p in lattice.all_patches(vol)]
-    span = Box.from_bounds(
-        [min(p.begin[a] for p in every) for a in range(3)],
-        [max(p.end[a] for p in every) for a in range(3)],
-    )
     vbox = Box((0, 0, 0), vol)
     b, context = job.conditioning.bin, model.cfg.cond_context
     cells = open_source(job).cells(vbox)
@@ -45,13 +40,10 @@ def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
     state = position_noise(job.diffusion.seed, 0, vbox, 2)
     x0 = None
     sub_bin = model.cfg.sub_bin_offsets  # windows on the fixed grid, the offset given
-    extra = model.cfg.cond_extra
-    cond_box = patch_bins(span, b, context).grow((0, 0, 0), extra)  # every bin a window reads
-    cond = rasterize(cells, cond_box, job.volume.spacing_um, b)
+    cond = rasterize(cells, patch_bins(vbox, b, (0, 0, 0)), job.volume.spacing_um, b)
     for step in range(steps_to_run):
         patches = lattices[step].all_patches(vol)
-        padded = np.zeros((2, *span.shape), np.float32)
-        padded[(slice(None), *vbox.slices(span))] = state
+        wrap = lattices[step].wrap_axes(vol)  # a wrapped lattice: the volume is a torus there
         total = np.zeros((2, *vol), np.float32)
         weight = np.zeros(vol, np.float32)
         n = job.batch_size
@@ -62,25 +54,42 @@ def reference_sampling(job: JobConfig, steps_to_run: int) -> np.ndarray:
             c = torch.zeros(n, cond.shape[0], *model.cfg.cond_input)
             offset = torch.zeros(n, 3, dtype=torch.long)
             for i, p in enumerate(group):
-                x[i] = torch.from_numpy(padded[(slice(None), *p.slices(span))])
+                x[i] = torch.from_numpy(_torus_read(state, p, wrap))
                 first = np.floor_divide(p.begin, b)  # the bin holding the patch's first voxel
                 offset[i] = torch.from_numpy(np.asarray(p.begin) - first * b)
                 genes = Box(tuple(first - np.asarray(context)), model.cfg.cond_input)
-                c[i] = torch.from_numpy(cond[(slice(None), *genes.slices(cond_box))])
+                c[i] = torch.from_numpy(_torus_read(cond, genes, wrap))
             with torch.inference_mode():
                 x = x.contiguous(memory_format=torch.channels_last_3d)
                 eps_batch = model(x, t, c, offset if sub_bin else None).numpy()
             for p, eps in zip(group, eps_batch):
-                _blend(p, eps, vbox, window, total, weight)
+                index, valid = _torus_index(p, vol, wrap)
+                w = window[valid]
+                total[(slice(None), *index)] += eps[(slice(None), *valid)] * w
+                weight[index] += w
         state, x0 = sched.update(state, total / weight, step, previous_x0=x0)
     return state
 
 
-def _blend(p: Box, eps: np.ndarray, vbox: Box, window, total, weight) -> None:
-    inside = p.intersect(vbox)
-    w = window[inside.slices(p)]
-    total[(slice(None), *inside.slices())] += eps[(slice(None), *inside.slices(p))] * w
-    weight[inside.slices()] += w
+def _torus_index(box: Box, shape, wrap) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """Open-mesh indices of ``box``'s voxels in an array of ``shape`` (modulo the shape on the
+    ``wrap`` axes, those inside it elsewhere), and of the same voxels within the box."""
+    index, within = [], []
+    for b, n, v, w in zip(box.begin, box.shape, shape, wrap, strict=True):
+        at = np.arange(b, b + n)
+        keep = np.ones(n, bool) if w else (at >= 0) & (at < v)
+        index.append(at[keep] % v)
+        within.append(np.flatnonzero(keep))
+    return np.ix_(*index), np.ix_(*within)
+
+
+def _torus_read(a: np.ndarray, box: Box, wrap) -> np.ndarray:
+    """``a`` (C, *spatial) over ``box``: modulo its shape on the ``wrap`` axes, 0 beyond it
+    elsewhere."""
+    out = np.zeros((a.shape[0], *box.shape), a.dtype)
+    index, within = _torus_index(box, a.shape[1:], wrap)
+    out[(slice(None), *within)] = a[(slice(None), *index)]
+    return out
 
 
 def _state_after(job: JobConfig, client, steps_to_run: int) -> np.ndarray:
@@ -113,6 +122,8 @@ def test_receptive_field_exceeds_halo(small_job):
 @pytest.fixture(
     params=[
         "shifted (the default)",
+        "wrapped",
+        "wrapped, dpmpp_2m",
         "bin-shifted",
         "bin-shifted, bin-aligned model",
         "z-shifted",

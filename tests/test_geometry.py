@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from tera_pipeline.core.config import JobConfig, lattice_preset
-from tera_pipeline.core.geometry import BlockGrid, Box, GeometryError, PatchLattice
+from tera_pipeline.core.geometry import (
+    BlockGrid,
+    Box,
+    GeometryError,
+    PatchLattice,
+    torus_pieces,
+)
 from tera_pipeline.core.mappings import ConfigError
 
 
@@ -122,6 +128,34 @@ def test_a_shifted_lattice_predicts_each_voxel_once_and_blocks_see_exactly_its_p
                 assert block.read.contains(p.intersect(grid.volume_box))
     with pytest.raises(GeometryError, match="stride = patch"):
         PatchLattice(patch, (2, 16, 16), (1, 0, 0))
+
+
+def test_a_wrapped_lattice_covers_the_torus_once_and_blocks_see_images_of_its_patches():
+    """On a volume of whole patches, the wrapped lattice has volume / patch patches, each voxel
+    in exactly one of them (modulo the volume), and every block's patches are the lattice's
+    patches that meet its core through the torus, as themselves or as images."""
+    volume, patch = (12, 96, 64), (4, 32, 32)
+    for offset in [(0, 0, 0), (1, 16, 0), (3, 5, 31)]:
+        lattice = PatchLattice(patch, patch, offset, wrapped=True)
+        every = lattice.all_patches(volume)
+        assert len(every) == 3 * 3 * 2 == np.prod(lattice.counts(volume))
+        assert lattice.evaluations_per_voxel(volume) == 1.0
+        cover = np.zeros(volume, np.int32)
+        for p in every:
+            for source, _ in torus_pieces(p, volume, (True, True, True)):
+                cover[source.slices()] += 1
+        assert (cover == 1).all(), offset
+        for block in BlockGrid(volume, (4, 32, 32), lattice).blocks():
+            seen = lattice.patches_touching(block.core, volume)
+            assert all(p.intersect(block.core).size for p in seen)
+            assert {lattice.canonical(p, volume) for p in seen} == {
+                p
+                for p in every
+                if any(s.intersect(block.core).size for s, _ in torus_pieces(p, volume, (1, 1, 1)))
+            }
+    odd = PatchLattice(patch, patch, (1, 5, 7), wrapped=True)
+    assert odd.wrap_axes((12, 100, 64)) == (True, False, True)  # 100 is not whole patches
+    assert odd.counts((12, 100, 64)) == (3, 4, 2)
 
 
 def test_shifted_mode_draws_one_lattice_per_step_from_the_seed():

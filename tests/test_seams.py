@@ -5,15 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tera_pipeline.core.config import lattice_preset
 from tera_pipeline.core.geometry import Box
 from tera_pipeline.generation import block_step, lifecycle, seams
 from tera_pipeline.storage import layout, store
 
 
-@pytest.fixture
-def job(small_job):
-    """2 x 2 x 2 blocks of the tiny denoiser: seams on every axis, edges and a corner."""
-    job = small_job.with_overrides(**{"volume.shape": (8, 64, 64)})
+@pytest.fixture(params=["shifted", "wrapped"])
+def job(request, small_job):
+    """2 x 2 x 2 blocks of the tiny denoiser: seams on every axis, edges and a corner; on the
+    wrapped lattice also the faces' seams, through the torus."""
+    job = small_job.with_overrides(
+        **{"volume.shape": (8, 64, 64)}, **lattice_preset(request.param, (4, 32, 32))
+    )
     assert job.grid().shape == (2, 2, 2)
     return job
 
@@ -30,22 +34,36 @@ def _state(job, step: int) -> np.ndarray:
     return store.read_box(arr, Box((0, 0, 0), job.volume.shape))
 
 
-def test_every_patch_has_one_owner_that_publishes_it(job):
-    grid = job.grid()
+@pytest.mark.parametrize("volume", [(8, 64, 64), (4, 64, 96)])
+def test_every_patch_has_one_owner_that_publishes_what_others_need(job, volume):
+    """Every block's patches come from one place; an incoming patch's published part holds all
+    of it that lies in the block's core (through the torus on a wrapped lattice: the far
+    block's image of the first patch); one block across an axis computes two images once."""
+    job = job.with_overrides(**{"volume.shape": volume})
+    grid = job.grid(0)  # a step's lattice: moved (and wrapped) on every axis
+    assert all(grid.lattice.offset)
     lattice = grid.lattice.all_patches(grid.volume)
     owners = [seams.owner(grid, p) for p in lattice]
     assert len(set(zip(owners, (p.begin for p in lattice)))) == len(lattice)
+    wrapped = any(grid.lattice.wrap_axes(grid.volume))
+    aliases = 0
     for block in grid.blocks():
         touching = grid.lattice.patches_touching(block.core, grid.volume)
         plan = seams.plan(grid, block.index, touching)
-        assert sorted(plan.outgoing + plan.interior + sum(plan.incoming.values(), [])) == list(
-            range(len(touching))
-        )
+        placed = plan.outgoing + plan.interior + sum(plan.incoming.values(), [])
+        assert sorted(placed + list(plan.aliases)) == list(range(len(touching)))
+        aliases += len(plan.aliases)
         for who, positions in plan.incoming.items():
-            published = {p.begin for p in seams.outgoing(grid, who)}
-            assert {touching[i].begin for i in positions} <= published
+            rows, _ = seams.layout(grid, who)
+            for i in positions:
+                canonical = grid.lattice.canonical(touching[i], grid.volume)
+                _, part = rows[canonical.begin]
+                move = [t - c for t, c in zip(touching[i].begin, canonical.begin)]
+                image = Box([b + m for b, m in zip(part.begin, move)], part.shape)
+                assert image.contains(touching[i].intersect(block.core))
         for p in seams.outgoing(grid, block.index):
             assert not block.core.contains(p)
+    assert aliases == (4 * 2 * 3 if wrapped and volume[0] == 4 else 0)  # z: one block
 
 
 def test_blocks_in_order_compute_each_patch_once_with_the_same_bytes(job, tmp_path):
@@ -53,6 +71,7 @@ def test_blocks_in_order_compute_each_patch_once_with_the_same_bytes(job, tmp_pa
     run that shares no seam (``share_seams`` off: every block computes all its patches)."""
     grid = job.grid(0)  # the lattice of step 0 (the default lattice moves at every step)
     lattice = len(grid.lattice.all_patches(grid.volume))
+    assert lattice == (8 if grid.lattice.wrapped else 27)  # wrapped: E = 1
     touching = sum(len(grid.lattice.patches_touching(b.core, grid.volume)) for b in grid.blocks())
     assert touching > lattice  # the layout has seams to share
     checkpoint = _setup(job)

@@ -55,24 +55,30 @@ class VolumeSpec(_Section):
         return v
 
 
-LATTICES = ("shifted", "bin-shifted", "z-shifted", "overlapped")
+LATTICES = ("shifted", "wrapped", "bin-shifted", "z-shifted", "overlapped")
 """The named lattices (``lattice_preset``); the first is the default, chosen in
 docs/PERFORMANCE.md ("Quality against cost")."""
 
 
 def lattice_preset(name: str, patch: Triple) -> dict[str, object]:
     """The lattice fields of a named lattice for ``patch``: ``shifted`` (stride = patch, moved by
-    voxels at every step), ``bin-shifted`` (the same, moved by whole gene bins), ``z-shifted``
-    (half-patch stride in y and x, blended; stride = patch in z, moved per step), ``overlapped``
-    (half the patch on every axis, one fixed lattice)."""
+    voxels at every step), ``wrapped`` (the same on a volume whose opposite faces meet, so the
+    patch across a face is one patch: E = 1), ``bin-shifted`` (stride = patch, moved by whole
+    gene bins), ``z-shifted`` (half-patch stride in y and x, blended; stride = patch in z, moved
+    per step), ``overlapped`` (half the patch on every axis, one fixed lattice)."""
     half = tuple(max(p // 2, 1) for p in patch)
-    strides = {"shifted": tuple(patch), "bin-shifted": tuple(patch)}
+    strides = {"shifted": tuple(patch), "wrapped": tuple(patch), "bin-shifted": tuple(patch)}
     strides |= {"z-shifted": (patch[0], *half[1:]), "overlapped": half}
     if name not in strides:
         raise ConfigError(f"unknown lattice {name!r}; choose one of {', '.join(LATTICES)}")
     mode = "overlapped" if name == "overlapped" else "shifted"
-    unit = "voxel" if name == "shifted" else "bin"
-    return {"lattice.mode": mode, "lattice.stride": strides[name], "lattice.shift_unit": unit}
+    unit = "voxel" if name in ("shifted", "wrapped") else "bin"
+    return {
+        "lattice.mode": mode,
+        "lattice.stride": strides[name],
+        "lattice.shift_unit": unit,
+        "lattice.wrap": name == "wrapped",
+    }
 
 
 class LatticeSpec(_Section):
@@ -94,6 +100,11 @@ class LatticeSpec(_Section):
     """What ``shifted`` offsets are multiples of: a voxel (a step's seams land anywhere; needs a
     model trained with sub-bin offsets, as the committed one, which reads the stored bins at
     every step), or a gene bin (patches keep whole bins: any model)."""
+    wrap: bool = False
+    """In ``shifted`` mode, the volume's opposite faces meet (a torus, as SpotDiffusion rolls its
+    latent) on the moved axes where it is whole patches: the patch across a face takes the
+    voxels beyond it from the opposite face, so a step evaluates volume / patch patches (E = 1)
+    instead of one more per axis. Conditioning is read the same way."""
 
     @property
     def shifted_axes(self) -> tuple[bool, bool, bool]:
@@ -366,7 +377,7 @@ class JobConfig(_Section):
         unit = (1, 1, 1) if self.lattice.shift_unit == "voxel" else self.conditioning.bin
         drawn = lattice_shift(self.diffusion.seed, step, self.lattice.patch, unit)
         shift = tuple(o if moved else 0 for o, moved in zip(drawn, self.lattice.shifted_axes))
-        return PatchLattice(self.lattice.patch, self.lattice.stride, shift)
+        return PatchLattice(self.lattice.patch, self.lattice.stride, shift, self.lattice.wrap)
 
     def grid(self, step: int | None = None) -> BlockGrid:
         """The block grid, with the lattice of ``step`` (default: the unshifted lattice)."""

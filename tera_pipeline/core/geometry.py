@@ -100,11 +100,18 @@ class PatchLattice:
     edge, where the state reads as a fixed fill. Choosing ``V - P`` a multiple of ``S`` avoids
     that. An ``offset`` (a shifted lattice, on the axes where stride = patch) moves every origin;
     the patches are those meeting the volume, the first one starting at or below 0.
+
+    ``wrapped``: the volume is a torus on its *wrapped axes* (stride = patch and the volume whole
+    patches): the patch across the low face takes the voxels below 0 from the far face, so every
+    voxel lies in exactly one of ``volume / patch`` patches (E = 1), as SpotDiffusion rolls its
+    latent. A block at the far face sees that patch as an *image* moved by the volume's length
+    (``canonical`` names the patch an image is of); reads wrap (``torus_pieces``).
     """
 
     patch: Shape
     stride: Shape
     offset: Shape = (0, 0, 0)
+    wrapped: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch", _tuple(self.patch))
@@ -144,13 +151,42 @@ class PatchLattice:
             o or p - s for p, s, o in zip(self.patch, self.stride, self.offset, strict=True)
         )
 
+    def wrap_axes(self, volume: Shape) -> tuple[bool, ...]:
+        """The axes on which a ``wrapped`` lattice makes the volume a torus: stride = patch, and
+        the volume a whole number of patches."""
+        return tuple(
+            self.wrapped and s == p and v % p == 0
+            for v, p, s in zip(volume, self.patch, self.stride, strict=True)
+        )
+
+    def canonical(self, patch: Box, volume: Shape) -> Box:
+        """The lattice patch that ``patch`` is an image of: on the wrapped axes, a patch reaching
+        beyond the far face moved back by the volume's length (its origin below 0)."""
+        wrap = self.wrap_axes(volume)
+        begin = tuple(
+            b - v if w and b + p > v else b
+            for b, p, v, w in zip(patch.begin, self.patch, volume, wrap, strict=True)
+        )
+        return patch if begin == patch.begin else Box(begin, patch.shape)
+
     def _first(self, axis: int) -> int:
         """Lattice index of the first patch along ``axis`` (its origin at or below 0)."""
         return -(-self.offset[axis] // self.stride[axis])
 
     def counts(self, volume: Shape) -> Shape:
         """Number of lattice patches per axis for a volume of this shape: along an offset axis
-        from the patch holding voxel 0 to the one holding voxel V - 1."""
+        from the patch holding voxel 0 to the one holding voxel V - 1; ``V / P`` on a wrapped
+        axis (the patch at the far face is the first one's image)."""
+        return tuple(
+            v // p if w else n
+            for v, p, w, n in zip(
+                volume, self.patch, self.wrap_axes(volume), self._reach(volume), strict=True
+            )
+        )
+
+    def _reach(self, volume: Shape) -> Shape:
+        """Patches per axis from the one holding voxel 0 to the one holding voxel V - 1, images
+        of wrapped patches included."""
         return tuple(
             (v - 1 - o) // s + self._first(a) + 1 if o else max(1, math.ceil((v - p) / s) + 1)
             for a, (v, p, s, o) in enumerate(
@@ -166,10 +202,11 @@ class PatchLattice:
         return patches * math.prod(self.patch) / math.prod(volume)
 
     def patches_touching(self, core: Box, volume: Shape) -> list[Box]:
-        """Every lattice patch that intersects ``core``, in lattice (C) order."""
+        """Every lattice patch that intersects ``core``, in lattice (C) order; on wrapped axes
+        the patch across the far face as an image of the first (see ``canonical``)."""
         ranges = []
         for a, (b, e, p, s, n) in enumerate(
-            zip(core.begin, core.end, self.patch, self.stride, self.counts(volume), strict=True)
+            zip(core.begin, core.end, self.patch, self.stride, self._reach(volume), strict=True)
         ):
             o, k0 = self.offset[a], self._first(a)  # patch j of the axis starts at o + (j - k0) s
             first = max(0, -(-(b - o - p + 1) // s) + k0)  # smallest j with its end > b
@@ -185,7 +222,9 @@ class PatchLattice:
         )
 
     def all_patches(self, volume: Shape) -> list[Box]:
-        return self.patches_touching(Box((0,) * len(volume), volume), volume)
+        """Every lattice patch once (no images), in lattice order."""
+        every = self.patches_touching(Box((0,) * len(volume), volume), volume)
+        return [p for p in every if self.canonical(p, volume) == p]
 
 
 @dataclass(frozen=True)
@@ -256,6 +295,28 @@ class BlockGrid:
                     f"block {self.block_shape} is not a whole number of shards {tuple(shard)} "
                     f"(axis {axis}: {b} % {s} != 0); one writer per shard needs whole shards"
                 )
+
+
+def torus_pieces(box: Box, volume: Shape, wrap: Sequence[bool]) -> list[tuple[Box, Box]]:
+    """The parts of ``box`` inside the volume, which is a torus on the ``wrap`` axes, each as
+    (where it lies in the volume, where it lies in ``box``, relative to its begin): cut where
+    the box crosses a face of a wrapped axis, clipped to the volume on the others."""
+    per_axis = []
+    for b, n, v, w in zip(box.begin, box.shape, volume, wrap, strict=True):
+        segments, at = [], b if w else max(b, 0)
+        end_of_box = b + n if w else min(b + n, v)
+        while at < end_of_box:
+            end = min(end_of_box, (at // v + 1) * v)
+            segments.append((at % v, at - b, end - at))
+            at = end
+        per_axis.append(segments)
+    return [
+        (
+            Box([s for s, _, _ in pieces], [n for _, _, n in pieces]),
+            Box([d for _, d, _ in pieces], [n for _, _, n in pieces]),
+        )
+        for pieces in itertools.product(*per_axis)
+    ]
 
 
 def bin_box(box: Box, bin_shape: Shape) -> Box:

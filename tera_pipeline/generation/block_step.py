@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from tera_pipeline.core.config import JobConfig
-from tera_pipeline.core.geometry import Box, bin_box, bounding_box
+from tera_pipeline.core.geometry import Box, bin_box, bounding_box, torus_pieces
 from tera_pipeline.core.intensity import to_uint8
 from tera_pipeline.core.noise import position_noise
 from tera_pipeline.generation.blending import Accumulator, patch_window
@@ -123,17 +123,14 @@ def _read_inputs(
     patches, span = read_span(grid, core)
     seams = plan_seams(grid, index, patches, share=config.share_seams)
     root, channels = Path(config.out), len(config.volume.stains)
+    wrap = grid.lattice.wrap_axes(grid.volume)
     complete = True
     if step == 0:
-        x = position_noise(config.diffusion.seed, 0, span, channels)
-        outside = span.intersect(grid.volume_box)
-        mask = np.zeros(span.shape, dtype=bool)
-        mask[outside.slices(span)] = True
-        x[:, ~mask] = 0.0  # beyond the volume the state reads as the fixed fill, as in scratch
+        x = _initial_noise(config.diffusion.seed, span, channels, grid.volume, wrap)
     else:
         own = [patches[i] for i in seams.outgoing + seams.interior]
         needed = bounding_box([core, *own]) if seams.incoming else span
-        x, complete = _read_state(root, step, span, needed), needed == span
+        x, complete = _read_state(root, step, span, needed, wrap), needed == span
     # windows on the stored bins, wherever the patches start (a bin-aligned model's patches
     # start on bins: ``check_checkpoint``), with the patches' offset in their first bin
     b, context = np.asarray(config.conditioning.bin), np.asarray(model_cfg.cond_context)
@@ -142,7 +139,7 @@ def _read_inputs(
     begins = first - context
     shape = tuple(int(n) for n in np.asarray(model_cfg.cond_footprint) + 2 * context)
     cond_span = Box.from_bounds(begins.min(axis=0), begins.max(axis=0) + shape)
-    cond = store.read_box(store.open_array(root, CONDITIONING), cond_span)
+    cond = store.read_box(store.open_array(root, CONDITIONING), cond_span, wrap=wrap)
     offset = tuple(int(o) for o in origins[0] - first[0] * b) if model_cfg.sub_bin_offsets else None
     return _StepInputs(
         patches,
@@ -157,13 +154,22 @@ def _read_inputs(
     )
 
 
-def _read_state(root: Path, step: int, span: Box, box: Box) -> np.ndarray:
+def _initial_noise(seed: int, span: Box, channels: int, volume, wrap) -> np.ndarray:
+    """Step 0's state over ``span``: the noise of each position (modulo the volume on the
+    wrapped axes); beyond the volume elsewhere the fixed fill, as scratch reads give."""
+    x = np.zeros((channels, *span.shape), dtype=np.float32)
+    for source, place in torus_pieces(span, volume, wrap):
+        x[(slice(None), *place.slices())] = position_noise(seed, 0, source, channels)
+    return x
+
+
+def _read_state(root: Path, step: int, span: Box, box: Box, wrap) -> np.ndarray:
     """Step ``step``'s state over ``span``, read over ``box`` alone (zeros elsewhere)."""
     array = store.open_array(root, STATES[step % 2])
     if box == span:
-        return store.read_box(array, span)
+        return store.read_box(array, span, wrap=wrap)
     x = np.zeros((array.shape[0], *span.shape), dtype=array.dtype.numpy_dtype)
-    x[(slice(None), *box.slices(span))] = store.read_box(array, box)
+    x[(slice(None), *box.slices(span))] = store.read_box(array, box, wrap=wrap)
     return x
 
 
@@ -195,7 +201,8 @@ def _predict(
             shared = sorted(set(i for g in seams.incoming.values() for i in g) - set(missing))
             preds[shared] = torch.from_numpy(fetched[shared]).to(device)
             if missing and not inputs.complete:  # computed here after all: read the rest
-                state = _read_state(root, step, inputs.span, inputs.span)
+                wrap = grid.lattice.wrap_axes(grid.volume)
+                state = _read_state(root, step, inputs.span, inputs.span, wrap)
                 inputs.complete_with(torch.from_numpy(state).to(device, torch.float32))
             stats.read_s += time.perf_counter() - tr
             stats.shared = len(shared)
@@ -215,6 +222,8 @@ def _predict(
                 outgoing = preds[seams.outgoing].cpu().numpy()
                 publish_seams(root, grid, step, key, outgoing)
                 stats.write_s += time.perf_counter() - tw
+    if seams.aliases:  # second images of a patch (one block across a wrapped axis)
+        preds[list(seams.aliases)] = preds[list(seams.aliases.values())]
     return preds
 
 

@@ -17,6 +17,7 @@ the exact halo); in an unfinished run, bad scratch restarts the denoising from s
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.errors import TeraError
-from tera_pipeline.core.geometry import Box, bin_box
+from tera_pipeline.core.geometry import Box, bin_box, torus_pieces
 from tera_pipeline.generation import block_step, lifecycle
 from tera_pipeline.storage import layout, ledger, store
 
@@ -174,14 +175,11 @@ def _blocks_read_by(config: JobConfig, index: Index, step: int) -> Iterator[Inde
     """The blocks whose cores block ``index`` reads at ``step`` (its lattice's halo span)."""
     grid = config.grid(step)
     _, span = block_step.read_span(grid, grid.block(index).core)
-    span = span.intersect(grid.volume_box)
     block = config.storage.block
-    lo = [s // b for s, b in zip(span.begin, block)]
-    hi = [(e - 1) // b for e, b in zip(span.end, block)]
-    for z in range(lo[0], hi[0] + 1):
-        for y in range(lo[1], hi[1] + 1):
-            for x in range(lo[2], hi[2] + 1):
-                yield (z, y, x)
+    for part, _ in torus_pieces(span, grid.volume, grid.lattice.wrap_axes(grid.volume)):
+        lo = [s // b for s, b in zip(part.begin, block)]
+        hi = [(e - 1) // b for e, b in zip(part.end, block)]
+        yield from itertools.product(*(range(a, b + 1) for a, b in zip(lo, hi)))
 
 
 def repair(config: JobConfig, client, checkpoint: Path, progress=None) -> Damage:

@@ -14,13 +14,18 @@ A file holds, per outgoing patch, only the part beyond the owner's core (half a 
 face), as float32. Files are written whole and renamed into place, so a reader sees a complete
 file or none; a block removes its own file of the previous step when it publishes the next, and
 the scratch group goes at the end of the job.
+
+On a wrapped lattice a patch is known by its canonical box (``PatchLattice.canonical``): the
+block at the low face owns the patch across it and publishes its part below 0 for the block at
+the far face, which sees the same patch as an image; a block holding two images of one patch
+(one block across a wrapped axis) computes it once (``aliases``).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -41,35 +46,58 @@ class SeamPlan:
     outgoing: list[int]
     interior: list[int]
     incoming: dict[Index, list[int]]
+    aliases: dict[int, int] = field(default_factory=dict)
+    """Position of a second image of a patch -> position of its first (computed or fetched)."""
 
 
 def owner(grid: BlockGrid, patch: Box) -> Index:
-    """The block whose core holds the patch's origin (clipped to the volume: a shifted lattice's
-    first patch starts below 0)."""
-    return tuple(max(b, 0) // s for b, s in zip(patch.begin, grid.block_shape, strict=True))
+    """The block whose core holds the (canonical) patch's origin, clipped to the volume: a
+    shifted lattice's first patch starts below 0."""
+    begin = grid.lattice.canonical(patch, grid.volume).begin
+    return tuple(max(b, 0) // s for b, s in zip(begin, grid.block_shape, strict=True))
+
+
+def _crossed(grid: BlockGrid, patch: Box, core: Box) -> list[int]:
+    """The axes on which a canonical ``patch`` owned by ``core``'s block reaches another block's
+    core: beyond the core's far face inside the volume, or below 0 on a wrapped axis with more
+    than one block (into the far block, through the torus)."""
+    wrap, blocks = grid.lattice.wrap_axes(grid.volume), grid.shape
+    return [
+        a
+        for a in range(patch.ndim)
+        if (patch.end[a] > core.end[a] and core.end[a] < grid.volume[a])
+        or (wrap[a] and patch.begin[a] < 0 and blocks[a] > 1)
+    ]
 
 
 @lru_cache(maxsize=256)
 def outgoing(grid: BlockGrid, index: Index) -> tuple[Box, ...]:
-    """The patches ``index`` owns that reach into another block's core, in lattice order."""
-    core = grid.block(index).core
-    return tuple(
-        p
-        for p in grid.lattice.patches_touching(core, grid.volume)
-        if owner(grid, p) == index
-        and any(pe > ce and ce < v for pe, ce, v in zip(p.end, core.end, grid.volume, strict=True))
-    )
+    """The (canonical) patches ``index`` owns that reach into another block's core, once each,
+    in lattice order."""
+    core, seen = grid.block(index).core, set()
+    result = []
+    for p in grid.lattice.patches_touching(core, grid.volume):
+        p = grid.lattice.canonical(p, grid.volume)
+        if p.begin not in seen and owner(grid, p) == index and _crossed(grid, p, core):
+            result.append(p)
+        seen.add(p.begin)
+    return tuple(result)
 
 
-def beyond(patch: Box, core: Box) -> Box:
+def beyond(grid: BlockGrid, patch: Box, core: Box) -> Box:
     """The part of an outgoing ``patch`` any other block can need: the half beyond the face it
-    crosses, or the whole patch when it crosses an edge or a corner (a box bounding the L)."""
-    axes = [a for a in range(patch.ndim) if patch.end[a] > core.end[a]]
+    crosses (below 0 for a face crossed through the torus), or the whole patch when it crosses
+    an edge or a corner (a box bounding the L)."""
+    axes = _crossed(grid, patch, core)
     if len(axes) != 1:
         return patch
-    begin = list(patch.begin)
-    begin[axes[0]] = core.end[axes[0]]
-    return Box.from_bounds(begin, patch.end)
+    a = axes[0]
+    begin, end = list(patch.begin), list(patch.end)
+    if patch.end[a] > core.end[a] and core.end[a] < grid.volume[a]:
+        begin[a] = core.end[a]
+    else:
+        end[a] = 0
+    return Box.from_bounds(begin, end)
 
 
 @lru_cache(maxsize=256)
@@ -79,7 +107,7 @@ def layout(grid: BlockGrid, index: Index) -> tuple[dict[tuple[int, ...], tuple[i
     core = grid.block(index).core
     rows, offset = {}, 0
     for p in outgoing(grid, index):
-        part = beyond(p, core)
+        part = beyond(grid, p, core)
         rows[p.begin] = (offset, part)
         offset += part.size
     return rows, offset
@@ -87,16 +115,19 @@ def layout(grid: BlockGrid, index: Index) -> tuple[dict[tuple[int, ...], tuple[i
 
 def plan(grid: BlockGrid, index: Index, patches: list[Box], share: bool = True) -> SeamPlan:
     """Where each of ``patches`` (the block's patches, lattice order) comes from; without
-    ``share``, every one is computed here."""
-    if not share:
-        return SeamPlan([], list(range(len(patches))), {})
-    out = {p.begin for p in outgoing(grid, index)}
-    result = SeamPlan([], [], {})
+    ``share``, every one is computed here (a second image of a patch only once)."""
+    out = {p.begin for p in outgoing(grid, index)} if share else set()
+    result, first = SeamPlan([], [], {}), {}
     for i, p in enumerate(patches):
-        who = owner(grid, p)
+        canonical = grid.lattice.canonical(p, grid.volume).begin
+        who = owner(grid, p) if share else index
+        if canonical in first:
+            result.aliases[i] = first[canonical]
+            continue
+        first[canonical] = i
         if who != index:
             result.incoming.setdefault(who, []).append(i)
-        elif p.begin in out:
+        elif canonical in out:
             result.outgoing.append(i)
         else:
             result.interior.append(i)
@@ -142,9 +173,10 @@ def fetch(
             if data.shape != (channels * voxels,) or data.dtype != np.float32:
                 raise ValueError(f"seam file of block {who}: {data.shape} {data.dtype}")
             for i in positions:
-                offset, part = rows[patches[i].begin]
+                canonical = grid.lattice.canonical(patches[i], grid.volume)
+                offset, part = rows[canonical.begin]
                 values = data[channels * offset : channels * (offset + part.size)]
-                out[i][(slice(None), *part.slices(patches[i]))] = values.reshape(
+                out[i][(slice(None), *part.slices(canonical))] = values.reshape(
                     channels, *part.shape
                 )
         except (OSError, ValueError):  # not published (yet), or unreadable: compute them

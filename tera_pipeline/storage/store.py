@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import tensorstore as ts
 
 from tera_pipeline.core.errors import TeraError
-from tera_pipeline.core.geometry import Box, Shape
+from tera_pipeline.core.geometry import Box, Shape, torus_pieces
 from tera_pipeline.storage import ownership
 from tera_pipeline.storage.atomic import write_json
 
@@ -116,15 +117,18 @@ def forget_handles() -> None:
     _open_cached.cache_clear()
 
 
-def read_box(array: ts.TensorStore, box: Box, fill: float = 0.0) -> np.ndarray:
-    """Read a spatial box (the last ``box.ndim`` axes) with ``fill`` beyond the array's edge."""
+def read_box(
+    array: ts.TensorStore, box: Box, fill: float = 0.0, wrap: Sequence[bool] | None = None
+) -> np.ndarray:
+    """Read a spatial box (the last ``box.ndim`` axes) with ``fill`` beyond the array's edge;
+    on the ``wrap`` axes the array is a torus (coordinates taken modulo its shape)."""
     lead = tuple(array.shape[: array.rank - box.ndim])
-    spatial = Box((0,) * box.ndim, tuple(array.shape[array.rank - box.ndim :]))
+    shape = tuple(array.shape[array.rank - box.ndim :])
     out = np.full((*lead, *box.shape), fill, dtype=array.dtype.numpy_dtype)
-    part = box.intersect(spatial)
-    if not part.empty:
-        index = (Ellipsis, *part.slices())
-        out[(Ellipsis, *part.slices(box))] = array[index].read().result()
+    pieces = torus_pieces(box, shape, wrap or (False,) * box.ndim)
+    reads = [(place, array[(Ellipsis, *source.slices())].read()) for source, place in pieces]
+    for place, future in reads:  # issued together, then gathered
+        out[(Ellipsis, *place.slices())] = future.result()
     return out
 
 
