@@ -121,8 +121,8 @@ def test_receptive_field_exceeds_halo(small_job):
 
 @pytest.fixture(
     params=[
-        "shifted (the default)",
-        "wrapped",
+        "wrapped (the default)",
+        "shifted",
         "wrapped, dpmpp_2m",
         "bin-shifted",
         "bin-shifted, bin-aligned model",

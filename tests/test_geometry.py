@@ -188,16 +188,21 @@ def test_shifted_mode_draws_one_lattice_per_step_from_the_seed():
     assert hybrid.lattice_at(0) == job.lattice_at(0)
 
 
-def test_the_default_lattice_is_shifted_by_voxels_and_a_stride_alone_picks_its_mode():
-    """The default is non-overlapping and moved by voxels on every axis; a stride that overlaps
-    on every axis, given without a mode (older configs), means the overlapped lattice; the named
-    lattices."""
+def test_the_default_lattice_is_wrapped_and_shifted_by_voxels_and_a_stride_picks_its_mode():
+    """The default is non-overlapping, moved by voxels on every axis and wrapped; a stride that
+    overlaps on every axis, given without a mode (older configs), means the overlapped lattice;
+    a job recorded before wrapping existed keeps its unwrapped lattice; the named lattices."""
     job = JobConfig()
     assert job.lattice.mode == "shifted" and job.lattice.shifted_axes == (True, True, True)
-    assert job.lattice.shift_unit == "voxel"
+    assert job.lattice.shift_unit == "voxel" and job.lattice.wrap
     assert (
-        job.lattice == JobConfig().with_overrides(**lattice_preset("shifted", (4, 32, 32))).lattice
+        job.lattice == JobConfig().with_overrides(**lattice_preset("wrapped", (4, 32, 32))).lattice
     )
+    assert job.evaluations_per_voxel() == 1.0  # the demo: 16 x 256 x 256, whole patches
+    recorded = job.model_dump(mode="json")
+    del recorded["lattice"]["wrap"]  # a store written before
+    assert not JobConfig.from_record(recorded).lattice.wrap
+    assert round(JobConfig.from_record(recorded).evaluations_per_voxel(), 3) == 1.503
     assert JobConfig.model_validate({"lattice": {"stride": (2, 16, 16)}}).lattice.mode == (
         "overlapped"
     )
@@ -206,10 +211,12 @@ def test_the_default_lattice_is_shifted_by_voxels_and_a_stride_alone_picks_its_m
     big = job.with_overrides(**{"volume.shape": (10_000,) * 3})
     old = big.with_overrides(**lattice_preset("overlapped", job.lattice.patch))
     assert old.lattice.stride == (2, 16, 16) and round(old.evaluations_per_voxel(), 2) == 7.97
-    assert round(big.evaluations_per_voxel(), 3) == 1.007  # one patch a voxel, but the edges
+    assert round(big.evaluations_per_voxel(), 3) == 1.006  # wrapped in z; in y, x 10,000 / 32
+    shifted = big.with_overrides(**lattice_preset("shifted", job.lattice.patch))
+    assert round(shifted.evaluations_per_voxel(), 3) == 1.007  # one more patch per axis
     z_shifted = big.with_overrides(**lattice_preset("z-shifted", job.lattice.patch))
     assert round(z_shifted.evaluations_per_voxel(), 2) == 3.99  # the default of 2026-12-02
-    with pytest.raises(ConfigError, match="unknown lattice 'diagonal'; choose one of shifted"):
+    with pytest.raises(ConfigError, match="unknown lattice 'diagonal'; choose one of wrapped"):
         lattice_preset("diagonal", job.lattice.patch)
 
 

@@ -91,8 +91,10 @@ def transcript_options(command: Callable[..., None]) -> Callable[..., None]:
 Lattice = Annotated[
     str | None,
     typer.Option(
-        help="Patch lattice: shifted (the default: stride = patch, moved by voxels at every "
-        "step), bin-shifted (moved by whole gene bins), z-shifted (the default of 2026-12-02: "
+        help="Patch lattice: wrapped (the default: stride = patch, moved by voxels at every "
+        "step, the volume's opposite faces meeting so the patch across a face is one patch), "
+        "shifted (the same, one more patch per axis at the faces; the default before), "
+        "bin-shifted (moved by whole gene bins), z-shifted (the default of 2026-12-02: "
         "overlapped in-plane, moved in z) or overlapped (the default before: stride half the "
         "patch on every axis). Stores written with another keep theirs on --resume."
     ),

@@ -55,7 +55,7 @@ class VolumeSpec(_Section):
         return v
 
 
-LATTICES = ("shifted", "wrapped", "bin-shifted", "z-shifted", "overlapped")
+LATTICES = ("wrapped", "shifted", "bin-shifted", "z-shifted", "overlapped")
 """The named lattices (``lattice_preset``); the first is the default, chosen in
 docs/PERFORMANCE.md ("Quality against cost")."""
 
@@ -100,7 +100,7 @@ class LatticeSpec(_Section):
     """What ``shifted`` offsets are multiples of: a voxel (a step's seams land anywhere; needs a
     model trained with sub-bin offsets, as the committed one, which reads the stored bins at
     every step), or a gene bin (patches keep whole bins: any model)."""
-    wrap: bool = False
+    wrap: bool = True
     """In ``shifted`` mode, the volume's opposite faces meet (a torus, as SpotDiffusion rolls its
     latent) on the moved axes where it is whole patches: the patch across a face takes the
     voxels beyond it from the opposite face, so a step evaluates volume / patch patches (E = 1)
@@ -389,6 +389,15 @@ class JobConfig(_Section):
         steps = range(self.diffusion.steps)
         per_step = [self.lattice_at(k).evaluations_per_voxel(self.volume.shape) for k in steps]
         return sum(per_step) / len(per_step)
+
+    @classmethod
+    def from_record(cls, data: dict) -> JobConfig:
+        """The job as a store recorded it: fields added since keep the value the store was
+        written with (a lattice recorded before ``lattice.wrap`` existed did not wrap)."""
+        lattice = data.get("lattice")
+        if isinstance(lattice, dict) and "wrap" not in lattice:
+            data = {**data, "lattice": {**lattice, "wrap": False}}
+        return cls.model_validate(data)
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: object) -> JobConfig:

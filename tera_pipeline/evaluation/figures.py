@@ -63,7 +63,7 @@ def run_figures(root: Path, measure_voxels: int = MEASURE_VOXELS) -> dict:
         figures["measured_by"] = "tera evaluate"
     elif int(np.prod(shape)) <= measure_voxels:
         figures["fidelity_r"] = conditioning_fidelity(root)["pearson_r"]
-        figures |= run_seam_scores(root, JobConfig.model_validate(config))
+        figures |= run_seam_scores(root, JobConfig.from_record(config))
         figures["measured_by"] = "the run"
     return figures
 

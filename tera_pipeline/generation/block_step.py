@@ -31,6 +31,7 @@ from tera_pipeline.generation.blending import Accumulator, patch_window
 from tera_pipeline.generation.predictor import get_predictor, schedule_of
 from tera_pipeline.generation.seams import SeamPlan
 from tera_pipeline.generation.seams import fetch as fetch_seams
+from tera_pipeline.generation.seams import path as seam_path
 from tera_pipeline.generation.seams import plan as plan_seams
 from tera_pipeline.generation.seams import publish as publish_seams
 from tera_pipeline.generation.tiling import cut, join, tiles
@@ -185,27 +186,38 @@ def _predict(
 ) -> torch.Tensor:
     """The denoiser's prediction for every patch of the block, in lattice order, on the
     predictor's device: its outgoing seam patches first (published as soon as they are done),
-    those its neighbours own fetched as late as possible (computed here when not yet
-    published)."""
+    those its neighbours own fetched as late as possible (computed here when not yet published;
+    an owner that publishes while they are computed saves the rest)."""
     root, channels = Path(config.out), len(config.volume.stains)
     patches, device, seams = inputs.patches, inputs.x.device, inputs.seams
     batch = max(config.batch_size, 1)
     preds = torch.empty((len(patches), channels, *grid.lattice.patch), device=device)
+
+    def take(incoming: dict[tuple[int, ...], list[int]]) -> list[int]:
+        """Fill ``preds`` from the owners' seam files; the positions still to compute."""
+        tr = time.perf_counter()
+        fetched = np.empty(tuple(preds.shape), dtype=np.float32)
+        missing = fetch_seams(root, grid, step, patches, SeamPlan([], [], incoming), fetched)
+        got = sorted(set(i for g in incoming.values() for i in g) - set(missing))
+        preds[got] = torch.from_numpy(fetched[got]).to(device)
+        stats.shared += len(got)
+        stats.read_s += time.perf_counter() - tr
+        return missing
+
     todo = deque(seams.outgoing + seams.interior)  # outgoing first: neighbours wait on them
     unpublished, resolved = len(seams.outgoing), not seams.incoming
+    late: dict[tuple[int, ...], list[int]] = {}  # owners not published at the first look
     while todo or not resolved:
         if not resolved and len(todo) < batch:  # as late as possible; fills the last batch
-            tr = time.perf_counter()
-            fetched = np.empty(tuple(preds.shape), dtype=np.float32)
-            missing = fetch_seams(root, grid, step, patches, seams, fetched)
-            shared = sorted(set(i for g in seams.incoming.values() for i in g) - set(missing))
-            preds[shared] = torch.from_numpy(fetched[shared]).to(device)
+            missing = take(seams.incoming)
             if missing and not inputs.complete:  # computed here after all: read the rest
+                tr = time.perf_counter()
                 wrap = grid.lattice.wrap_axes(grid.volume)
                 state = _read_state(root, step, inputs.span, inputs.span, wrap)
                 inputs.complete_with(torch.from_numpy(state).to(device, torch.float32))
-            stats.read_s += time.perf_counter() - tr
-            stats.shared = len(shared)
+                stats.read_s += time.perf_counter() - tr
+            late = {w: [i for i in g if i in missing] for w, g in seams.incoming.items()}
+            late = {w: g for w, g in late.items() if g}
             todo.extend(missing)
             resolved = True
             continue
@@ -222,6 +234,14 @@ def _predict(
                 outgoing = preds[seams.outgoing].cpu().numpy()
                 publish_seams(root, grid, step, key, outgoing)
                 stats.write_s += time.perf_counter() - tw
+        if late:  # an owner published since: take the patches not computed yet
+            left = set(todo)
+            ready = {w: [i for i in g if i in left] for w, g in late.items()}
+            ready = {w: g for w, g in ready.items() if g and seam_path(root, step, w).exists()}
+            late = {w: g for w, g in late.items() if w not in ready and set(g) & left}
+            if ready:
+                taken = set(i for g in ready.values() for i in g) - set(take(ready))
+                todo = deque(i for i in todo if i not in taken)
     if seams.aliases:  # second images of a patch (one block across a wrapped axis)
         preds[list(seams.aliases)] = preds[list(seams.aliases.values())]
     return preds

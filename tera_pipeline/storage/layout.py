@@ -144,7 +144,7 @@ def job_of(root: Path) -> JobConfig:
     if "tera_pipeline" not in attrs:
         raise store.StoreError(f"{root} is not a tera-pipeline store (no tera_pipeline attributes)")
     try:
-        job = JobConfig.model_validate(attrs["tera_pipeline"]["config"])
+        job = JobConfig.from_record(attrs["tera_pipeline"]["config"])
     except ValueError as err:  # pydantic's ValidationError
         raise store.StoreError(
             f"{root}: the job recorded in the store is not valid: {err}"

@@ -60,7 +60,7 @@ def sampling_cost(config: dict) -> dict:
     evaluations per voxel (E x one model call per step x steps)."""
     from tera_pipeline.core.config import JobConfig
 
-    job = JobConfig.model_validate(config)
+    job = JobConfig.from_record(config)
     e = job.evaluations_per_voxel()
     return {"E": round(e, 3), "model_evaluations_per_voxel": round(e * job.diffusion.steps, 2)}
 
