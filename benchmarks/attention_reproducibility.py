@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from tera_pipeline.analysis import attention
-from tera_pipeline.core.config import ClusterSpec, JobConfig
+from tera_pipeline.core.cluster_spec import ClusterSpec
+from tera_pipeline.core.config import JobConfig
 from tera_pipeline.generation import lifecycle
 from tera_pipeline.runtime.cluster import cluster_client
 

@@ -43,7 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tera_pipeline.core.config import ClusterSpec, JobConfig
+from tera_pipeline.core.cluster_spec import ClusterSpec
+from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.geometry import Box, patch_bins
 from tera_pipeline.core.intensity import to_uint8
 from tera_pipeline.core.noise import position_noise

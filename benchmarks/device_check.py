@@ -30,7 +30,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from engine_ceiling import ZeroCostDenoiser  # noqa: E402
 
-from tera_pipeline.core.config import ClusterSpec, JobConfig  # noqa: E402
+from tera_pipeline.core.cluster_spec import ClusterSpec  # noqa: E402
+from tera_pipeline.core.config import JobConfig  # noqa: E402
 from tera_pipeline.core.geometry import Box  # noqa: E402
 from tera_pipeline.generation import lifecycle  # noqa: E402
 from tera_pipeline.runtime.cluster import cluster_client  # noqa: E402

@@ -217,7 +217,8 @@ def sigint(r: Runner, reference: np.ndarray) -> dict:
 
 
 def workers_lost(args, work: Path) -> dict:
-    from tera_pipeline.core.config import ClusterSpec, JobConfig
+    from tera_pipeline.core.cluster_spec import ClusterSpec
+    from tera_pipeline.core.config import JobConfig
     from tera_pipeline.runtime.cluster import cluster_client
 
     shape, block = ([int(v) for v in text.split(",")] for text in (args.shape, args.block))

@@ -189,7 +189,7 @@ def scratch_run(shape, block, share: bool, client) -> dict:
 def scratch_runs(shape, block, repeat: int) -> dict:
     """The step with seams shared and without, interleaved ``repeat`` times on one 2-worker
     cluster; each setting's fastest run counts (the machine is shared)."""
-    from tera_pipeline.core.config import ClusterSpec
+    from tera_pipeline.core.cluster_spec import ClusterSpec
     from tera_pipeline.runtime.cluster import cluster_client
 
     runs: dict[bool, list[dict]] = {True: [], False: []}

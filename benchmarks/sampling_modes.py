@@ -33,7 +33,8 @@ sys.path.insert(0, str(HERE))
 
 from models.checkpoint_files import DEFAULT_DENOISER  # noqa: E402
 from tera_pipeline.analysis import magnet  # noqa: E402
-from tera_pipeline.core.config import ClusterSpec, JobConfig, lattice_preset  # noqa: E402
+from tera_pipeline.core.cluster_spec import ClusterSpec  # noqa: E402
+from tera_pipeline.core.config import JobConfig, lattice_preset  # noqa: E402
 from tera_pipeline.evaluation.fidelity import conditioning_fidelity  # noqa: E402
 from tera_pipeline.evaluation.metrics import compare_to_truth, run_seam_scores  # noqa: E402
 from tera_pipeline.evaluation.report import nuclei_counts, synthetic_truth  # noqa: E402

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from output import emit  # noqa: E402
 
 from models.denoiser import DenoiserConfig  # noqa: E402
-from tera_pipeline.core.config import ClusterSpec, JobConfig  # noqa: E402
+from tera_pipeline.core.cluster_spec import ClusterSpec  # noqa: E402
+from tera_pipeline.core.config import JobConfig  # noqa: E402
 from tera_pipeline.core.geometry import Box, bin_box  # noqa: E402
 from tera_pipeline.evaluation.fidelity import conditioning_fidelity  # noqa: E402
 from tera_pipeline.evaluation.metrics import detect_nuclei  # noqa: E402

@@ -16,7 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tera_pipeline.core.config import ClusterSpec, JobConfig
+from tera_pipeline.core.cluster_spec import ClusterSpec
+from tera_pipeline.core.config import JobConfig
 from tera_pipeline.generation import block_step, lifecycle
 from tera_pipeline.runtime import tasks
 from tera_pipeline.runtime.cluster import cluster_client

@@ -71,7 +71,7 @@ def tiny_bin_aligned_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def client():
     """A real two-worker LocalCluster (spawned processes), shared by the session."""
-    from tera_pipeline.core.config import ClusterSpec
+    from tera_pipeline.core.cluster_spec import ClusterSpec
     from tera_pipeline.runtime.cluster import cluster_client
 
     with cluster_client(ClusterSpec(kind="local", workers=2, dashboard_address=":0")) as c:

@@ -16,7 +16,8 @@ import pytest
 import xarray as xr
 from distributed import LocalCluster
 
-from tera_pipeline.core.config import RECIPES_DIR, ClusterSpec, JobConfig
+from tera_pipeline.core.cluster_spec import RECIPES_DIR, ClusterSpec
+from tera_pipeline.core.config import JobConfig
 from tera_pipeline.generation import block_step, lifecycle
 from tera_pipeline.runtime.cluster import (
     GPU,
@@ -40,7 +41,7 @@ def test_plan_without_gpus_is_a_local_cpu_cluster():
 
 def test_plan_with_gpus_is_one_worker_per_gpu():
     plan = plan_cluster(ClusterSpec(), gpus=4, cores=64)
-    assert (plan.kind, plan.workers, plan.threads_per_worker) == ("cuda", 4, 1)
+    assert (plan.kind, plan.workers, plan.threads_per_worker) == ("cuda", 4, 2)  # 2 blocks a GPU
     assert plan_cluster(ClusterSpec(workers=8), gpus=4).workers == 4  # never more than GPUs
     assert plan_cluster(ClusterSpec(workers=2), gpus=4).workers == 2
 
@@ -96,7 +97,7 @@ def test_gpu_recipe_has_one_worker_per_gpu_and_runs_a_job(tmp_path, tiny_checkpo
         assert isinstance(c.cluster, LocalCUDACluster)
         workers = c.scheduler_info(n_workers=-1)["workers"].values()
         assert len(workers) == gpu_count()
-        assert all(w["resources"].get(GPU) == 1 for w in workers)
+        assert all(w["resources"].get(GPU) == 2 == w["nthreads"] for w in workers)
         assert block_resources(c, block_step.denoise_block) == {GPU: 1}
         job = JobConfig.model_validate(
             {
@@ -163,15 +164,16 @@ def test_slurm_recipe_renders_a_gpu_batch_script():
     lines = [ln for ln in script.splitlines()[1:] if ln.strip()]
     assert lines[: len(header)] == header
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
-    # one dask-cuda worker per GPU, each advertising GPU=1: dask-cuda's own CLI parses the line
+    # one dask-cuda worker per GPU, two blocks at once (blocks_per_gpu): GPU=2 and two threads;
+    # dask-cuda's own CLI parses the line
     argv = _worker_command(script)
     assert argv[1:4] == ["-m", "dask_cuda.cli", "worker"]
-    assert argv[argv.index("--resources") + 1] == f"{GPU}=1"
-    assert argv[argv.index("--nthreads") + 1] == "1"
+    assert argv[argv.index("--resources") + 1] == f"{GPU}=2"
+    assert argv[argv.index("--nthreads") + 1] == "2"
     from dask_cuda.cli import worker
 
     ctx = worker.make_context("worker", argv[4:])
-    assert ctx.params["resources"] == "GPU=1" and ctx.params["nthreads"] == 1
+    assert ctx.params["resources"] == "GPU=2" and ctx.params["nthreads"] == 2
 
 
 @pytest.mark.timeout(180)

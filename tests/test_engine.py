@@ -170,7 +170,7 @@ def test_same_output_whatever_blocks_workers_order(any_mode_job, tmp_path, clien
     small_job = any_mode_job
     shifted = small_job.lattice.mode == "shifted"
     other_block = (8, 64, 64) if shifted else (6, 48, 48)  # whole strides of the mode's lattice
-    from tera_pipeline.core.config import ClusterSpec
+    from tera_pipeline.core.cluster_spec import ClusterSpec
     from tera_pipeline.runtime.cluster import cluster_client
 
     def image(job: JobConfig) -> np.ndarray:

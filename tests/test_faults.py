@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from tera_pipeline.core import errors
-from tera_pipeline.core.config import ClusterSpec, JobConfig
+from tera_pipeline.core.cluster_spec import ClusterSpec
+from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.geometry import Box
 from tera_pipeline.generation import lifecycle, predictor
 from tera_pipeline.runtime.cluster import cluster_client

@@ -6,10 +6,11 @@ import math
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from tera_pipeline.core.cluster_spec import ClusterSpec
 from tera_pipeline.core.geometry import BlockGrid, GeometryError, PatchLattice
-from tera_pipeline.core.mappings import ConfigError, merge, merge_nested, read_yaml_mapping
+from tera_pipeline.core.mappings import ConfigError, Section, merge, read_yaml_mapping
 from tera_pipeline.core.noise import lattice_shift
 from tera_pipeline.core.transcript_spec import TranscriptSpec
 
@@ -21,11 +22,7 @@ Seed = Annotated[int, Field(ge=0, lt=2**63)]
 """A random seed: a non-negative 64-bit signed integer."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class VolumeSpec(_Section):
+class VolumeSpec(Section):
     shape: Triple = (16, 256, 256)
     """Voxels (z, y, x) per stain."""
     spacing_um: tuple[float, float, float] = (4.0, 1.0, 1.0)
@@ -81,7 +78,7 @@ def lattice_preset(name: str, patch: Triple) -> dict[str, object]:
     }
 
 
-class LatticeSpec(_Section):
+class LatticeSpec(Section):
     patch: PositiveTriple = (4, 32, 32)
     stride: PositiveTriple = (4, 32, 32)
     window: Literal["cosine", "gaussian", "constant"] = "cosine"
@@ -135,7 +132,7 @@ class LatticeSpec(_Section):
         return self
 
 
-class StorageSpec(_Section):
+class StorageSpec(Section):
     block: PositiveTriple = (16, 128, 128)
     """Block core (z, y, x): the unit of scheduling and of writing; whole shards and strides."""
     shard: PositiveTriple | None = None
@@ -161,7 +158,7 @@ class StorageSpec(_Section):
         return tuple(math.gcd(s, c) for s, c in zip(self.shard_shape, (4, 64, 64)))  # type: ignore[return-value]
 
 
-class ConditioningSpec(_Section):
+class ConditioningSpec(Section):
     source: str = "synthetic"
     """'synthetic' (the embedded brain) or a path: .h5ad, transcript .parquet/.csv, cell .csv."""
     bin: PositiveTriple = (1, 16, 16)
@@ -182,7 +179,7 @@ class ConditioningSpec(_Section):
         return v
 
 
-class DiffusionSpec(_Section):
+class DiffusionSpec(Section):
     steps: int = Field(8, ge=1, le=1000)
     """Sampling steps (model calls per voxel and patch), at most 1000; 8 by docs/PERFORMANCE.md."""
     eta: float = Field(0.0, ge=0.0, le=1.0)
@@ -206,102 +203,7 @@ class DiffusionSpec(_Section):
         return self
 
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "infra" / "clusters"
-"""Cluster recipes chosen by name (``cluster.recipe``); ``TERA_RECIPES`` names another folder."""
-
-
-class SlurmSpec(_Section):
-    """A SLURM allocation through dask-jobqueue: each job starts one Dask worker per GPU."""
-
-    queue: str | None = None
-    """Partition (``#SBATCH -p``)."""
-    account: str | None = None
-    walltime: str = "04:00:00"
-    gpus_per_job: int = Field(1, ge=0)
-    """GPUs per job (``--gres=gpu:N``), one worker each (dask-cuda); 0 for CPU workers."""
-    cpus_per_job: int = Field(8, ge=1)
-    memory_per_job: str = "64GiB"
-    job_extra_directives: tuple[str, ...] = ()
-    """More ``#SBATCH`` options, e.g. ``--constraint=a100``."""
-    job_script_prologue: tuple[str, ...] = ()
-    """Shell lines before the worker starts (``module load``, ``source venv/bin/activate``)."""
-    local_directory: str | None = None
-    """Node-local scratch for worker spill files."""
-    log_directory: str | None = None
-    interface: str | None = None
-    """Network interface of workers and scheduler (``ib0``)."""
-    python: str | None = None
-    """The workers' python; default: the driver's."""
-
-
-class KubernetesSpec(_Section):
-    """A dask-kubernetes (operator) ``DaskCluster``."""
-
-    manifest: str | None = None
-    """DaskCluster manifest YAML to create the cluster from (infra/kubernetes/daskcluster.yaml)."""
-    name: str | None = None
-    """Connect to this existing DaskCluster instead (``kubectl apply`` it yourself)."""
-    namespace: str | None = None
-    gpus_per_worker: int = Field(1, ge=0)
-    """``nvidia.com/gpu`` per worker pod; the manifest must ask for them."""
-
-
-class ClusterSpec(_Section):
-    recipe: str | None = None
-    """A recipe in infra/clusters (local-cpu, local-gpu, slurm-gpu, kubernetes, address) or a
-    YAML path; it fills the fields this section leaves out."""
-    kind: Literal["auto", "local", "cuda", "slurm", "kubernetes", "address"] = "auto"
-    """auto: one worker per GPU when GPUs are found, else a local CPU cluster."""
-    workers: int | None = Field(None, ge=1)
-    threads_per_worker: int = Field(1, ge=1)
-    address: str | None = None
-    dashboard_address: str = ":8787"
-    slurm: SlurmSpec = SlurmSpec()
-    kubernetes: KubernetesSpec = KubernetesSpec()
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_recipe(cls, data: object) -> object:
-        if isinstance(data, dict) and data.get("recipe"):
-            # a stored config carries every field (kind included): it needs no recipe file
-            recipe = find_recipe(str(data["recipe"]), required="kind" not in data)
-            if recipe is not None:
-                base = read_yaml_mapping(recipe, "cluster recipe")
-                k8s = base.get("kubernetes") or {}
-                if (
-                    isinstance(k8s, dict)
-                    and k8s.get("manifest")
-                    and not Path(k8s["manifest"]).is_absolute()
-                ):
-                    k8s["manifest"] = str((recipe.parent / k8s["manifest"]).resolve())
-                data = merge_nested(base, data)
-        return data
-
-    @model_validator(mode="after")
-    def _address_given(self) -> ClusterSpec:
-        if self.kind == "address" and not self.address:
-            raise ValueError("cluster.kind 'address' needs cluster.address (tcp://host:port)")
-        k8s = self.kubernetes
-        if self.kind == "kubernetes" and not (k8s.manifest or k8s.name):
-            raise ValueError("cluster.kind 'kubernetes' needs kubernetes.manifest or .name")
-        return self
-
-
-def find_recipe(name: str, required: bool = True) -> Path | None:
-    """The recipe file for ``name`` (a name in the recipes folder, or a path)."""
-    import os
-
-    folder = Path(os.environ.get("TERA_RECIPES", RECIPES_DIR))
-    for path in (Path(name), folder / f"{name}.yaml"):
-        if path.suffix in (".yaml", ".yml") and path.is_file():
-            return path
-    if not required:
-        return None
-    known = sorted(p.stem for p in folder.glob("*.yaml"))
-    raise ValueError(f"unknown cluster recipe {name!r}; recipes in {folder}: {known}")
-
-
-class JobConfig(_Section):
+class JobConfig(Section):
     """Everything that defines a generation job."""
 
     out: Path = Path("tera_out.zarr")

@@ -1,13 +1,21 @@
 """Config data as plain mappings: a YAML file's top-level mapping (every way it can be wrong
-named in one line), and merging sections and dotted-key overrides into it."""
+named in one line), merging sections and dotted-key overrides into it, and the validated
+section they fill (``Section``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel, ConfigDict
 
 from tera_pipeline.core.errors import TeraError
+
+
+class Section(BaseModel):
+    """A section of the config: unknown fields refused, frozen, finite numbers only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ConfigError(TeraError, ValueError):

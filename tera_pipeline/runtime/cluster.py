@@ -29,7 +29,7 @@ import yaml
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from tera_pipeline.core.config import ClusterSpec
+from tera_pipeline.core.cluster_spec import ClusterSpec
 
 log = logging.getLogger("tera_pipeline")
 
@@ -62,7 +62,9 @@ class ClusterPlan:
     threads_per_worker: int
     address: str | None = None
     gpu: bool | None = False
-    """Whether workers advertise ``GPU=1``; None: ask the scheduler (an existing cluster)."""
+    """Whether workers advertise GPUs; None: ask the scheduler (an existing cluster). A GPU
+    worker advertises ``GPU=threads_per_worker`` (``blocks_per_gpu``) and a block asks for one,
+    so that many blocks share its GPU."""
 
 
 def plan_cluster(spec: ClusterSpec, gpus: int, cores: int | None = None) -> ClusterPlan:
@@ -81,7 +83,7 @@ def plan_cluster(spec: ClusterSpec, gpus: int, cores: int | None = None) -> Clus
         raise RuntimeError("cluster.kind 'cuda' was asked for but no GPU is visible (NVML)")
     if spec.kind == "cuda" or (spec.kind == "auto" and gpus > 0):
         workers = min(spec.workers or gpus, gpus)  # one worker per GPU, never more
-        return ClusterPlan("cuda", workers, 1, gpu=True)
+        return ClusterPlan("cuda", workers, spec.blocks_per_gpu, gpu=True)
     threads = spec.threads_per_worker
     workers = spec.workers or max(1, cores // threads)
     return ClusterPlan("local", workers, threads)
@@ -136,8 +138,9 @@ def block_resources(client: Client, fn: Callable) -> dict[str, int] | None:
 # -- SLURM and Kubernetes ----------------------------------------------------------------------
 def slurm_cluster(spec: ClusterSpec, quiet: bool = True):
     """A dask-jobqueue ``SLURMCluster`` (not yet scaled): each job asks for
-    ``slurm.gpus_per_job`` GPUs and starts one dask-cuda worker per GPU, each advertising
-    ``GPU=1``; with 0 GPUs, one CPU worker per job."""
+    ``slurm.gpus_per_job`` GPUs and starts one dask-cuda worker per GPU, each running
+    ``blocks_per_gpu`` blocks at once (advertising ``GPU=blocks_per_gpu``); with 0 GPUs, one CPU
+    worker per job."""
     from dask_jobqueue import SLURMCluster
 
     s = spec.slurm
@@ -147,8 +150,8 @@ def slurm_cluster(spec: ClusterSpec, quiet: bool = True):
         worker = {
             "worker_command": "dask_cuda.cli worker",
             "processes": s.gpus_per_job,
-            "cores": s.gpus_per_job,  # one thread per GPU worker, as LocalCUDACluster
-            "worker_extra_args": ["--resources", f"{GPU}=1"],
+            "cores": s.gpus_per_job * spec.blocks_per_gpu,  # threads, as LocalCUDACluster
+            "worker_extra_args": ["--resources", f"{GPU}={spec.blocks_per_gpu}"],
         }
     else:
         worker = {"processes": 1, "cores": spec.threads_per_worker}
@@ -252,11 +255,11 @@ def cluster_client(spec: ClusterSpec, quiet: bool = True) -> Iterator[Client]:
         with dask.config.set(_WORKER_CONFIG):
             cluster = LocalCUDACluster(
                 n_workers=plan.workers,
-                threads_per_worker=1,
+                threads_per_worker=plan.threads_per_worker,  # blocks sharing the GPU
                 dashboard_address=spec.dashboard_address,
                 silence_logs=logging.WARNING if quiet else None,
                 env=threads_env,
-                resources={GPU: 1},
+                resources={GPU: plan.threads_per_worker},
             )
         client = Client(cluster)
     elif plan.kind == "slurm":

@@ -7,6 +7,7 @@ torch uses ``TERA_TORCH_THREADS`` intra-op threads when that is set (the cluster
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Hashable
 from functools import lru_cache
 from pathlib import Path
@@ -24,9 +25,15 @@ CACHED_MODELS = 8
 """Models (or predictors) a worker keeps, least recently used first out."""
 
 
+_BUILDING = threading.RLock()
+"""Held while the cache is looked up or filled (a build may itself ask the cache)."""
+
+
 def worker_cached(build: Callable[..., T], *args: Hashable) -> T:
-    """``build(*args)``, built once per worker process and kept (the process prepared first)."""
-    return cast(T, _cached(build, args))
+    """``build(*args)``, built once per worker process and kept (the process prepared first),
+    also when a worker's threads (blocks sharing a GPU) ask at once."""
+    with _BUILDING:
+        return cast(T, _cached(build, args))
 
 
 def worker_model(
