@@ -5,6 +5,8 @@
    figure Tera-MIND reports: about 1.6e5 per A100, all steps included).
 3. The engine's ceiling: the same job with a zero-cost denoiser (``engine_ceiling``).
 4. Bitwise equality of the image for two block sizes, on this device.
+5. Two blocks sharing each GPU (``cluster.blocks_per_gpu``, the default 2: one block's reads and
+   writes overlap the other's model) against one, side by side.
 
 ``--dry`` runs it all on CPUs at a toy size: CI runs it so, and it must pass there before a
 device is lent. Prints JSON (``--out`` also writes it). On the device (see
@@ -89,6 +91,7 @@ def check(dry: bool, steps: int | None) -> dict:
             result["job"] = {
                 "shape": list(jobs[0].volume.shape),
                 "lattice": jobs[0].lattice.mode,
+                "wrapped": jobs[0].lattice.wrap,
                 "sampler": jobs[0].diffusion.sampler,
                 "steps": jobs[0].diffusion.steps,
                 "E": round(jobs[0].evaluations_per_voxel(), 3),
@@ -101,6 +104,15 @@ def check(dry: bool, steps: int | None) -> dict:
         with cluster_client(spec) as client:
             client.register_plugin(ZeroCostDenoiser())
             result["engine_ceiling"] = _generate(zero, client)
+        alone = jobs[0].with_overrides(out=str(Path(tmp) / "alone.zarr"))
+        with cluster_client(spec.model_copy(update={"blocks_per_gpu": 1})) as client:
+            result["one_block_per_gpu"] = _generate(alone, client)
+        result["blocks_per_gpu"] = spec.blocks_per_gpu
+        result["two_blocks_per_gpu_speedup"] = round(
+            result["one_block_per_gpu"]["steps_s"]
+            / result["generation"][str(jobs[0].storage.block)]["steps_s"],
+            3,
+        )
     real = result["generation"][str(jobs[0].storage.block)]
     result["output_voxels_per_s_per_worker"] = round(
         real["output_voxels_per_s"] / result["workers"]

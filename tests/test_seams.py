@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -108,3 +110,56 @@ def test_unreadable_seam_file_is_recomputed(job):
     block_step.denoise_block(job, checkpoint, 1, (0, 0, 0))
     assert seams.path(job.out, 1, (0, 0, 0)).is_file()
     assert not seams.path(job.out, 0, (0, 0, 0)).exists()
+
+
+def test_a_block_takes_seams_its_owner_publishes_while_it_computes_them(job, monkeypatch):
+    """Block (0, 0, 1) looks for its owner's file before (0, 0, 0) has run, so it starts on
+    those patches itself; (0, 0, 0) then runs and publishes, and (0, 0, 1) takes the patches it
+    had not computed yet from the file: fewer evaluations, the same bytes."""
+    import threading
+
+    job = job.with_overrides(batch_size=1)  # a batch a patch: the owner's share spans batches
+    checkpoint = _setup(job)
+    grid, block, owner = job.grid(0), (0, 0, 1), (0, 0, 0)
+    real = block_step.get_predictor(checkpoint, job.batch_size)
+    published, calls = threading.Event(), []
+
+    class Predictor:  # the real one; the block's first call after its own patches waits
+        meta, config, device = real.meta, real.config, real.device
+
+        def predict(self, x, t, cond, offset=None):
+            if threading.current_thread().name == "late":
+                calls.append(len(x))  # patches the late block has sent to the model
+                if sum(calls) > own:
+                    assert published.wait(timeout=60)
+            return real.predict(x, t, cond, offset)
+
+    monkeypatch.setattr(block_step, "get_predictor", lambda *_: Predictor())
+    touching = grid.lattice.patches_touching(grid.block(block).core, grid.volume)
+    plan = seams.plan(grid, block, touching)
+    own = len(plan.outgoing) + len(plan.interior)
+    incoming = sum(len(g) for g in plan.incoming.values())
+    assert incoming > 2
+    result = {}
+    late = threading.Thread(
+        target=lambda: result.update(s=block_step.denoise_block(job, checkpoint, 0, block)),
+        name="late",
+    )
+    late.start()
+    while sum(calls) <= own and late.is_alive():  # until it computes its owner's patches
+        time.sleep(0.01)
+    stats_owner = block_step.denoise_block(job, checkpoint, 0, owner)
+    published.set()
+    late.join(timeout=120)
+    stats = result["s"]
+    assert 0 < stats.shared < incoming  # some computed here, the rest taken
+    assert stats.items + stats.shared == own + incoming
+    for index in np.ndindex(*grid.shape):
+        if index not in (block, owner):
+            block_step.denoise_block(job, checkpoint, 0, index)
+    alone = job.with_overrides(out=str(job.out.parent / "alone.zarr"), share_seams=False)
+    checkpoint_alone = _setup(alone)
+    for index in np.ndindex(*grid.shape):
+        block_step.denoise_block(alone, checkpoint_alone, 0, index)
+    np.testing.assert_array_equal(_state(alone, 0), _state(job, 0))
+    assert stats_owner.items > 0
