@@ -13,7 +13,7 @@ from flows.cli import app
 from tera_pipeline.analysis import attention
 from tera_pipeline.core.geometry import Box
 from tera_pipeline.evaluation.metrics import detect_nuclei, seam_score, ssim
-from tera_pipeline.evaluation.report import evaluate
+from tera_pipeline.evaluation.report import evaluate, naive_tiling_job
 from tera_pipeline.generation import lifecycle
 from tera_pipeline.inputs.synthetic import SyntheticBrain
 
@@ -96,6 +96,18 @@ def test_evaluate_writes_json_and_png(generated, client, tmp_path):
     assert seams["engine"]["face_period"] == list(generated[0].lattice.stride[1:])  # [32, 32]
     assert seams["naive_tiling"]["face_period"] == [32, 32]
     assert len(saved["truth"]["ssim_per_slice"]) == 8
+
+
+def test_naive_tiling_is_one_fixed_lattice_of_whole_patches(generated, tmp_path):
+    """The baseline of ``tera evaluate``: stride = patch, the same unmoved, unwrapped lattice at
+    every step, whatever the engine's lattice (the default moves and wraps)."""
+    job = generated[0]
+    assert job.lattice_at(0).offset != (0, 0, 0)  # the engine's lattice moves
+    naive = naive_tiling_job(job, tmp_path / "naive.zarr")
+    for step in range(naive.diffusion.steps):
+        lattice = naive.lattice_at(step)
+        assert lattice.stride == lattice.patch and lattice.offset == (0, 0, 0)
+        assert not any(lattice.wrap_axes(naive.volume.shape))
 
 
 def test_seam_score_sees_tile_edges(tmp_path):

@@ -149,7 +149,8 @@ def check_outputs(root: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
 
 
 def naive_tiling_job(job: JobConfig, out: Path) -> JobConfig:
-    """The same job with non-overlapping patches: every patch denoised on its own.
+    """The same job with non-overlapping patches on one fixed lattice (not moved between steps,
+    not wrapped): every patch denoised on its own, its faces the same at every step.
 
     A block must be a whole number of strides, and here the stride is the patch, so the block
     becomes the least common multiple of the job's block and the patch (per axis), with the
@@ -157,7 +158,7 @@ def naive_tiling_job(job: JobConfig, out: Path) -> JobConfig:
     do the output voxels."""
     patch = job.lattice.patch
     block = tuple(math.lcm(b, p) for b, p in zip(job.storage.block, patch, strict=True))
-    overrides: dict = {"lattice.stride": patch}
+    overrides: dict = {"lattice.stride": patch, "lattice.mode": "overlapped", "lattice.wrap": False}
     if block != tuple(job.storage.block):
         overrides.update({"storage.block": block, "storage.shard": None, "storage.chunk": None})
     return job.with_overrides(out=str(out), **overrides)
