@@ -12,6 +12,7 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from tera_pipeline.core.errors import TeraError
 
@@ -40,6 +41,8 @@ class Box:
             raise GeometryError(f"begin {self.begin} and shape {self.shape} differ in rank")
         if any(s < 0 for s in self.shape):
             raise GeometryError(f"negative box shape {self.shape}")
+        # kept, not a field: the engine asks for it many times per block
+        object.__setattr__(self, "_end", tuple(b + s for b, s in zip(self.begin, self.shape)))
 
     @classmethod
     def from_bounds(cls, begin: Sequence[int], end: Sequence[int]) -> Box:
@@ -47,7 +50,7 @@ class Box:
 
     @property
     def end(self) -> Shape:
-        return tuple(b + s for b, s in zip(self.begin, self.shape, strict=True))
+        return self._end  # type: ignore[attr-defined]
 
     @property
     def ndim(self) -> int:
@@ -154,14 +157,13 @@ class PatchLattice:
     def wrap_axes(self, volume: Shape) -> tuple[bool, ...]:
         """The axes on which a ``wrapped`` lattice makes the volume a torus: stride = patch, and
         the volume a whole number of patches."""
-        return tuple(
-            self.wrapped and s == p and v % p == 0
-            for v, p, s in zip(volume, self.patch, self.stride, strict=True)
-        )
+        return _wrap_axes(self, tuple(volume))
 
     def canonical(self, patch: Box, volume: Shape) -> Box:
         """The lattice patch that ``patch`` is an image of: on the wrapped axes, a patch reaching
         beyond the far face moved back by the volume's length (its origin below 0)."""
+        if not self.wrapped:
+            return patch
         wrap = self.wrap_axes(volume)
         begin = tuple(
             b - v if w and b + p > v else b
@@ -225,6 +227,14 @@ class PatchLattice:
         """Every lattice patch once (no images), in lattice order."""
         every = self.patches_touching(Box((0,) * len(volume), volume), volume)
         return [p for p in every if self.canonical(p, volume) == p]
+
+
+@lru_cache(maxsize=256)
+def _wrap_axes(lattice: PatchLattice, volume: Shape) -> tuple[bool, ...]:
+    return tuple(
+        lattice.wrapped and s == p and v % p == 0
+        for v, p, s in zip(volume, lattice.patch, lattice.stride, strict=True)
+    )
 
 
 @dataclass(frozen=True)

@@ -53,20 +53,23 @@ class SeamPlan:
 def owner(grid: BlockGrid, patch: Box) -> Index:
     """The block whose core holds the (canonical) patch's origin, clipped to the volume: a
     shifted lattice's first patch starts below 0."""
-    begin = grid.lattice.canonical(patch, grid.volume).begin
-    return tuple(max(b, 0) // s for b, s in zip(begin, grid.block_shape, strict=True))
+    return _holder(grid.lattice.canonical(patch, grid.volume).begin, grid.block_shape)
+
+
+def _holder(begin: tuple[int, ...], block: tuple[int, ...]) -> Index:
+    return tuple(max(b, 0) // s for b, s in zip(begin, block, strict=True))
 
 
 def _crossed(grid: BlockGrid, patch: Box, core: Box) -> list[int]:
     """The axes on which a canonical ``patch`` owned by ``core``'s block reaches another block's
     core: beyond the core's far face inside the volume, or below 0 on a wrapped axis with more
     than one block (into the far block, through the torus)."""
-    wrap, blocks = grid.lattice.wrap_axes(grid.volume), grid.shape
+    wrap, blocks, volume = grid.lattice.wrap_axes(grid.volume), grid.shape, grid.volume
+    pe, ce, pb = patch.end, core.end, patch.begin
     return [
         a
         for a in range(patch.ndim)
-        if (patch.end[a] > core.end[a] and core.end[a] < grid.volume[a])
-        or (wrap[a] and patch.begin[a] < 0 and blocks[a] > 1)
+        if (pe[a] > ce[a] and ce[a] < volume[a]) or (wrap[a] and pb[a] < 0 and blocks[a] > 1)
     ]
 
 
@@ -78,7 +81,11 @@ def outgoing(grid: BlockGrid, index: Index) -> tuple[Box, ...]:
     result = []
     for p in grid.lattice.patches_touching(core, grid.volume):
         p = grid.lattice.canonical(p, grid.volume)
-        if p.begin not in seen and owner(grid, p) == index and _crossed(grid, p, core):
+        if (
+            p.begin not in seen
+            and _holder(p.begin, grid.block_shape) == index
+            and _crossed(grid, p, core)
+        ):
             result.append(p)
         seen.add(p.begin)
     return tuple(result)
@@ -120,7 +127,7 @@ def plan(grid: BlockGrid, index: Index, patches: list[Box], share: bool = True) 
     result, first = SeamPlan([], [], {}), {}
     for i, p in enumerate(patches):
         canonical = grid.lattice.canonical(p, grid.volume).begin
-        who = owner(grid, p) if share else index
+        who = _holder(canonical, grid.block_shape) if share else index
         if canonical in first:
             result.aliases[i] = first[canonical]
             continue
