@@ -216,7 +216,8 @@ def _predict(
                 state = _read_state(root, step, inputs.span, inputs.span, wrap)
                 inputs.complete_with(torch.from_numpy(state).to(device, torch.float32))
                 stats.read_s += time.perf_counter() - tr
-            late = {w: [i for i in g if i in missing] for w, g in seams.incoming.items()}
+            computed_here = set(missing)
+            late = {w: [i for i in g if i in computed_here] for w, g in seams.incoming.items()}
             late = {w: g for w, g in late.items() if g}
             todo.extend(missing)
             resolved = True

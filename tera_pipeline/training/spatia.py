@@ -34,6 +34,7 @@ from models.spatia import (
     expression_values,
 )
 from tera_pipeline.analysis.cells import centred
+from tera_pipeline.analysis.spatia_model import device_of
 from tera_pipeline.core.geometry import Shape
 from tera_pipeline.core.intensity import from_uint8
 from tera_pipeline.training.loop import Losses, Recipe, Stage, TrainingLog, run_stage, save_trained
@@ -60,11 +61,6 @@ SPATIA_RECIPE = Recipe(batch=64, lr=2e-3)
 
 
 # -- stage 1: cells --------------------------------------------------------------------------------
-def _device(model: torch.nn.Module) -> torch.device:
-    """Where a model's weights are (validation data go there)."""
-    return next(model.parameters()).device
-
-
 def _masks(cfg: SpatiaConfig, n: int, gen: torch.Generator, genes: float, patches: float):
     """Random masks of a ``genes`` share of the genes and a ``patches`` share of the patches."""
     gene_mask = torch.rand(n, cfg.genes, generator=gen) < genes
@@ -153,7 +149,7 @@ def _validate_cells(model: Spatia, val: CellSet, weights: CellLossWeights, n: in
     rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)
     idx = rng.choice(len(val), min(n, len(val)), replace=False)
-    dev = _device(model)
+    dev = device_of(model)
     crops = torch.from_numpy(from_uint8(val.crops[idx])).to(dev)
     counts = torch.from_numpy(val.counts[idx]).to(dev)
     gene_mask, patch_mask = (m.to(dev) for m in _masks(model.cfg, len(idx), gen, 0.25, 0.5))
@@ -172,7 +168,7 @@ def _validate_cells(model: Spatia, val: CellSet, weights: CellLossWeights, n: in
 def embed_cells(model: Spatia, cells: CellSet, batch: int = 256) -> np.ndarray:
     """Cell embeddings (N, E) from full crops and counts (no masking)."""
     model.eval()
-    dev = _device(model)
+    dev = device_of(model)
     out = [
         model.cell(
             torch.from_numpy(from_uint8(cells.crops[s : s + batch])).to(dev),
@@ -317,7 +313,7 @@ def _validate_generator(model: Spatia, val: CellSet, n: int = 256) -> dict:
     g.eval()
     vi = np.random.default_rng(0).choice(len(val), min(n, len(val)), replace=False)
     vgen = torch.Generator().manual_seed(0)
-    dev = _device(model)
+    dev = device_of(model)
     vloss = g.loss(
         torch.from_numpy(from_uint8(val.crops[vi])).to(dev),
         torch.from_numpy(val.counts[vi]).to(dev),
