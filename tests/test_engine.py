@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.checkpoint import load_denoiser
-from tera_pipeline.core import errors
+from tera_pipeline.core import errors, frames
 from tera_pipeline.core.config import JobConfig, lattice_preset
 from tera_pipeline.core.geometry import Box, patch_bins
 from tera_pipeline.core.noise import position_noise
@@ -93,14 +93,15 @@ def _torus_read(a: np.ndarray, box: Box, wrap) -> np.ndarray:
 
 
 def _state_after(job: JobConfig, client, steps_to_run: int) -> np.ndarray:
-    """Run the engine's own phases for ``steps_to_run`` steps and read the scratch state."""
+    """Run the engine's own phases for ``steps_to_run`` steps and read the scratch state
+    (unrolled where the last step stored it rolled)."""
     checkpoint = lifecycle.prepare_store(job)
     lifecycle.conditioning_pass(job, client)
     for step in range(steps_to_run):
         lifecycle.denoise_step(job, checkpoint, step, client)
-    return store.read_box(
-        store.open_array(job.out, layout.STATES[steps_to_run % 2]), Box((0, 0, 0), job.volume.shape)
-    )
+    array = store.open_array(job.out, layout.STATES[steps_to_run % 2])
+    frame = frames.state_frame(job, steps_to_run)
+    return store.read_box(array, Box((0, 0, 0), job.volume.shape), frame=frame)
 
 
 def test_receptive_field_exceeds_halo(small_job):

@@ -16,9 +16,11 @@ from tera_pipeline.storage import layout, store
 @pytest.fixture(params=["shifted", "wrapped"])
 def job(request, small_job):
     """2 x 2 x 2 blocks of the tiny denoiser: seams on every axis, edges and a corner; on the
-    wrapped lattice also the faces' seams, through the torus."""
+    wrapped lattice also the faces' seams, through the torus (the halo path, as the last step
+    takes it: scratch not rolled)."""
     job = small_job.with_overrides(
-        **{"volume.shape": (8, 64, 64)}, **lattice_preset(request.param, (4, 32, 32))
+        **{"volume.shape": (8, 64, 64), "storage.scratch_rolled": False},
+        **lattice_preset(request.param, (4, 32, 32)),
     )
     assert job.grid().shape == (2, 2, 2)
     return job

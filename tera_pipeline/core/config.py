@@ -142,6 +142,11 @@ class StorageSpec(Section):
     (4, 64, 64) per axis."""
     compression_level: int = Field(3, ge=0, le=22)
     scratch_dtype: Literal["float16", "float32"] = "float16"
+    scratch_rolled: bool = True
+    """Store each step's state in the frame of the lattice that computed it, where that lattice
+    is wrapped on every axis and blocks are whole patches (``core.frames``): a block then reads
+    one box and computes all its patches itself, with no halo and no seam files. Scratch only:
+    the image is the same bitwise."""
     scratch_codec: Literal["zstd", "lz4", "none"] = "zstd"
     """Compressor of the scratch state between steps (level 1): 8-15 % fewer bytes than none
     (``benchmarks/scratch_codec.py``); a zero-cost step about 8 % slower at 16x128x128 blocks
@@ -295,10 +300,13 @@ class JobConfig(Section):
     @classmethod
     def from_record(cls, data: dict) -> JobConfig:
         """The job as a store recorded it: fields added since keep the value the store was
-        written with (a lattice recorded before ``lattice.wrap`` existed did not wrap)."""
-        lattice = data.get("lattice")
+        written with (a lattice recorded before ``lattice.wrap`` existed did not wrap; scratch
+        recorded before ``storage.scratch_rolled`` was not rolled)."""
+        lattice, storage = data.get("lattice"), data.get("storage")
         if isinstance(lattice, dict) and "wrap" not in lattice:
             data = {**data, "lattice": {**lattice, "wrap": False}}
+        if isinstance(storage, dict) and "scratch_rolled" not in storage:
+            data = {**data, "storage": {**storage, "scratch_rolled": False}}
         return cls.model_validate(data)
 
     @classmethod

@@ -70,6 +70,10 @@ class Box:
         end = tuple(e + g for e, g in zip(self.end, above, strict=True))
         return Box.from_bounds(begin, end)
 
+    def moved(self, by: Sequence[int]) -> Box:
+        """The box translated by ``by`` voxels per axis."""
+        return Box(tuple(b + d for b, d in zip(self.begin, by, strict=True)), self.shape)
+
     def intersect(self, other: Box) -> Box:
         begin = tuple(max(a, b) for a, b in zip(self.begin, other.begin, strict=True))
         end = tuple(min(a, b) for a, b in zip(self.end, other.end, strict=True))

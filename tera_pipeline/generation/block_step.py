@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tera_pipeline.core import frames
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.geometry import Box, bin_box, bounding_box, torus_pieces
 from tera_pipeline.core.intensity import to_uint8
@@ -119,19 +120,24 @@ def _read_inputs(
 ) -> _StepInputs:
     """The state the block computes from (step 0: the noise of its span) and its conditioning,
     moved to ``device``: over the whole span, or, where neighbours share their seam patches,
-    over the core and the patches the block owns (its low-side halo is theirs)."""
-    core = grid.block(index).core
-    patches, span = read_span(grid, core)
-    seams = plan_seams(grid, index, patches, share=config.share_seams)
+    over the core and the patches the block owns (its low-side halo is theirs). A block that
+    computes in its lattice's frame (``core.frames``) reads just the box it computes."""
+    region = frames.computed_box(config, step, grid.block(index).core)
+    patches, span = read_span(grid, region)
+    if region != grid.block(index).core:  # whole patches: every one computed here
+        seams = SeamPlan([], list(range(len(patches))), {})
+    else:
+        seams = plan_seams(grid, index, patches, share=config.share_seams)
     root, channels = Path(config.out), len(config.volume.stains)
     wrap = grid.lattice.wrap_axes(grid.volume)
+    frame = frames.state_frame(config, step)
     complete = True
     if step == 0:
-        x = _initial_noise(config.diffusion.seed, span, channels, grid.volume, wrap)
+        x = position_noise_on(config.diffusion.seed, 0, span, channels, grid.volume, wrap)
     else:
         own = [patches[i] for i in seams.outgoing + seams.interior]
-        needed = bounding_box([core, *own]) if seams.incoming else span
-        x, complete = _read_state(root, step, span, needed, wrap), needed == span
+        needed = bounding_box([region, *own]) if seams.incoming else span
+        x, complete = _read_state(root, step, span, needed, wrap, frame), needed == span
     # windows on the stored bins, wherever the patches start (a bin-aligned model's patches
     # start on bins: ``check_checkpoint``), with the patches' offset in their first bin
     b, context = np.asarray(config.conditioning.bin), np.asarray(model_cfg.cond_context)
@@ -155,23 +161,38 @@ def _read_inputs(
     )
 
 
-def _initial_noise(seed: int, span: Box, channels: int, volume, wrap) -> np.ndarray:
-    """Step 0's state over ``span``: the noise of each position (modulo the volume on the
-    wrapped axes); beyond the volume elsewhere the fixed fill, as scratch reads give."""
-    x = np.zeros((channels, *span.shape), dtype=np.float32)
-    for source, place in torus_pieces(span, volume, wrap):
-        x[(slice(None), *place.slices())] = position_noise(seed, 0, source, channels)
+def position_noise_on(seed: int, stream: int, box: Box, channels: int, volume, wrap) -> np.ndarray:
+    """The noise of ``stream`` over ``box``: that of each position (modulo the volume on the
+    ``wrap`` axes); beyond the volume elsewhere the fixed fill, as scratch reads give."""
+    x = np.zeros((channels, *box.shape), dtype=np.float32)
+    for source, place in torus_pieces(box, volume, wrap):
+        x[(slice(None), *place.slices())] = position_noise(seed, stream, source, channels)
     return x
 
 
-def _read_state(root: Path, step: int, span: Box, box: Box, wrap) -> np.ndarray:
-    """Step ``step``'s state over ``span``, read over ``box`` alone (zeros elsewhere)."""
+def _read_state(root: Path, step: int, span: Box, box: Box, wrap, frame) -> np.ndarray:
+    """Step ``step``'s state (stored rolled by ``frame``) over ``span``, read over ``box``
+    alone (zeros elsewhere)."""
     array = store.open_array(root, STATES[step % 2])
     if box == span:
-        return store.read_box(array, span, wrap=wrap)
+        return store.read_box(array, span, wrap=wrap, frame=frame)
     x = np.zeros((array.shape[0], *span.shape), dtype=array.dtype.numpy_dtype)
-    x[(slice(None), *box.slices(span))] = store.read_box(array, box, wrap=wrap)
+    x[(slice(None), *box.slices(span))] = store.read_box(array, box, wrap=wrap, frame=frame)
     return x
+
+
+def state_reads(config: JobConfig, step: int, index: tuple[int, ...]) -> list[Box]:
+    """Where in the stored state block ``index`` reads at ``step`` (storage boxes; at most its
+    halo span, moved by the state's roll)."""
+    grid = config.grid(step)
+    _, span = read_span(grid, frames.computed_box(config, step, grid.block(index).core))
+    frame = frames.state_frame(config, step)
+    every = (True,) * len(frame)
+    return [
+        stored
+        for source, _ in torus_pieces(span, grid.volume, grid.lattice.wrap_axes(grid.volume))
+        for stored, _ in torus_pieces(source.moved([-f for f in frame]), grid.volume, every)
+    ]
 
 
 def _predict(
@@ -213,7 +234,8 @@ def _predict(
             if missing and not inputs.complete:  # computed here after all: read the rest
                 tr = time.perf_counter()
                 wrap = grid.lattice.wrap_axes(grid.volume)
-                state = _read_state(root, step, inputs.span, inputs.span, wrap)
+                frame = frames.state_frame(config, step)
+                state = _read_state(root, step, inputs.span, inputs.span, wrap, frame)
                 inputs.complete_with(torch.from_numpy(state).to(device, torch.float32))
                 stats.read_s += time.perf_counter() - tr
             computed_here = set(missing)
@@ -249,8 +271,9 @@ def _predict(
 
 
 def _assemble(config: JobConfig, grid, inputs: _StepInputs, preds: torch.Tensor, core: Box):
-    """The block's core of the prediction: its tiles put in place (a lattice that tiles), or the
-    patches blended with their window, normalised by the summed weights (lattice order)."""
+    """The prediction over ``core`` (the voxels the block computes): its tiles put in place (a
+    lattice that tiles), or the patches blended with their window, normalised by the summed
+    weights (lattice order)."""
     lattice = grid.lattice
     if tiles(lattice):
         counts = tuple(s // p for s, p in zip(inputs.span.shape, lattice.patch, strict=True))
@@ -295,22 +318,26 @@ def denoise_block(
     stats = BlockStats()
     grid = config.grid(step)  # the step's lattice (shifted mode: offset per step)
     core = grid.block(index).core
+    region = frames.computed_box(config, step, core)  # the voxels computed, written at core
     key = tuple(int(i) for i in index)
     inputs = _read_inputs(config, grid, step, key, predictor.config, device)
     sched = schedule_of(config, predictor.meta.get("prediction", "epsilon"))
     stats.read_s = time.perf_counter() - t0
 
     preds = _predict(config, predictor, grid, step, key, inputs, sched.timestep(step), stats)
-    output = _assemble(config, grid, inputs, preds, core)
+    output = _assemble(config, grid, inputs, preds, region)
 
-    channels = len(config.volume.stains)
+    channels, volume = len(config.volume.stains), grid.volume
+    wrap = grid.lattice.wrap_axes(volume)
     noise = previous_x0 = None
     if sched.sigma(step) > 0:
-        noise = _on(device, position_noise(config.diffusion.seed, step + 1, core, channels))
+        seed = config.diffusion.seed
+        noise = _on(device, position_noise_on(seed, step + 1, region, channels, volume, wrap))
     if sched.needs_previous_x0 and 0 < step < sched.steps - 1:
         array = store.open_array(Path(config.out), PREVIOUS_X0[step % 2])
-        previous_x0 = _on(device, store.read_box(array, core))
-    x_core = inputs.x[(slice(None), *core.slices(inputs.span))]
+        frame = frames.state_frame(config, step)
+        previous_x0 = _on(device, store.read_box(array, region, wrap=wrap, frame=frame))
+    x_core = inputs.x[(slice(None), *region.slices(inputs.span))]
     x_next, x0 = sched.update(x_core, output, step, noise, previous_x0)
     tw = time.perf_counter()
     stats.digest = _write_update(config, step, core, x_next, x0)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.errors import TeraError
-from tera_pipeline.core.geometry import Box, bin_box, torus_pieces
+from tera_pipeline.core.geometry import Box, bin_box
 from tera_pipeline.generation import block_step, lifecycle
 from tera_pipeline.storage import layout, ledger, store
 
@@ -173,10 +173,8 @@ def cone(config: JobConfig, bad: list[Index]) -> list[list[Index]]:
 
 def _blocks_read_by(config: JobConfig, index: Index, step: int) -> Iterator[Index]:
     """The blocks whose cores block ``index`` reads at ``step`` (its lattice's halo span)."""
-    grid = config.grid(step)
-    _, span = block_step.read_span(grid, grid.block(index).core)
     block = config.storage.block
-    for part, _ in torus_pieces(span, grid.volume, grid.lattice.wrap_axes(grid.volume)):
+    for part in block_step.state_reads(config, step, index):
         lo = [s // b for s, b in zip(part.begin, block)]
         hi = [(e - 1) // b for e, b in zip(part.end, block)]
         yield from itertools.product(*(range(a, b + 1) for a, b in zip(lo, hi)))

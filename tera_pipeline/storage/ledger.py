@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tera_pipeline.core import frames
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.errors import TeraError
 from tera_pipeline.core.transcript_spec import TranscriptSpec
@@ -40,6 +41,7 @@ LATER_DEFAULTS = {
     ("lattice", "final_stride"): None,
     ("lattice", "shift_unit"): "bin",
     ("diffusion", "sampler"): "ddim",
+    ("storage", "scratch_rolled"): False,
     ("conditioning", "transcripts"): TranscriptSpec().model_dump(mode="json"),
 }
 """Fields added after stores were written, with their defaults: a field at its default is left
@@ -60,6 +62,8 @@ def output_identity(config: JobConfig, checkpoint_sha: str) -> dict:
     data = {k: v for k, v in config.model_dump(mode="json").items() if k not in _IGNORED}
     data["checkpoint_sha256"] = checkpoint_sha
     data.pop("checkpoint", None)
+    if not frames.rolls_any(config):  # what the scratch of a resumed run holds
+        data["storage"].pop("scratch_rolled", None)
     return _without_later_defaults(data)
 
 
@@ -138,6 +142,11 @@ def check_identity(root: Path, identity: dict) -> None:
             "; pass the store's own --lattice, --steps and --checkpoint (the defaults before "
             "2026-12: --lattice overlapped --steps 15; then --lattice z-shifted --steps 8; both "
             "with the denoiser of git revision 3400262)"
+        )
+    if "storage.scratch_rolled" in changed:
+        hint += (
+            "; this store's scratch is not rolled (written before 2026-12-07): resume it with "
+            "storage: {scratch_rolled: false} in the job's YAML"
         )
     raise ResumeError(f"cannot resume {root}: the job differs ({'; '.join(diff[:5])}){hint}")
 
