@@ -34,6 +34,15 @@ def _mix(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
+def _mix_in_place(z: np.ndarray, scratch: np.ndarray) -> None:
+    """``_mix`` of ``z`` written into ``z`` (``scratch``: an array of its shape)."""
+    for shift, factor in ((30, _MIX[0]), (27, _MIX[1]), (31, None)):
+        np.right_shift(z, np.uint64(shift), out=scratch)
+        np.bitwise_xor(z, scratch, out=z)
+        if factor is not None:
+            np.multiply(z, factor, out=z)
+
+
 def _key(*values: int) -> np.ndarray:
     """A 64-bit key of an ordered tuple of non-negative integers (a chain of hashes)."""
     key = np.zeros(1, dtype=np.uint64)
@@ -55,20 +64,36 @@ def position_noise(seed: int, stream: int, box: Box, channels: int) -> np.ndarra
     half = 1 << (_AXIS_BITS - 1)
     if any(b < -half or e > half for b, e in zip(box.begin, box.end, strict=True)):
         raise ValueError(f"noise positions are within +-{half} voxels per axis, not {box}")
-    counter = np.zeros(box.shape, dtype=np.uint64)
-    for axis, (b, n) in enumerate(zip(box.begin, box.shape, strict=True)):
-        along = np.arange(b + half, b + half + n, dtype=np.int64).astype(np.uint64)
-        shape = [1, 1, 1]
-        shape[axis] = n
-        counter |= (along << np.uint64(_AXIS_BITS * (2 - axis))).reshape(shape)
-    counter *= _GOLDEN
+    # counter x golden ratio as a sum: the axes' bits do not overlap (| is +) and products
+    # distribute in wrapping arithmetic, so each axis is multiplied once and a channel's hash
+    # input is one broadcast add; every step below writes in place (the same bits as out of
+    # place, without a fresh array per operation)
+    axes = [
+        (np.arange(b + half, b + half + n, dtype=np.int64).astype(np.uint64)
+         << np.uint64(_AXIS_BITS * (2 - axis))) * _GOLDEN
+        for axis, (b, n) in enumerate(zip(box.begin, box.shape, strict=True))
+    ]  # fmt: skip
+    plane = axes[0][:, None] + axes[1][None, :]
     out = np.empty((channels, *box.shape), dtype=np.float32)
+    h, bits = np.empty(box.shape, dtype=np.uint64), np.empty(box.shape, dtype=np.uint64)
+    u1, u2 = np.empty(box.shape, dtype=np.float32), np.empty(box.shape, dtype=np.float32)
     scale = np.float32(2.0**-24)
     for c in range(channels):
-        h = _mix(counter + _key(seed, stream, c))
-        u1 = ((h >> np.uint64(40)).astype(np.float32) + np.float32(0.5)) * scale  # (0, 1)
-        u2 = (h & np.uint64(0xFFFFFF)).astype(np.float32) * scale
-        out[c] = np.sqrt(np.float32(-2.0) * np.log(u1)) * np.cos(np.float32(2 * np.pi) * u2)
+        np.add((plane + _key(seed, stream, c))[:, :, None], axes[2], out=h)
+        _mix_in_place(h, bits)
+        np.right_shift(h, np.uint64(40), out=bits)
+        u1[...] = bits
+        np.add(u1, np.float32(0.5), out=u1)
+        np.multiply(u1, scale, out=u1)  # (0, 1)
+        np.bitwise_and(h, np.uint64(0xFFFFFF), out=bits)
+        u2[...] = bits
+        np.multiply(u2, scale, out=u2)
+        np.log(u1, out=u1)  # Box-Muller: sqrt(-2 log u1) cos(2 pi u2)
+        np.multiply(np.float32(-2.0), u1, out=u1)
+        np.sqrt(u1, out=u1)
+        np.multiply(np.float32(2 * np.pi), u2, out=u2)
+        np.cos(u2, out=u2)
+        np.multiply(u1, u2, out=out[c])
     return out
 
 

@@ -294,11 +294,19 @@ def _write_update(
     if step == config.diffusion.steps - 1:
         return store.write_box(store.open_array(root, IMAGE), core, to_uint8(x_next.cpu().numpy()))
     phase = step + 1
-    digest = store.write_box(store.open_array(root, STATES[phase % 2]), core, x_next.cpu().numpy())
+    state = store.open_array(root, STATES[phase % 2])
+    digest = store.write_box(state, core, _host(x_next, state))
     if PREVIOUS_X0[phase % 2] in scratch_arrays(config, phase):
         x0_array = store.open_array(root, PREVIOUS_X0[phase % 2])
-        digest = store.write_box(x0_array, core, x0.cpu().numpy(), digest)
+        digest = store.write_box(x0_array, core, _host(x0, x0_array), digest)
     return digest
+
+
+def _host(x: torch.Tensor, array) -> np.ndarray:
+    """``x`` on the host in ``array``'s dtype, cast on the device (torch's cast to float16 is
+    numpy's rounding, bitwise, several times faster; on a GPU it also halves the copy)."""
+    dtype = torch.from_numpy(np.empty(0, array.dtype.numpy_dtype)).dtype
+    return x.to(dtype).cpu().numpy()
 
 
 @gpu_task
