@@ -255,8 +255,9 @@ def threshold(root: Path, client, plan: Plan, progress=None) -> int:
     """Otsu's threshold of the volume's DAPI histogram, summed over the blocks' histograms."""
     histogram = np.zeros(256, np.int64)
 
-    def add(_, stats: LabelStats) -> None:
-        np.add(histogram, stats.histogram, out=histogram)
+    def add(finished: list[tuple[Triple, LabelStats]]) -> None:
+        for _, stats in finished:
+            np.add(histogram, stats.histogram, out=histogram)
 
     job = layout.job_of(root)
     tasks.run_task(client, job, _blocks(plan, "labels threshold", histogram_block, add), progress)
@@ -282,10 +283,11 @@ def run(root: Path, client, block: Triple | None = None, progress=None) -> dict:
     label_image.create_levels(root, job, levels, {"status": "writing", **figures})
     found = LabelStats()
 
-    def add(_, s: LabelStats) -> None:
-        found.nuclei += s.nuclei
-        found.unassigned_voxels += s.unassigned_voxels
-        found.ids += s.ids if found.nuclei <= label_image.MAX_COLOURED else ()
+    def add(finished: list[tuple[Triple, LabelStats]]) -> None:
+        for _, s in finished:
+            found.nuclei += s.nuclei
+            found.unassigned_voxels += s.unassigned_voxels
+            found.ids += s.ids if found.nuclei <= label_image.MAX_COLOURED else ()
 
     tasks.run_task(client, job, _blocks(plan, "labels", label_block, add), progress)
     label_image.build_levels(root, client, job, levels, progress)

@@ -22,7 +22,14 @@ from tera_pipeline.generation.predictor import check_checkpoint, resolve_checkpo
 from tera_pipeline.inputs.conditioning import CELLS_DIR, open_source
 from tera_pipeline.inputs.partition import PartitionedSource, partition
 from tera_pipeline.inputs.transcript_cells import CELL_COUNTS
-from tera_pipeline.runtime.tasks import Blocks, BlockTask, PhaseReport, Progress, run_task
+from tera_pipeline.runtime.tasks import (
+    Blocks,
+    BlockStats,
+    BlockTask,
+    PhaseReport,
+    Progress,
+    run_task,
+)
 from tera_pipeline.storage import ledger, lock, ownership, store
 from tera_pipeline.storage.layout import array_specs, bytes_needed, coordinates
 from tera_pipeline.storage.ledger import has_ledger
@@ -214,8 +221,8 @@ def _run_phase(config, client, row, phase, fn, args, progress, indices) -> Phase
         todo = [tuple(i) for i in indices]
         total = len(todo)
 
-    def mark(index: tuple[int, ...], stats) -> None:
-        ledger.mark(root, row, index, stats.digest)
+    def mark(finished: list[tuple[tuple[int, ...], BlockStats]]) -> None:
+        ledger.mark(root, row, [(index, stats.digest) for index, stats in finished])
 
     return run_task(client, config, BlockTask(phase, fn, args, todo, total, mark), progress)
 

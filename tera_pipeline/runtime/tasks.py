@@ -58,6 +58,10 @@ class PhaseReport:
             setattr(self.stats, name, getattr(self.stats, name) + getattr(s, name))
 
 
+OnDone = Callable[[list[tuple[tuple[int, ...], BlockStats]]], None]
+"""Called with the blocks (index, statistics) finished since the last call, after the next
+blocks were submitted: recording a block (the ledger) never keeps a worker waiting."""
+
 WORKERS_LOST_S = 120.0
 """A phase fails when the cluster has had no worker for this long (``workers_lost_s``)."""
 
@@ -71,7 +75,7 @@ def run_blocks(
     phase: str,
     in_flight: int,
     progress: Progress | None = None,
-    on_done: Callable[[tuple[int, ...], BlockStats], None] | None = None,
+    on_done: OnDone | None = None,
     retries: int = 0,
     workers_lost_s: float = WORKERS_LOST_S,
 ) -> PhaseReport:
@@ -113,29 +117,33 @@ def run_blocks(
         except TimeoutError:
             watchdog.check()
             continue
+        batch: list[tuple[tuple[int, ...], BlockStats]] = []
         for fut in finished:
             try:
                 stats = _result(fut, watchdog)
             except RunStopped:
                 client.cancel(list(pending))
+                if on_done and batch:
+                    on_done(batch)
                 raise
             except Exception as err:
                 for other in pending:
                     other.cancel()
+                if on_done and batch:
+                    on_done(batch)
                 raise GenerationError(
                     f"{phase}: block {where[fut.key]} failed after {retries} retries: {err}; "
                     "the finished blocks are kept: continue with --resume"
                 ) from err
             report.add(stats)
-            if on_done:
-                on_done(where[fut.key], stats)
-            del where[fut.key]
-            done += 1
-            if progress:
-                progress(phase, done, total)
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.add(submit(nxt))
+            batch.append((where.pop(fut.key), stats))
+        for index in itertools.islice(it, len(batch)):  # workers first, then the records
+            pending.add(submit(index))
+        if on_done:
+            on_done(batch)
+        done += len(batch)
+        if progress:
+            progress(phase, done, total)
         watchdog.check()
     report.wall_s = time.perf_counter() - t0
     return report
@@ -213,7 +221,7 @@ class BlockTask:
     args: tuple
     indices: Iterable[tuple[int, ...]]
     total: int
-    on_done: Callable[[tuple[int, ...], BlockStats], None] | None = None
+    on_done: OnDone | None = None
 
 
 def run_task(

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import tensorstore as ts
 
 from tera_pipeline.core import frames
 from tera_pipeline.core.config import JobConfig
@@ -151,11 +152,22 @@ def check_identity(root: Path, identity: dict) -> None:
     raise ResumeError(f"cannot resume {root}: the job differs ({'; '.join(diff[:5])}){hint}")
 
 
-def mark(root: Path, phase: int, index: tuple[int, ...], digest: int | None = None) -> None:
-    """Record a finished block (its digest first: a block is done only with its digest)."""
-    if digest is not None and (Path(root) / DIGESTS / "zarr.json").is_file():
-        store.open_array(root, DIGESTS)[(phase, *index)].write(np.uint32(digest)).result()
-    store.open_array(root, LEDGER)[(phase, *index)].write(np.uint8(1)).result()
+def mark(root: Path, phase: int, done: Sequence[tuple[tuple[int, ...], int | None]]) -> None:
+    """Record finished blocks, given as (index, digest): the digests first (a block is done
+    only with its digest), then the flags; each array in one transaction (one write of each
+    chunk touched), so recording keeps up with many small blocks."""
+    digests = [(i, d) for i, d in done if d is not None]
+    if digests and (Path(root) / DIGESTS / "zarr.json").is_file():
+        _write_each(store.open_array(root, DIGESTS), phase, digests, np.uint32)
+    _write_each(store.open_array(root, LEDGER), phase, [(i, 1) for i, _ in done], np.uint8)
+
+
+def _write_each(array, phase: int, values: list[tuple[tuple[int, ...], int]], dtype) -> None:
+    txn = ts.Transaction()
+    staged = array.with_transaction(txn)
+    for index, value in values:
+        staged[(phase, *index)].write(dtype(value)).result()
+    txn.commit_sync()
 
 
 def unmark(root: Path, phase: int, indices: list[tuple[int, ...]]) -> None:
