@@ -5,6 +5,9 @@ lattice patches touching its core, runs the denoiser on those patches (a patch s
 computed by one of them and shared through a scratch file: ``seams``), blends the predictions with
 a positive window normalised by the summed weights, applies the DDIM update to its core and writes
 the core (one whole shard) to the other scratch array; the last step writes the uint8 image.
+Where the step's lattice tiles the volume's torus and blocks are whole patches, a block instead
+computes its core moved by the lattice's offset (whole patches: no halo, no seam file) and the
+state is stored rolled by that offset (``tera_pipeline.core.frames``); the last step never rolls.
 The initial noise is a pure function of (seed, position) and is never stored. Because patches sit
 on a global lattice, every voxel sees exactly the patches of whole-volume sampling: the result
 does not depend on block size, worker count or order.
