@@ -333,6 +333,22 @@ def torus_pieces(box: Box, volume: Shape, wrap: Sequence[bool]) -> list[tuple[Bo
     ]
 
 
+def rolled_pieces(
+    box: Box, volume: Shape, wrap: Sequence[bool], frame: Sequence[int]
+) -> list[tuple[Box, Box]]:
+    """``torus_pieces`` of ``box`` in an array stored rolled by ``frame`` (position ``v`` at
+    ``(v - frame) mod volume``): each piece as (where it is stored, where it lies in ``box``)."""
+    pieces = torus_pieces(box, volume, wrap)
+    if not any(frame):
+        return pieces
+    back, every = tuple(-f for f in frame), (True,) * box.ndim
+    return [
+        (stored, at.moved(place.begin))
+        for source, place in pieces
+        for stored, at in torus_pieces(source.moved(back), volume, every)
+    ]
+
+
 def bin_box(box: Box, bin_shape: Shape) -> Box:
     """The box in bin units that covers ``box`` (voxels)."""
     begin = tuple(b // n for b, n in zip(box.begin, bin_shape, strict=True))

@@ -27,11 +27,9 @@ _AXIS_BITS = 21
 def _mix(z: np.ndarray) -> np.ndarray:
     """SplitMix64's finaliser: a bijective 64-bit hash whose every output bit depends on every
     input bit (arrays of uint64, wrapping arithmetic)."""
-    z = z ^ (z >> np.uint64(30))
-    z = z * _MIX[0]
-    z = z ^ (z >> np.uint64(27))
-    z = z * _MIX[1]
-    return z ^ (z >> np.uint64(31))
+    out = np.array(z, dtype=np.uint64)
+    _mix_in_place(out, np.empty_like(out))
+    return out
 
 
 def _mix_in_place(z: np.ndarray, scratch: np.ndarray) -> None:

@@ -28,7 +28,7 @@ import torch
 
 from tera_pipeline.core import frames
 from tera_pipeline.core.config import JobConfig
-from tera_pipeline.core.geometry import Box, bin_box, bounding_box, torus_pieces
+from tera_pipeline.core.geometry import Box, bin_box, bounding_box, rolled_pieces, torus_pieces
 from tera_pipeline.core.intensity import to_uint8
 from tera_pipeline.core.noise import position_noise
 from tera_pipeline.generation.blending import Accumulator, patch_window
@@ -119,15 +119,15 @@ class _StepInputs:
 
 
 def _read_inputs(
-    config: JobConfig, grid, step: int, index: tuple[int, ...], model_cfg, device: torch.device
+    config: JobConfig, grid, step: int, index: tuple[int, ...], region: Box, model_cfg, device
 ) -> _StepInputs:
     """The state the block computes from (step 0: the noise of its span) and its conditioning,
     moved to ``device``: over the whole span, or, where neighbours share their seam patches,
     over the core and the patches the block owns (its low-side halo is theirs). A block that
-    computes in its lattice's frame (``core.frames``) reads just the box it computes."""
-    region = frames.computed_box(config, step, grid.block(index).core)
+    computes in its lattice's frame (``core.frames``) reads just ``region``, the box it
+    computes."""
     patches, span = read_span(grid, region)
-    if region != grid.block(index).core:  # whole patches: every one computed here
+    if frames.rolls(config, step):  # whole patches: every one computed here
         seams = SeamPlan([], list(range(len(patches))), {})
     else:
         seams = plan_seams(grid, index, patches, share=config.share_seams)
@@ -189,13 +189,8 @@ def state_reads(config: JobConfig, step: int, index: tuple[int, ...]) -> list[Bo
     halo span, moved by the state's roll)."""
     grid = config.grid(step)
     _, span = read_span(grid, frames.computed_box(config, step, grid.block(index).core))
-    frame = frames.state_frame(config, step)
-    every = (True,) * len(frame)
-    return [
-        stored
-        for source, _ in torus_pieces(span, grid.volume, grid.lattice.wrap_axes(grid.volume))
-        for stored, _ in torus_pieces(source.moved([-f for f in frame]), grid.volume, every)
-    ]
+    wrap, frame = grid.lattice.wrap_axes(grid.volume), frames.state_frame(config, step)
+    return [stored for stored, _ in rolled_pieces(span, grid.volume, wrap, frame)]
 
 
 def _predict(
@@ -331,7 +326,7 @@ def denoise_block(
     core = grid.block(index).core
     region = frames.computed_box(config, step, core)  # the voxels computed, written at core
     key = tuple(int(i) for i in index)
-    inputs = _read_inputs(config, grid, step, key, predictor.config, device)
+    inputs = _read_inputs(config, grid, step, key, region, predictor.config, device)
     sched = schedule_of(config, predictor.meta.get("prediction", "epsilon"))
     stats.read_s = time.perf_counter() - t0
 

@@ -20,7 +20,7 @@ import numpy as np
 import tensorstore as ts
 
 from tera_pipeline.core.errors import TeraError
-from tera_pipeline.core.geometry import Box, Shape, torus_pieces
+from tera_pipeline.core.geometry import Box, Shape, rolled_pieces
 from tera_pipeline.storage import ownership
 from tera_pipeline.storage.atomic import write_json
 
@@ -132,14 +132,7 @@ def read_box(
     lead = tuple(array.shape[: array.rank - box.ndim])
     shape = tuple(array.shape[array.rank - box.ndim :])
     out = np.full((*lead, *box.shape), fill, dtype=array.dtype.numpy_dtype)
-    pieces = torus_pieces(box, shape, wrap or (False,) * box.ndim)
-    if frame is not None and any(frame):
-        back = tuple(-f for f in frame)
-        pieces = [
-            (stored, at.moved(place.begin))
-            for source, place in pieces
-            for stored, at in torus_pieces(source.moved(back), shape, (True,) * box.ndim)
-        ]
+    pieces = rolled_pieces(box, shape, wrap or (False,) * box.ndim, frame or (0,) * box.ndim)
     reads = [(place, array[(Ellipsis, *source.slices())].read()) for source, place in pieces]
     for place, future in reads:  # issued together, then gathered
         out[(Ellipsis, *place.slices())] = future.result()
