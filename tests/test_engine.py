@@ -167,7 +167,8 @@ def test_blockwise_equals_whole_volume(any_mode_job, client):
 
 
 def test_same_output_whatever_blocks_workers_order(any_mode_job, tmp_path, client):
-    """Same seed: same image for another block size, one worker vs two, reversed block order."""
+    """Same seed: same image for another block size (and compressed scratch), one worker vs
+    two, reversed block order."""
     small_job = any_mode_job
     shifted = small_job.lattice.mode == "shifted"
     other_block = (8, 64, 64) if shifted else (6, 48, 48)  # whole strides of the mode's lattice
@@ -183,7 +184,8 @@ def test_same_output_whatever_blocks_workers_order(any_mode_job, tmp_path, clien
     first = image(small_job)
 
     bigger = small_job.with_overrides(
-        out=str(tmp_path / "b.zarr"), **{"storage.block": other_block}
+        out=str(tmp_path / "b.zarr"),
+        **{"storage.block": other_block, "storage.scratch_codec": "zstd"},
     )
     assert bigger.grid().shape == (2, 2, 2)
     with cluster_client(ClusterSpec(kind="local", workers=1, dashboard_address=":0")) as one:

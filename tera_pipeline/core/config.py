@@ -147,10 +147,11 @@ class StorageSpec(Section):
     is wrapped on every axis and blocks are whole patches (``core.frames``): a block then reads
     one box and computes all its patches itself, with no halo and no seam files. Scratch only:
     the image is the same bitwise."""
-    scratch_codec: Literal["zstd", "lz4", "none"] = "zstd"
-    """Compressor of the scratch state between steps (level 1): 8-15 % fewer bytes than none
-    (``benchmarks/scratch_codec.py``); a zero-cost step about 8 % slower at 16x128x128 blocks
-    and no slower at 16x64x64 (``benchmarks/engine_ceiling.py``, two runs in opposite orders)."""
+    scratch_codec: Literal["zstd", "lz4", "none"] = "none"
+    """Compressor of the scratch state between steps. None by default: a block reads its state
+    rolled against the shards, decoding up to 2.8 times its bytes, and a zero-cost step is
+    14 % faster uncompressed (``benchmarks/engine_ceiling.py``); zstd (level 1) writes 8-15 %
+    fewer bytes (``benchmarks/scratch_codec.py``) where disk is what runs out."""
 
     @property
     def shard_shape(self) -> Triple:

@@ -29,6 +29,15 @@ def _float32(x: Array) -> Array:
     return x.astype(np.float32, copy=False) if isinstance(x, np.ndarray) else x.float()
 
 
+def _clipped_x0(x0: Array) -> Array:
+    """``x0`` (an array of this module's own) clipped to [-1, 1] in place, as float32."""
+    if isinstance(x0, np.ndarray):
+        np.clip(x0, -1.0, 1.0, out=x0)
+    else:
+        x0.clamp_(-1.0, 1.0)
+    return _float32(x0)
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Linear beta schedule (T steps) sampled in ``steps`` steps by ``sampler``: DDIM (with
@@ -99,13 +108,14 @@ class Schedule:
         t, t_prev = self.timestep(step), self.previous_timestep(step)
         a_prev = self.alpha(t_prev)
         x0, eps = self.split_output(x, output, t)
-        x0 = _float32(x0.clip(-1.0, 1.0))
+        x0 = _clipped_x0(x0)
         sigma = self.sigma(step)
-        out = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+        out = x0 * math.sqrt(a_prev)  # sums and products of new arrays in place: the same bits
+        out += eps * math.sqrt(max(1 - a_prev - sigma**2, 0.0))
         if sigma > 0:
             if noise is None:
                 raise ValueError("eta > 0 needs fresh noise for the update")
-            out = out + sigma * noise
+            out += noise * sigma
         return _float32(out), x0
 
     def update(
@@ -135,7 +145,7 @@ class Schedule:
         the last step (where it reduces to DDIM with x0 clipped), second order in between from
         this and ``previous_x0``, the x0 prediction of the step before. Returns (x, x0)."""
         t, t_prev = self.timestep(step), self.previous_timestep(step)
-        x0 = _float32(self.split_output(x, output, t)[0].clip(-1.0, 1.0))
+        x0 = _clipped_x0(self.split_output(x, output, t)[0])
         if t_prev < 0:  # the last step: sigma 0, the sample is the data prediction
             return x0, x0
         a, a_prev = self.alpha(t), self.alpha(t_prev)
@@ -159,8 +169,10 @@ class Schedule:
         if self.prediction == "v":
             x0 = signal * x - spread * output
             eps = signal * output + spread * x
-        else:
-            x0 = (x - spread * output) / signal
+        else:  # (x - spread * output) / signal, bit for bit, in one new array
+            x0 = output * -spread
+            x0 += x
+            x0 /= signal
             eps = output
         return x0, eps
 
