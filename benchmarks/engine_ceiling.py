@@ -209,7 +209,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--engine-at", default=BEFORE, help="also measure this revision ('' skips)")
     p.add_argument(
-        "--scratch-codecs", nargs="*", default=["none"],
+        "--scratch-codecs", nargs="*", default=["zstd"],
         help="this engine's zero-cost run again with these scratch codecs",
     )  # fmt: skip
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

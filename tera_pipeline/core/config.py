@@ -149,9 +149,9 @@ class StorageSpec(Section):
     the image is the same bitwise."""
     scratch_codec: Literal["zstd", "lz4", "none"] = "none"
     """Compressor of the scratch state between steps. None by default: a block reads its state
-    rolled against the shards, decoding up to 2.8 times its bytes, and a zero-cost step is
-    14 % faster uncompressed (``benchmarks/engine_ceiling.py``); zstd (level 1) writes 8-15 %
-    fewer bytes (``benchmarks/scratch_codec.py``) where disk is what runs out."""
+    rolled against the shards, decoding up to 2.8 times its bytes (20.5 ns a voxel with zstd,
+    7.4 without: docs/DECISIONS.md); zstd (level 1) writes 8-15 % fewer bytes
+    (``benchmarks/scratch_codec.py``) where disk is what runs out."""
 
     @property
     def shard_shape(self) -> Triple:
