@@ -149,3 +149,20 @@ def test_a_tiling_lattice_cuts_its_span_into_patches_in_lattice_order_and_back()
     assert torch.equal(join(pieces, counts), x)
     with pytest.raises(ValueError, match="not whole patches"):
         cut(x[:, :-1], lattice.patch)
+
+
+def test_gene_windows_of_a_tiling_lattice_are_those_sliced_one_by_one():
+    from tera_pipeline.generation.tiling import windows
+
+    rng = np.random.default_rng(1)
+    counts, step, shape = (2, 3, 4), (1, 4, 4), (3, 6, 6)  # context 1 bin around 1x4x4 bins
+    cond = torch.from_numpy(rng.standard_normal((5, 4, 16, 20), np.float32))
+    index = np.stack(np.meshgrid(*(np.arange(n) for n in counts), indexing="ij"), -1)
+    origins = (index * np.asarray(step)).reshape(-1, 3)
+    cut = windows(cond, origins, counts, shape)
+    assert cut is not None and cut.shape == (24, 5, *shape)
+    for row, (z, y, x) in zip(cut, origins, strict=True):
+        assert torch.equal(row, cond[:, z : z + 3, y : y + 6, x : x + 6])
+    shuffled = origins.copy()
+    shuffled[[0, 1]] = shuffled[[1, 0]]  # not a grid in lattice order: the caller slices
+    assert windows(cond, shuffled, counts, shape) is None

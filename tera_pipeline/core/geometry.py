@@ -45,6 +45,16 @@ class Box:
         object.__setattr__(self, "_end", tuple(b + s for b, s in zip(self.begin, self.shape)))
 
     @classmethod
+    def of_ints(cls, begin: Shape, shape: Shape) -> Box:
+        """A box from tuples of Python ints already checked (a shape of one rank, not negative):
+        no conversion or check, for the many patches of a block."""
+        box = object.__new__(cls)
+        object.__setattr__(box, "begin", begin)
+        object.__setattr__(box, "shape", shape)
+        object.__setattr__(box, "_end", tuple(b + s for b, s in zip(begin, shape)))
+        return box
+
+    @classmethod
     def from_bounds(cls, begin: Sequence[int], end: Sequence[int]) -> Box:
         return cls(begin, tuple(e - b for b, e in zip(begin, end, strict=True)))
 
@@ -210,22 +220,16 @@ class PatchLattice:
     def patches_touching(self, core: Box, volume: Shape) -> list[Box]:
         """Every lattice patch that intersects ``core``, in lattice (C) order; on wrapped axes
         the patch across the far face as an image of the first (see ``canonical``)."""
-        ranges = []
+        origins = []  # per axis, the origins of the patches touching the core
         for a, (b, e, p, s, n) in enumerate(
             zip(core.begin, core.end, self.patch, self.stride, self._reach(volume), strict=True)
         ):
             o, k0 = self.offset[a], self._first(a)  # patch j of the axis starts at o + (j - k0) s
             first = max(0, -(-(b - o - p + 1) // s) + k0)  # smallest j with its end > b
             last = min(n - 1, (e - 1 - o) // s + k0)  # largest j with its start < e
-            ranges.append(range(first, last + 1))
-        return [Box(self.origin(index), self.patch) for index in itertools.product(*ranges)]
-
-    def origin(self, index: Sequence[int]) -> Shape:
-        """The origin of the lattice patch ``index`` (numbered from 0 along each axis)."""
-        return tuple(
-            o + (j - self._first(a)) * s
-            for a, (j, o, s) in enumerate(zip(index, self.offset, self.stride, strict=True))
-        )
+            origins.append([int(o + (j - k0) * s) for j in range(first, last + 1)])
+        patch = _tuple(self.patch)
+        return [Box.of_ints(begin, patch) for begin in itertools.product(*origins)]
 
     def all_patches(self, volume: Shape) -> list[Box]:
         """Every lattice patch once (no images), in lattice order."""

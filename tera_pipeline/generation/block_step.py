@@ -38,7 +38,7 @@ from tera_pipeline.generation.seams import fetch as fetch_seams
 from tera_pipeline.generation.seams import path as seam_path
 from tera_pipeline.generation.seams import plan as plan_seams
 from tera_pipeline.generation.seams import publish as publish_seams
-from tera_pipeline.generation.tiling import cut, join, tiles
+from tera_pipeline.generation.tiling import cut, join, tiles, windows
 from tera_pipeline.inputs.conditioning import open_source
 from tera_pipeline.runtime.cluster import gpu_task
 from tera_pipeline.runtime.tasks import BlockStats
@@ -93,6 +93,7 @@ class _StepInputs:
     """Whether ``x`` holds the whole span; else only the core and the patches the block owns
     (the others come from their owners' seam files, and the rest is read if one is missing)."""
     _cut: torch.Tensor | None = field(default=None, repr=False)
+    _cond_cut: torch.Tensor | None = field(default=None, repr=False)
 
     def states_of(self, group: list[int], lattice) -> torch.Tensor:
         """The state of the patches at ``group`` (len(group), C, *patch): for a lattice that
@@ -104,18 +105,35 @@ class _StepInputs:
             )
         if self._cut is None:
             self._cut = cut(self.x, lattice.patch)
-        return self._cut[group]
+        return self._cut[_rows(group)]
 
     def complete_with(self, x: torch.Tensor) -> None:
         """The whole span's state, read after all (a seam patch to compute here)."""
         self.x, self.complete, self._cut = x, True, None
 
-    def cond_of(self, group: list[int]) -> torch.Tensor:
-        """The gene windows of the patches at ``group``, stacked."""
+    def cond_of(self, group: list[int], lattice) -> torch.Tensor:
+        """The gene windows of the patches at ``group``, stacked: for a lattice that tiles,
+        rows of every window cut at once (``tiling.windows``); else each one sliced out."""
+        if tiles(lattice):
+            if self._cond_cut is None:
+                counts = tuple(s // p for s, p in zip(self.span.shape, lattice.patch, strict=True))
+                self._cond_cut = windows(self.cond, self.windows, counts, self.window_shape)
+            if self._cond_cut is not None:
+                return self._cond_cut[_rows(group)]
         wz, wy, wx = self.window_shape
         return torch.stack(
             [self.cond[:, z : z + wz, y : y + wy, x : x + wx] for z, y, x in self.windows[group]]
         )
+
+
+def _rows(group: list[int]) -> slice | list[int]:
+    """``group`` as a slice where it is a run of consecutive rows (a view, not a copy)."""
+    first = group[0] if group else 0
+    return (
+        slice(first, first + len(group))
+        if group == list(range(first, first + len(group)))
+        else group
+    )
 
 
 def _read_inputs(
@@ -245,7 +263,9 @@ def _predict(
         group = [todo.popleft() for _ in range(min(batch, len(todo)))]
         tm = time.perf_counter()
         states = inputs.states_of(group, grid.lattice)
-        preds[group] = predictor.predict(states, t, inputs.cond_of(group), inputs.offset)
+        preds[group] = predictor.predict(
+            states, t, inputs.cond_of(group, grid.lattice), inputs.offset
+        )
         stats.model_s += time.perf_counter() - tm
         stats.items += len(group)
         if unpublished > 0:

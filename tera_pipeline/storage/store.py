@@ -9,6 +9,8 @@ use it are spawned (Dask's default for local workers).
 from __future__ import annotations
 
 import json
+import os
+import stat
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,16 +104,21 @@ def create_array(root: Path, spec: ArraySpec) -> ts.TensorStore:
 
 
 @lru_cache(maxsize=64)
-def _open_cached(path: str) -> ts.TensorStore:
+def _open_cached(path: str, inode: int, mtime_ns: int) -> ts.TensorStore:
     return ts.open(_tensorstore_spec(Path(path)), open=True).result()
 
 
 def open_array(root: Path, name: str) -> ts.TensorStore:
-    """Open an existing array (handles are cached per process)."""
-    path = Path(root) / name
-    if not (path / "zarr.json").is_file():
+    """Open an existing array. Handles are cached per process, keyed by the array's metadata
+    file as it is now (one ``stat``): an array written again since is opened afresh."""
+    path = os.path.abspath(os.path.join(root, name))
+    try:
+        meta = os.stat(os.path.join(path, "zarr.json"))
+    except OSError:
+        meta = None
+    if meta is None or not stat.S_ISREG(meta.st_mode):
         raise StoreError(f"{root} has no array {name!r}")
-    return _open_cached(str(path.resolve()))
+    return _open_cached(path, meta.st_ino, meta.st_mtime_ns)
 
 
 def forget_handles() -> None:
@@ -131,8 +138,10 @@ def read_box(
     stored rolled by ``frame`` holds position ``v`` at ``(v - frame) mod shape``."""
     lead = tuple(array.shape[: array.rank - box.ndim])
     shape = tuple(array.shape[array.rank - box.ndim :])
-    out = np.full((*lead, *box.shape), fill, dtype=array.dtype.numpy_dtype)
     pieces = rolled_pieces(box, shape, wrap or (False,) * box.ndim, frame or (0,) * box.ndim)
+    if len(pieces) == 1 and pieces[0][1].shape == box.shape:  # one read fills the box
+        return array[(Ellipsis, *pieces[0][0].slices())].read().result()
+    out = np.full((*lead, *box.shape), fill, dtype=array.dtype.numpy_dtype)
     reads = [(place, array[(Ellipsis, *source.slices())].read()) for source, place in pieces]
     for place, future in reads:  # issued together, then gathered
         out[(Ellipsis, *place.slices())] = future.result()
