@@ -1,5 +1,6 @@
 """Block tasks on a Dask client: ``run_blocks`` (bounded in flight, retries, a watchdog on lost
-workers, a stop request honoured within a second) and the statistics a task returns."""
+workers, a stop request honoured within a second, short blocks run in groups) and the
+statistics a block returns."""
 
 from __future__ import annotations
 
@@ -65,6 +66,45 @@ blocks were submitted: recording a block (the ledger) never keeps a worker waiti
 WORKERS_LOST_S = 120.0
 """A phase fails when the cluster has had no worker for this long (``workers_lost_s``)."""
 
+TASK_S = 0.25
+"""Blocks shorter than this run several to a Dask task, a task of about this long: Dask's own
+cost, a few milliseconds of scheduler and worker time per task, is then paid once per group."""
+
+_BLOCK_S: dict[str, float] = {}
+"""Seconds per block last measured for each block function (in this process), so that a phase
+groups its blocks from its first submission when an earlier phase ran the same function."""
+
+
+class BlockError(Exception):
+    """A block of a group task failed: its index, and the error's message."""
+
+    def __init__(self, index: tuple[int, ...], message: str) -> None:
+        super().__init__(index, message)
+        self.index, self.message = index, message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def run_group(fn: Callable[..., BlockStats], args: tuple, indices: list) -> list[BlockStats]:
+    """``fn(*args, index)`` for each block of a group, in order (one Dask task)."""
+    out = []
+    for index in indices:
+        try:
+            out.append(fn(*args, index))
+        except Exception as err:
+            raise BlockError(tuple(int(i) for i in index), str(err)) from err
+    return out
+
+
+def group_size(block_s: float | None, left: int, threads: int) -> int:
+    """Blocks in the next task: enough for about ``TASK_S`` of work, and at most half of a fair
+    share of the blocks left (so groups shrink to single blocks as a phase drains and the
+    barrier at its end does not wait on a long task)."""
+    if not block_s or block_s >= TASK_S:
+        return 1
+    return max(1, min(int(TASK_S / block_s), left // (2 * threads)))
+
 
 def run_blocks(
     client,
@@ -86,27 +126,38 @@ def run_blocks(
     worker for ``workers_lost_s`` (a run never hangs on a dead cluster). Workers get a block
     only when they have a free thread (the rest wait in the scheduler's queue), so blocks of
     unequal cost (seam sharing makes them so) balance over the workers instead of being dealt
-    out in advance.
+    out in advance. Blocks shorter than ``TASK_S`` run several to a task (``group_size``); each
+    is still recorded, and a failure still names its block.
     """
     from distributed import wait
 
-    in_flight = _assign_on_demand(client, total, in_flight)
+    in_flight, threads = _assign_on_demand(client, total, in_flight)
     report = PhaseReport(phase, total, 0.0)
     t0 = time.perf_counter()
     it = iter(indices)
     watchdog = _WorkerWatchdog(client, workers_lost_s, phase)
+    timing = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+    resources = block_resources(client, fn)  # {"GPU": 1} for model tasks on GPU workers
+    where: dict[str, list[tuple[int, ...]]] = {}
+    submitted = 0
 
-    where: dict[str, tuple[int, ...]] = {}
+    def submit() -> bool:
+        """Submit the next task (a block, or a group of short blocks); False when none is left."""
+        nonlocal submitted
+        size = group_size(_BLOCK_S.get(timing), total - submitted, threads)
+        group = [tuple(i) for i in itertools.islice(it, size)]
+        if not group:
+            return False
+        submitted += len(group)
+        key = f"{phase}-{'-'.join(map(str, group[0]))}-{len(group)}-{time.monotonic_ns()}"
+        where[key] = group
+        call = (fn, *args, group[0]) if len(group) == 1 else (run_group, fn, args, group)
+        pending.add(client.submit(*call, key=key, pure=False, retries=retries, resources=resources))
+        return True
 
-    def submit(index):
-        key = f"{phase}-{'-'.join(map(str, index))}-{time.monotonic_ns()}"
-        where[key] = index
-        resources = block_resources(client, fn)  # {"GPU": 1} for model tasks on GPU workers
-        return client.submit(
-            fn, *args, index, key=key, pure=False, retries=retries, resources=resources
-        )
-
-    pending = {submit(i) for i in itertools.islice(it, in_flight)}
+    pending: set = set()
+    while len(pending) < in_flight and submit():
+        pass
     done = 0
     while pending:
         if STOP.is_set():
@@ -119,8 +170,9 @@ def run_blocks(
             continue
         batch: list[tuple[tuple[int, ...], BlockStats]] = []
         for fut in finished:
+            group = where.pop(fut.key)
             try:
-                stats = _result(fut, watchdog)
+                result = _result(fut, watchdog)
             except RunStopped:
                 client.cancel(list(pending))
                 if on_done and batch:
@@ -131,14 +183,19 @@ def run_blocks(
                     other.cancel()
                 if on_done and batch:
                     on_done(batch)
+                failed = err.index if isinstance(err, BlockError) else group[0]
                 raise GenerationError(
-                    f"{phase}: block {where[fut.key]} failed after {retries} retries: {err}; "
+                    f"{phase}: block {failed} failed after {retries} retries: {err}; "
                     "the finished blocks are kept: continue with --resume"
                 ) from err
-            report.add(stats)
-            batch.append((where.pop(fut.key), stats))
-        for index in itertools.islice(it, len(batch)):  # workers first, then the records
-            pending.add(submit(index))
+            stats = result if isinstance(result, list) else [result]
+            for s in stats:
+                report.add(s)
+            batch.extend(zip(group, stats, strict=True))
+            block_s = sum(s.total_s for s in stats) / len(stats)
+            _BLOCK_S[timing] = 0.5 * (_BLOCK_S.get(timing, block_s) + block_s)
+        while len(pending) < in_flight and submit():  # workers first, then the records
+            pass
         if on_done:
             on_done(batch)
         done += len(batch)
@@ -188,8 +245,9 @@ class _WorkerWatchdog:
             )
 
 
-def _assign_on_demand(client, total: int, in_flight: int) -> int:
-    """Have each block go to the first worker with a free thread; returns the in-flight bound.
+def _assign_on_demand(client, total: int, in_flight: int) -> tuple[int, int]:
+    """Have each task go to the first worker with a free thread; returns the in-flight bound
+    and the cluster's threads.
 
     Dask deals tasks out to workers in advance: a group of more than twice the threads is queued
     but each worker still gets ``ceil(1.1 x threads)`` (its default worker-saturation), and a
@@ -205,8 +263,8 @@ def _assign_on_demand(client, total: int, in_flight: int) -> int:
         threads = sum(w.get("nthreads", 1) for w in workers) or 1
     except Exception as err:  # a scheduler that refuses: keep its own policy
         log.warning("could not set the scheduler's worker-saturation: %s", err)
-        return in_flight
-    return min(in_flight, threads) if total <= 2 * threads else in_flight
+        return in_flight, 1
+    return (min(in_flight, threads) if total <= 2 * threads else in_flight), threads
 
 
 @dataclass
