@@ -55,10 +55,17 @@ class ArraySpec:
             object.__setattr__(self, "chunk", self.shard)
 
 
-def _tensorstore_spec(path: Path, spec: ArraySpec | None = None) -> dict[str, Any]:
+def _tensorstore_spec(
+    path: Path, spec: ArraySpec | None = None, cache_bytes: int = 0
+) -> dict[str, Any]:
     out: dict[str, Any] = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+    context: dict[str, Any] = {}
     if path.parent.name == SCRATCH:  # not fsynced: resume checks the ledger's digests first,
-        out["context"] = {"file_io_sync": False}  # so a write lost with the machine is redone
+        context["file_io_sync"] = False  # so a write lost with the machine is redone
+    if cache_bytes:  # decoded chunks kept; each read still checks that its chunk is unchanged
+        context["cache_pool"] = {"total_bytes_limit": cache_bytes}
+    if context:
+        out["context"] = context
     if spec is None:
         return out
     shuffle = "bitshuffle" if np.dtype(spec.dtype).itemsize == 1 else "shuffle"
@@ -104,13 +111,15 @@ def create_array(root: Path, spec: ArraySpec) -> ts.TensorStore:
 
 
 @lru_cache(maxsize=64)
-def _open_cached(path: str, inode: int, mtime_ns: int) -> ts.TensorStore:
-    return ts.open(_tensorstore_spec(Path(path)), open=True).result()
+def _open_cached(path: str, inode: int, mtime_ns: int, cache_bytes: int) -> ts.TensorStore:
+    return ts.open(_tensorstore_spec(Path(path), cache_bytes=cache_bytes), open=True).result()
 
 
-def open_array(root: Path, name: str) -> ts.TensorStore:
+def open_array(root: Path, name: str, cache_bytes: int = 0) -> ts.TensorStore:
     """Open an existing array. Handles are cached per process, keyed by the array's metadata
-    file as it is now (one ``stat``): an array written again since is opened afresh."""
+    file as it is now (one ``stat``): an array written again since is opened afresh. With
+    ``cache_bytes``, the handle keeps up to that many bytes of decoded chunks, for an array
+    read many times (the conditioning, by every denoising step)."""
     path = os.path.abspath(os.path.join(root, name))
     try:
         meta = os.stat(os.path.join(path, "zarr.json"))
@@ -118,7 +127,7 @@ def open_array(root: Path, name: str) -> ts.TensorStore:
         meta = None
     if meta is None or not stat.S_ISREG(meta.st_mode):
         raise StoreError(f"{root} has no array {name!r}")
-    return _open_cached(path, meta.st_ino, meta.st_mtime_ns)
+    return _open_cached(path, meta.st_ino, meta.st_mtime_ns, cache_bytes)
 
 
 def forget_handles() -> None:
