@@ -41,6 +41,7 @@ from tera_pipeline.generation.seams import publish as publish_seams
 from tera_pipeline.generation.tiling import cut, join, tiles, windows
 from tera_pipeline.inputs.conditioning import open_source
 from tera_pipeline.runtime.cluster import gpu_task
+from tera_pipeline.runtime.memory import return_freed_memory
 from tera_pipeline.runtime.tasks import BlockStats
 from tera_pipeline.storage import store
 from tera_pipeline.storage.layout import (
@@ -376,6 +377,8 @@ def denoise_block(
     stats.digest = _write_update(config, step, core, x_next, x0)
     stats.write_s += time.perf_counter() - tw
     stats.total_s = time.perf_counter() - t0
+    del inputs, preds, output, x_core, x_next, x0, noise, previous_x0
+    return_freed_memory()  # now and then: the worker's memory stays that of one block
     return stats
 
 
