@@ -105,7 +105,8 @@ def main() -> None:
                 log.write(line)
             driver_peak = max(driver_peak, _rss_mib(driver))
             for worker in _workers(driver):
-                workers_rss.setdefault(worker.pid, []).append(_rss_mib(worker))
+                at = round(time.time() - t0, 1)
+                workers_rss.setdefault(worker.pid, []).append((at, _rss_mib(worker)))
             if time.time() >= next_status and out.exists():
                 shown = subprocess.run(
                     [str(TERA), "status", str(out)], cwd=work, env=env,
@@ -126,7 +127,10 @@ def main() -> None:
         "shape": [int(v) for v in args.shape.split(",")],
         "wall_s": round(wall, 1),
         "driver_peak_rss_mib": round(driver_peak, 1),
-        "workers": {str(pid): _flatness(series) for pid, series in workers_rss.items()},
+        "workers": {str(pid): _flatness([r for _, r in s]) for pid, s in workers_rss.items()},
+        "worker_rss_series_mib": {
+            str(pid): [[at, round(r, 1)] for at, r in s] for pid, s in workers_rss.items()
+        },
         "live_status": statuses,
         "load_average": os.getloadavg(),
     }
