@@ -55,15 +55,11 @@ class ArraySpec:
             object.__setattr__(self, "chunk", self.shard)
 
 
-def _tensorstore_spec(
-    path: Path, spec: ArraySpec | None = None, cache_bytes: int = 0
-) -> dict[str, Any]:
+def _tensorstore_spec(path: Path, spec: ArraySpec | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
     context: dict[str, Any] = {}
     if path.parent.name == SCRATCH:  # not fsynced: resume checks the ledger's digests first,
         context["file_io_sync"] = False  # so a write lost with the machine is redone
-    if cache_bytes:  # decoded chunks kept; each read still checks that its chunk is unchanged
-        context["cache_pool"] = {"total_bytes_limit": cache_bytes}
     if context:
         out["context"] = context
     if spec is None:
@@ -112,14 +108,25 @@ def create_array(root: Path, spec: ArraySpec) -> ts.TensorStore:
 
 @lru_cache(maxsize=64)
 def _open_cached(path: str, inode: int, mtime_ns: int, cache_bytes: int) -> ts.TensorStore:
-    return ts.open(_tensorstore_spec(Path(path), cache_bytes=cache_bytes), open=True).result()
+    spec = _tensorstore_spec(Path(path))
+    if not cache_bytes:
+        return ts.open(spec, open=True).result()
+    return ts.open(spec, context=_shared_cache(cache_bytes), open=True).result()
+
+
+@lru_cache(maxsize=4)
+def _shared_cache(total_bytes: int) -> ts.Context:
+    """One pool of decoded chunks for every cached handle of the process, so the memory stays
+    ``total_bytes`` however many jobs a long-lived worker reads; each read still checks that
+    its chunk is unchanged on disk."""
+    return ts.Context({"cache_pool": {"total_bytes_limit": total_bytes}})
 
 
 def open_array(root: Path, name: str, cache_bytes: int = 0) -> ts.TensorStore:
     """Open an existing array. Handles are cached per process, keyed by the array's metadata
     file as it is now (one ``stat``): an array written again since is opened afresh. With
-    ``cache_bytes``, the handle keeps up to that many bytes of decoded chunks, for an array
-    read many times (the conditioning, by every denoising step)."""
+    ``cache_bytes``, reads share a process-wide pool of that many bytes of decoded chunks, for
+    an array read many times (the conditioning, by every denoising step)."""
     path = os.path.abspath(os.path.join(root, name))
     try:
         meta = os.stat(os.path.join(path, "zarr.json"))
