@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 # Prefect must see these before it is imported anywhere (ephemeral mode, project-local home).
@@ -78,6 +84,16 @@ def client():
         yield c
 
 
+@pytest.fixture(scope="session")
+def one_worker():
+    """A real one-worker LocalCluster, shared by the session (worker-count invariance)."""
+    from tera_pipeline.core.cluster_spec import ClusterSpec
+    from tera_pipeline.runtime.cluster import cluster_client
+
+    with cluster_client(ClusterSpec(kind="local", workers=1, dashboard_address=":0")) as c:
+        yield c
+
+
 def tiny_job(
     out: Path, shape: tuple, block: tuple, steps: int, seed: int, checkpoint: Path, **fields
 ) -> JobConfig:
@@ -108,3 +124,94 @@ def small_job(tmp_path, tiny_checkpoint) -> JobConfig:
             "batch_size": 16,
         }
     )
+
+
+# Prefect deployments on a real server (loopback) with a real process worker
+
+SERVER_START_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGINT (a Prefect worker ignores SIGTERM while it polls), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``prefect server start`` on 127.0.0.1 with its own home and SQLite database (one per
+    module: an idle server and worker would poll through the rest of the session)."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_API_URL": url,
+    }
+    prefect = str(Path(sys.executable).parent / "prefect")
+    log = (home / "server.log").open("w")
+    proc = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.time() + SERVER_START_S
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            _stop(proc)
+            tail = (home / "server.log").read_text()[-2000:]
+            pytest.fail(f"Prefect server did not start: {tail}")
+        time.sleep(0.5)
+    try:
+        yield {"url": url, "env": env, "home": home}
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def deployed(server, tmp_path_factory):
+    """Every deployment registered on a fresh work pool, and a process worker polling it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.deployments import register
+
+    work = tmp_path_factory.mktemp("work")
+    with temporary_settings({PREFECT_API_URL: server["url"]}):
+        ids = register(pool="tera-test", working_dir=work)
+        env = {**server["env"], "PREFECT_WORKER_QUERY_SECONDS": "1"}
+        worker = subprocess.Popen(
+            [str(Path(sys.executable).parent / "prefect"), "worker", "start",
+             "--pool", "tera-test", "--type", "process"],
+            env=env,
+            stdout=(work / "worker.log").open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            yield {"ids": ids, "work": work}
+        finally:
+            _stop(worker)

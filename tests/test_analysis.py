@@ -42,6 +42,7 @@ def generated(tmp_path_factory, tiny_checkpoint, client):
     return jobs
 
 
+@pytest.mark.slow  # ~50 s: two analyses, each on its own one-worker cluster
 def test_attention_maps_open_on_the_grid_and_reproduce_across_seeds(generated):
     results = []
     for job in generated:

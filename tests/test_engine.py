@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -120,37 +122,63 @@ def test_receptive_field_exceeds_halo(small_job):
     assert delta > 1e-6
 
 
-@pytest.fixture(
-    params=[
-        "wrapped (the default)",
-        "shifted",
-        "wrapped, dpmpp_2m",
-        "bin-shifted",
-        "bin-shifted, bin-aligned model",
-        "z-shifted",
-        "overlapped",
-        "bin-shifted, last steps overlapped",
-        "shifted, dpmpp_2m",
-        "z-shifted, dpmpp_2m",
-        "overlapped, dpmpp_2m",
-    ]
+MODES = [
+    "wrapped (the default)",
+    "shifted",
+    "wrapped, dpmpp_2m",
+    "bin-shifted",
+    "bin-shifted, bin-aligned model",
+    "z-shifted",
+    "overlapped",
+    "bin-shifted, last steps overlapped",
+    "shifted, dpmpp_2m",
+    "z-shifted, dpmpp_2m",
+    "overlapped, dpmpp_2m",
+]
+"""Every lattice mode and sampler the engine has (``any_mode_job``)."""
+
+EVERY_MECHANISM = (
+    "wrapped (the default)",  # rolled frames, no halo
+    "overlapped",  # halo, blending, seam files
+    "bin-shifted, last steps overlapped",  # a rolled step, then halo steps; sub-bin offsets
+    "z-shifted, dpmpp_2m",  # the previous x0 kept as scratch, read over a halo
 )
-def any_mode_job(request, small_job, tiny_bin_aligned_checkpoint) -> JobConfig:
-    """The small job in each lattice (``lattice_preset``'s names) and sampler. Shifted by voxels:
-    every step reads the stored bins, each patch's offset in its first bin given to the model;
-    a bin-aligned model (the kind committed before) on bins. DPM-Solver++: its second-order
-    step, the second of three, reads the first step's x0 from scratch."""
-    name = request.param.split(",")[0].removesuffix(" (the default)")
+"""The modes whose bitwise invariance runs by default: one per mechanism of the block step
+(about 20 s each here); the other modes run with ``-m slow``."""
+
+
+def mode_job(mode: str, small_job: JobConfig, bin_aligned_checkpoint: Path) -> JobConfig:
+    """The small job in ``mode`` (a lattice of ``lattice_preset``'s names, and sampler).
+    Shifted by voxels: every step reads the stored bins, each patch's offset in its first bin
+    given to the model; a bin-aligned model (the kind committed before) on bins. DPM-Solver++:
+    its second-order step, the second of three, reads the first step's x0 from scratch."""
+    name = mode.split(",")[0].removesuffix(" (the default)")
     job = small_job.with_overrides(**lattice_preset(name, small_job.lattice.patch))
-    if "default" in request.param:
+    if "default" in mode:
         assert job.lattice == small_job.lattice  # the preset is the config's default
-    if "last" in request.param:
+    if "last" in mode:
         job = job.with_overrides(**{"lattice.overlapped_final_steps": 2})  # steps 2, 3 of 3
-    if "bin-aligned" in request.param:
-        job = job.with_overrides(checkpoint=str(tiny_bin_aligned_checkpoint))
-    if "dpmpp_2m" in request.param:
+    if "bin-aligned" in mode:
+        job = job.with_overrides(checkpoint=str(bin_aligned_checkpoint))
+    if "dpmpp_2m" in mode:
         job = job.with_overrides(**{"diffusion.sampler": "dpmpp_2m"})
     return job
+
+
+@pytest.fixture(params=MODES)
+def any_mode_job(request, small_job, tiny_bin_aligned_checkpoint) -> JobConfig:
+    """The small job in each mode."""
+    return mode_job(request.param, small_job, tiny_bin_aligned_checkpoint)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(m, id=m, marks=() if m in EVERY_MECHANISM else pytest.mark.slow) for m in MODES
+    ]
+)
+def invariance_job(request, small_job, tiny_bin_aligned_checkpoint) -> JobConfig:
+    """The small job in each mode; those not in ``EVERY_MECHANISM`` marked slow."""
+    return mode_job(request.param, small_job, tiny_bin_aligned_checkpoint)
 
 
 def test_blockwise_equals_whole_volume(any_mode_job, client):
@@ -166,14 +194,12 @@ def test_blockwise_equals_whole_volume(any_mode_job, client):
     assert rel < 1e-5
 
 
-def test_same_output_whatever_blocks_workers_order(any_mode_job, tmp_path, client):
+def test_same_output_whatever_blocks_workers_order(invariance_job, tmp_path, client, one_worker):
     """Same seed: same image for another block size (and compressed scratch), one worker vs
     two, reversed block order."""
-    small_job = any_mode_job
+    small_job = invariance_job
     shifted = small_job.lattice.mode == "shifted"
     other_block = (8, 64, 64) if shifted else (6, 48, 48)  # whole strides of the mode's lattice
-    from tera_pipeline.core.cluster_spec import ClusterSpec
-    from tera_pipeline.runtime.cluster import cluster_client
 
     def image(job: JobConfig) -> np.ndarray:
         return store.read_box(
@@ -188,8 +214,7 @@ def test_same_output_whatever_blocks_workers_order(any_mode_job, tmp_path, clien
         **{"storage.block": other_block, "storage.scratch_codec": "zstd"},
     )
     assert bigger.grid().shape == (2, 2, 2)
-    with cluster_client(ClusterSpec(kind="local", workers=1, dashboard_address=":0")) as one:
-        lifecycle.generate(bigger, one)
+    lifecycle.generate(bigger, one_worker)
     second = image(bigger)
 
     reversed_job = small_job.with_overrides(out=str(tmp_path / "r.zarr"))

@@ -133,6 +133,7 @@ def test_a_report_it_did_not_write_is_refused(stores, here):
     assert not (here / "demo.evaluation.png").exists()
 
 
+@pytest.mark.slow  # ~30 s: three evaluations; one evaluation beside other files: above
 def test_two_stores_in_one_folder_get_their_own_reports(stores, here):
     """Blocks (4, 48, 48) and (2, 48, 48) are not whole patches (4, 32, 32): both evaluate."""
     a = _copy(stores["a"], here, "a.zarr")

@@ -243,7 +243,10 @@ def started(request):
             proc.wait()
 
 
-@pytest.mark.parametrize("how", ["SIGINT to the process group", "SIGTERM to the driver"])
+@pytest.mark.parametrize(
+    "how",  # a terminal's Ctrl-C by default; SIGTERM (a batch system's stop): -m slow
+    ["SIGINT to the process group", pytest.param("SIGTERM to the driver", marks=pytest.mark.slow)],
+)
 def test_interrupted_run_stops_cleanly_and_resumes_identically(how, tmp_path, tiny_checkpoint,
                                                                reference, started):  # fmt: skip
     out = tmp_path / "i.zarr"
@@ -275,6 +278,7 @@ def test_interrupted_run_stops_cleanly_and_resumes_identically(how, tmp_path, ti
     np.testing.assert_array_equal(_image(out), reference)
 
 
+@pytest.mark.slow  # ~45 s; a SIGKILLed run resumed identically: test_flow_killed_then_resumed
 def test_killed_driver_leaves_no_process_behind(tmp_path, tiny_checkpoint, reference, started):
     out = tmp_path / "k9.zarr"
     proc, family = _start_and_wait_for_step(out, tiny_checkpoint)

@@ -177,6 +177,7 @@ def test_exactly_one_of_eight_simultaneous_takers_gets_the_lock(tmp_path):
     assert not (tmp_path / lock.LOCK).exists()
 
 
+@pytest.mark.slow  # 8 runs on 2 cores, ~75 s; the lock race itself: the test above
 def test_eight_generate_processes_on_one_output(tmp_path, tiny_checkpoint):
     out = tmp_path / "race.zarr"
     cmd = [sys.executable, "-m", "flows.cli", *_args(out, tiny_checkpoint, steps=6)]
@@ -344,7 +345,14 @@ def _kill_when(out: Path, checkpoint: Path, appears: str) -> None:
     proc.wait()
 
 
-@pytest.mark.parametrize("appears", ["_ledger/zarr.json", "zarr.json", "_pyramid_new"])
+@pytest.mark.parametrize(
+    "appears",
+    [  # the root metadata by default (~35 s each); the ledger's and the pyramid's: -m slow
+        pytest.param("_ledger/zarr.json", marks=pytest.mark.slow),
+        "zarr.json",
+        pytest.param("_pyramid_new", marks=pytest.mark.slow),
+    ],
+)
 def test_sigkill_at_creation_and_in_the_pyramid(appears, tmp_path, tiny_checkpoint, finished):
     """Kills aimed at the instants a spread of kills can miss: the store's creation (the
     ledger, then the root metadata) and the pyramid's build."""

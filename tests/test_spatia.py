@@ -300,6 +300,7 @@ def test_perturb_cli_panel_and_unknown_cells(store, tiny_spatia, tmp_path):
 
 
 # -- the committed checkpoint ---------------------------------------------------------------------
+@pytest.mark.slow  # ~16 s: the committed generator's response, a model property
 def test_committed_checkpoint_generates_larger_nuclei_when_the_driver_rises():
     """Acceptance 3 on held-out synthetic cells: the driver gene + 20 counts enlarges the
     measured nucleus of the generated cell in at least 80 % of cells."""

@@ -33,7 +33,6 @@ from tera_pipeline.training.loop import Recipe
 from tera_pipeline.training.trainer import TrainingStopped, TrainOptions
 
 from .conftest import TINY
-from .test_deployments import deployed, server  # noqa: F401  (the server and its worker)
 
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-5
@@ -206,6 +205,7 @@ def test_a_stopped_run_resumed_continues_exactly_on_the_uninterrupted_curve(tmp_
     assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
 
 
+@pytest.mark.slow  # ~40 s; resuming exactly on the curve: the stopped run above
 def test_a_killed_process_resumed_continues_exactly_on_the_uninterrupted_curve(tmp_path):
     full, cut = tmp_path / "full.safetensors", tmp_path / "cut.safetensors"
     common = [*TINY_RUN, "--steps", "30", "--checkpoint-every", "5", "--ema", "0.99"]
@@ -231,6 +231,7 @@ def test_a_killed_process_resumed_continues_exactly_on_the_uninterrupted_curve(t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # ~25 s: a 100 M-parameter model's step on 2 cores
 def test_base_size_is_tera_minds_class_and_trains_a_step_on_the_cpu(tmp_path):
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -259,7 +260,8 @@ def test_base_size_is_tera_minds_class_and_trains_a_step_on_the_cpu(tmp_path):
     assert loaded.cfg.attention_levels == (2, 3) and meta["training"]["weights"] == "ema"
 
 
-def test_training_deployment_publishes_its_loss_curve(server, deployed, tmp_path):  # noqa: F811
+@pytest.mark.slow  # ~60 s with its own server; deployments run by a worker: test_deployments
+def test_training_deployment_publishes_its_loss_curve(server, deployed, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
     from prefect.deployments import run_deployment
