@@ -85,12 +85,12 @@ print(json.dumps({
 
 
 def write_store(root: Path, z: int, seed: int = 0) -> tuple[int, float]:
-    """A generated store's layout, shard by shard; returns (image bytes, seconds)."""
+    """A generated store's layout, shard by shard, in the empty folder ``root``; returns (image
+    bytes, seconds)."""
     from tera_pipeline.core.geometry import Box
     from tera_pipeline.storage import store
 
     t0 = time.perf_counter()
-    root.mkdir(parents=True)
     meta = {"zarr_format": 3, "node_type": "group",
             "attributes": {"tera_pipeline": {"genes": list(GENES)}}}  # fmt: skip
     (root / "zarr.json").write_text(json.dumps(meta))
@@ -141,8 +141,10 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
     plane_bytes = 2 * PLANE * PLANE
     z = max(SHARD[0], math.ceil(args.store_gb * 2**30 / plane_bytes / SHARD[0]) * SHARD[0])
     root = folder / "training_patches.zarr"
-    if root.exists():
-        raise SystemExit(f"{root} exists: remove it or choose another --work")
+    try:  # made here, atomically, so the removal below can only ever take this run's folder
+        root.mkdir(parents=True)
+    except FileExistsError:
+        raise SystemExit(f"{root} exists: remove it or choose another --work") from None
     try:
         nbytes, write_s = write_store(root, z)
         disk = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())

@@ -131,7 +131,8 @@ def small_job(tmp_path, tiny_checkpoint) -> JobConfig:
 SERVER_START_S = 120
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -154,7 +155,7 @@ def server(tmp_path_factory):
     """``prefect server start`` on 127.0.0.1 with its own home and SQLite database (one per
     module: an idle server and worker would poll through the rest of the session)."""
     home = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,

@@ -144,7 +144,7 @@ EVERY_MECHANISM = (
     "z-shifted, dpmpp_2m",  # the previous x0 kept as scratch, read over a halo
 )
 """The modes whose bitwise invariance runs by default: one per mechanism of the block step
-(about 20 s each here); the other modes run with ``-m slow``."""
+(12-15 s each here); the other modes run with ``-m slow``."""
 
 
 def mode_job(mode: str, small_job: JobConfig, bin_aligned_checkpoint: Path) -> JobConfig:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from tera_pipeline.training.denoiser import train_denoiser
 from tera_pipeline.training.loop import Recipe
 from tera_pipeline.training.trainer import TrainingStopped, TrainOptions
 
-from .conftest import TINY
+from .conftest import TINY, free_port
 
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-5
@@ -55,18 +54,12 @@ def _home(tmp_path, monkeypatch):
     torch.set_num_threads(threads)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(args: list[str], processes: int = 1) -> subprocess.Popen:
     """``tera`` with ``args``, alone or under torchrun (gloo, a free port), one thread each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     tera = ["-m", "flows.cli", *args]
     if processes > 1:
-        port = str(_free_port())
+        port = str(free_port())
         launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={processes}",
                     "--master-addr=127.0.0.1", f"--master-port={port}"]  # fmt: skip
         tera = [*launcher, *tera]
