@@ -23,6 +23,7 @@ the far face, which sees the same patch as an image; a block holding two images 
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from dataclasses import dataclass, field
@@ -60,81 +61,104 @@ def _holder(begin: tuple[int, ...], block: tuple[int, ...]) -> Index:
     return tuple(max(b, 0) // s for b, s in zip(begin, block, strict=True))
 
 
-def _crossed(grid: BlockGrid, patch: Box, core: Box) -> list[int]:
-    """The axes on which a canonical ``patch`` owned by ``core``'s block reaches another block's
-    core: beyond the core's far face inside the volume, or below 0 on a wrapped axis with more
-    than one block (into the far block, through the torus)."""
-    wrap, blocks, volume = grid.lattice.wrap_axes(grid.volume), grid.shape, grid.volume
-    pe, ce, pb = patch.end, core.end, patch.begin
-    return [
-        a
-        for a in range(patch.ndim)
-        if (pe[a] > ce[a] and ce[a] < volume[a]) or (wrap[a] and pb[a] < 0 and blocks[a] > 1)
-    ]
+def _origins(patches: list[Box]) -> np.ndarray:
+    return np.asarray([p.begin for p in patches], dtype=np.int64).reshape(-1, 3)
+
+
+def _canonical(grid: BlockGrid, origins: np.ndarray) -> np.ndarray:
+    """``PatchLattice.canonical`` of the patches at ``origins`` (N, 3), all at once."""
+    lattice = grid.lattice
+    if not lattice.wrapped:
+        return origins
+    volume = np.asarray(grid.volume)
+    wrap = np.asarray(lattice.wrap_axes(grid.volume))
+    return origins - volume * (wrap & (origins + np.asarray(lattice.patch) > volume))
+
+
+def _holders(grid: BlockGrid, canonical: np.ndarray) -> np.ndarray:
+    """``_holder`` of each canonical origin (N, 3)."""
+    return np.maximum(canonical, 0) // np.asarray(grid.block_shape)
+
+
+def _crossing(grid: BlockGrid, canonical: np.ndarray, core: Box) -> np.ndarray:
+    """Whether each canonical patch (origins N x 3) owned by ``core``'s block reaches another
+    block's core, per axis: beyond the core's far face inside the volume, or below 0 on a
+    wrapped axis with more than one block (into the far block, through the torus)."""
+    volume, end = np.asarray(grid.volume), np.asarray(core.end)
+    wrap = np.asarray(grid.lattice.wrap_axes(grid.volume))
+    far = (canonical + np.asarray(grid.lattice.patch) > end) & (end < volume)
+    return far | (wrap & (canonical < 0) & (np.asarray(grid.shape) > 1))
+
+
+def _first_rows(rows: np.ndarray) -> np.ndarray:
+    """Whether each row is the first of its value."""
+    seen: dict[tuple[int, ...], int] = {}
+    for i, row in enumerate(rows.tolist()):
+        seen.setdefault(tuple(row), i)
+    first = np.zeros(len(rows), dtype=bool)
+    first[list(seen.values())] = True
+    return first
 
 
 @lru_cache(maxsize=256)
 def outgoing(grid: BlockGrid, index: Index) -> tuple[Box, ...]:
     """The (canonical) patches ``index`` owns that reach into another block's core, once each,
     in lattice order."""
-    core, seen = grid.block(index).core, set()
-    result = []
-    for p in grid.lattice.patches_touching(core, grid.volume):
-        p = grid.lattice.canonical(p, grid.volume)
-        if (
-            p.begin not in seen
-            and _holder(p.begin, grid.block_shape) == index
-            and _crossed(grid, p, core)
-        ):
-            result.append(p)
-        seen.add(p.begin)
-    return tuple(result)
+    core = grid.block(index).core
+    canonical = _canonical(grid, _origins(grid.lattice.patches_touching(core, grid.volume)))
+    owned = (_holders(grid, canonical) == np.asarray(index)).all(axis=1)
+    keep = _first_rows(canonical) & owned & _crossing(grid, canonical, core).any(axis=1)
+    patch = tuple(grid.lattice.patch)
+    return tuple(Box.of_ints(tuple(int(v) for v in c), patch) for c in canonical[keep])
 
 
-def beyond(grid: BlockGrid, patch: Box, core: Box) -> Box:
-    """The part of an outgoing ``patch`` any other block can need: the half beyond the face it
-    crosses (below 0 for a face crossed through the torus), or the whole patch when it crosses
-    an edge or a corner (a box bounding the L)."""
-    axes = _crossed(grid, patch, core)
-    if len(axes) != 1:
-        return patch
-    a = axes[0]
-    begin, end = list(patch.begin), list(patch.end)
-    if patch.end[a] > core.end[a] and core.end[a] < grid.volume[a]:
-        begin[a] = core.end[a]
-    else:
-        end[a] = 0
-    return Box.from_bounds(begin, end)
+def _parts(grid: BlockGrid, patches: np.ndarray, core: Box) -> tuple[np.ndarray, np.ndarray]:
+    """(begins, ends) of the part of each outgoing patch (canonical origins, N x 3) any other
+    block can need: the half beyond the face it crosses (below 0 for a face crossed through the
+    torus), or the whole patch when it crosses an edge or a corner (a box bounding the L)."""
+    crossing = _crossing(grid, patches, core)
+    ends = patches + np.asarray(grid.lattice.patch)
+    core_end, volume = np.asarray(core.end), np.asarray(grid.volume)
+    one = crossing & (crossing.sum(axis=1) == 1)[:, None]  # the one face crossed
+    far = one & (ends > core_end) & (core_end < volume)
+    return np.where(far, core_end, patches), np.where(one & ~far, 0, ends)
 
 
 @lru_cache(maxsize=256)
 def layout(grid: BlockGrid, index: Index) -> tuple[dict[tuple[int, ...], tuple[int, Box]], int]:
     """Where each outgoing patch's part sits in the block's seam file: patch origin -> (offset in
     voxels, part), and the voxels in all; the same for writer and readers, from geometry."""
-    core = grid.block(index).core
-    rows, offset = {}, 0
-    for p in outgoing(grid, index):
-        part = beyond(grid, p, core)
-        rows[p.begin] = (offset, part)
-        offset += part.size
-    return rows, offset
+    patches = outgoing(grid, index)
+    if not patches:
+        return {}, 0
+    begins, ends = _parts(grid, _origins(list(patches)), grid.block(index).core)
+    sizes = np.prod(ends - begins, axis=1)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+    rows = {
+        p.begin: (o, Box.of_ints(tuple(b), tuple(x - y for x, y in zip(e, b, strict=True))))
+        for p, o, b, e in zip(patches, offsets, begins.tolist(), ends.tolist(), strict=True)
+    }
+    return rows, int(sizes.sum())
 
 
 def plan(grid: BlockGrid, index: Index, patches: list[Box], share: bool = True) -> SeamPlan:
     """Where each of ``patches`` (the block's patches, lattice order) comes from; without
     ``share``, every one is computed here (a second image of a patch only once)."""
+    index = tuple(int(i) for i in index)
+    canonical = _canonical(grid, _origins(patches))
+    keys = [tuple(c) for c in canonical.tolist()]
+    owners = [tuple(h) for h in _holders(grid, canonical).tolist()] if share else None
     out = {p.begin for p in outgoing(grid, index)} if share else set()
     result, first = SeamPlan([], [], {}), {}
-    for i, p in enumerate(patches):
-        canonical = grid.lattice.canonical(p, grid.volume).begin
-        who = _holder(canonical, grid.block_shape) if share else index
-        if canonical in first:
-            result.aliases[i] = first[canonical]
+    for i, key in enumerate(keys):
+        if key in first:
+            result.aliases[i] = first[key]
             continue
-        first[canonical] = i
+        first[key] = i
+        who = owners[i] if owners is not None else index
         if who != index:
             result.incoming.setdefault(who, []).append(i)
-        elif canonical in out:
+        elif key in out:
             result.outgoing.append(i)
         else:
             result.interior.append(i)
@@ -175,17 +199,42 @@ def fetch(
     missing: list[int] = []
     for who, positions in plan.incoming.items():
         rows, voxels = layout(grid, who)
+        canonical = _canonical(grid, _origins([patches[i] for i in positions])).tolist()
         try:
-            data = np.load(path(root, step, who), mmap_mode="r")
-            if data.shape != (channels * voxels,) or data.dtype != np.float32:
-                raise ValueError(f"seam file of block {who}: {data.shape} {data.dtype}")
-            for i in positions:
-                canonical = grid.lattice.canonical(patches[i], grid.volume)
-                offset, part = rows[canonical.begin]
-                values = data[channels * offset : channels * (offset + part.size)]
-                out[i][(slice(None), *part.slices(canonical))] = values.reshape(
-                    channels, *part.shape
-                )
+            with open(path(root, step, who), "rb") as f:
+                start = _data_offset(f.fileno(), channels * voxels)
+                for i, origin in zip(positions, canonical, strict=True):
+                    offset, part = rows[tuple(origin)]
+                    at = start + 4 * channels * offset
+                    values = _pread_floats(f.fileno(), channels * part.size, at)
+                    within = (slice(None), *part.slices(Box.of_ints(tuple(origin), part.shape)))
+                    out[i][within] = values.reshape(channels, *part.shape)
         except (OSError, ValueError):  # not published (yet), or unreadable: compute them
             missing.extend(positions)
     return sorted(missing)
+
+
+@lru_cache(maxsize=64)
+def _header(floats: int) -> bytes:
+    """The .npy header (version 1.0) ``publish`` writes before ``floats`` float32 values."""
+    with io.BytesIO() as f:
+        descr = np.lib.format.dtype_to_descr(np.dtype(np.float32))
+        meta = {"descr": descr, "fortran_order": False, "shape": (floats,)}
+        np.lib.format.write_array_header_1_0(f, meta)
+        return f.getvalue()
+
+
+def _data_offset(fd: int, floats: int) -> int:
+    """Where the values of a seam file of ``floats`` float32 values start, after checking its
+    header and length (a partial or foreign file raises ``ValueError``)."""
+    header = _header(floats)
+    if os.pread(fd, len(header), 0) != header or os.fstat(fd).st_size != len(header) + 4 * floats:
+        raise ValueError("not a complete seam file of this block")
+    return len(header)
+
+
+def _pread_floats(fd: int, count: int, at: int) -> np.ndarray:
+    data = os.pread(fd, 4 * count, at)
+    if len(data) != 4 * count:
+        raise ValueError("short seam file")
+    return np.frombuffer(data, dtype=np.float32)

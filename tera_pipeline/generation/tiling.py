@@ -4,6 +4,9 @@ device that holds the block. Every voxel lies in exactly one patch: there is not
 
 from __future__ import annotations
 
+import math
+from functools import lru_cache
+
 import numpy as np
 import torch
 
@@ -40,17 +43,30 @@ def windows(
     cond: torch.Tensor, origins: np.ndarray, counts: Shape, shape: Shape
 ) -> torch.Tensor | None:
     """(G, *bins) -> (N, G, *shape): the gene windows at ``origins`` (N, 3), in lattice order,
-    cut by one strided view and one copy where the origins are a regular grid of ``counts``
-    starting at 0 (those of a lattice that tiles); None where they are not."""
+    gathered at once where the origins are a regular grid of ``counts`` starting at 0 (those of
+    a lattice that tiles); None where they are not."""
     grid = origins.reshape(*counts, 3)
     steps = [int(grid[(*(1 if a == ax else 0 for a in range(3)), ax)]) if n > 1 else 1
              for ax, n in enumerate(counts)]  # fmt: skip
     index = np.stack(np.meshgrid(*(np.arange(n) for n in counts), indexing="ij"), axis=-1)
     if min(steps) < 1 or not np.array_equal(grid, index * np.asarray(steps)):
         return None
-    view = cond
-    for axis, (w, st) in enumerate(zip(shape, steps, strict=True)):
-        view = view.unfold(axis + 1, w, st)  # (G, nz', ny', nx', wz, wy, wx)
-    nz, ny, nx = counts
-    view = view[:, :nz, :ny, :nx].permute(1, 2, 3, 0, 4, 5, 6)
-    return view.reshape(nz * ny * nx, cond.shape[0], *shape)
+    genes, n = cond.shape[0], math.prod(counts)
+    at = _window_voxels(tuple(cond.shape[1:]), tuple(counts), tuple(steps), tuple(shape))
+    picked = cond.reshape(genes, -1).index_select(1, at.to(cond.device))  # (G, N * window)
+    return picked.reshape(genes, n, *shape).transpose(0, 1).contiguous()
+
+
+@lru_cache(maxsize=64)
+def _window_voxels(bins: Shape, counts: Shape, steps: Shape, shape: Shape) -> torch.Tensor:
+    """Flat positions in a (Z, Y, X) raster of every voxel of the windows of ``shape`` on the
+    regular grid of ``counts`` origins ``steps`` apart, window by window (one gather, several
+    times faster than copying a strided view whose rows are a few voxels long)."""
+    strides = np.asarray([bins[1] * bins[2], bins[2], 1])
+    origins = np.stack(
+        np.meshgrid(*(np.arange(n) * s for n, s in zip(counts, steps, strict=True)), indexing="ij"),
+        axis=-1,
+    ).reshape(-1, 3)
+    inside = np.stack(np.meshgrid(*(np.arange(w) for w in shape), indexing="ij"), axis=-1)
+    flat = origins @ strides
+    return torch.from_numpy((flat[:, None] + (inside.reshape(-1, 3) @ strides)[None, :]).ravel())
