@@ -53,19 +53,35 @@ def _workers(driver: psutil.Process) -> list[psutil.Process]:
     return found
 
 
-def _flatness(series: list[float]) -> dict:
-    """First, median and last of a worker's RSS samples after its first quarter (warm-up)."""
-    if len(series) < 4:
+def _flatness(samples: list[tuple[float, float]]) -> dict:
+    """A worker's RSS samples after its first quarter (warm-up): first, median, last and peak;
+    the change from the first sample (one point of a sawtooth: workers trim their heap every
+    30 s), and the steadier measures: the median of the last quarter against that of the second,
+    and the least-squares slope over the samples after warm-up."""
+    series = [r for _, r in samples]
+    if len(series) < 8:
         return {"samples": len(series)}
-    warm = series[len(series) // 4 :]
-    ordered = sorted(warm)
+    n = len(series)
+    warm = series[n // 4 :]
+    second, last = sorted(series[n // 4 : n // 2]), sorted(series[3 * n // 4 :])
+    hours = [at / 3600 for at, _ in samples[n // 4 :]]
+    mean_t, mean_r = sum(hours) / len(hours), sum(warm) / len(warm)
+    slope = sum((t - mean_t) * (r - mean_r) for t, r in zip(hours, warm, strict=True)) / sum(
+        (t - mean_t) ** 2 for t in hours
+    )
     return {
-        "samples": len(series),
+        "samples": n,
         "after_warmup_first_mib": round(warm[0], 1),
-        "after_warmup_median_mib": round(ordered[len(ordered) // 2], 1),
+        "after_warmup_median_mib": round(sorted(warm)[len(warm) // 2], 1),
         "last_mib": round(series[-1], 1),
         "max_mib": round(max(series), 1),
         "growth_after_warmup_pct": round(100 * (warm[-1] - warm[0]) / warm[0], 1),
+        "second_quarter_median_mib": round(second[len(second) // 2], 1),
+        "last_quarter_median_mib": round(last[len(last) // 2], 1),
+        "median_growth_pct": round(
+            100 * (last[len(last) // 2] - second[len(second) // 2]) / second[len(second) // 2], 1
+        ),
+        "slope_after_warmup_mib_per_hour": round(slope, 1),
     }
 
 
@@ -127,7 +143,7 @@ def main() -> None:
         "shape": [int(v) for v in args.shape.split(",")],
         "wall_s": round(wall, 1),
         "driver_peak_rss_mib": round(driver_peak, 1),
-        "workers": {str(pid): _flatness([r for _, r in s]) for pid, s in workers_rss.items()},
+        "workers": {str(pid): _flatness(s) for pid, s in workers_rss.items()},
         "worker_rss_series_mib": {
             str(pid): [[at, round(r, 1)] for at, r in s] for pid, s in workers_rss.items()
         },
