@@ -181,8 +181,10 @@ def publish(root: Path, grid: BlockGrid, step: int, index: Index, predictions: n
     target = path(root, step, index)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{time.monotonic_ns()}")
-    with open(tmp, "wb") as f:
-        np.save(f, np.concatenate(parts).astype(np.float32, copy=False))
+    values = np.concatenate(parts).astype(np.float32, copy=False)
+    with open(tmp, "wb") as f:  # an .npy file (``np.load`` reads it), its header ``_header``'s
+        f.write(_header(values.size))
+        values.tofile(f)
     os.replace(tmp, target)
     if step > 0:
         path(root, step - 1, index).unlink(missing_ok=True)
@@ -195,7 +197,7 @@ def fetch(
     """Fill ``out[i]`` (N, C, *patch) for every incoming patch whose owner has published; return
     the positions still to compute (owner not done yet, or no readable file). Only the part of a
     filled patch beyond its owner's core is set: all this block's core can overlap."""
-    channels = out.shape[1]
+    channels, patch = out.shape[1], tuple(grid.lattice.patch)
     missing: list[int] = []
     for who, positions in plan.incoming.items():
         rows, voxels = layout(grid, who)
@@ -207,7 +209,7 @@ def fetch(
                     offset, part = rows[tuple(origin)]
                     at = start + 4 * channels * offset
                     values = _pread_floats(f.fileno(), channels * part.size, at)
-                    within = (slice(None), *part.slices(Box.of_ints(tuple(origin), part.shape)))
+                    within = (slice(None), *part.slices(Box.of_ints(tuple(origin), patch)))
                     out[i][within] = values.reshape(channels, *part.shape)
         except (OSError, ValueError):  # not published (yet), or unreadable: compute them
             missing.extend(positions)
@@ -216,7 +218,8 @@ def fetch(
 
 @lru_cache(maxsize=64)
 def _header(floats: int) -> bytes:
-    """The .npy header (version 1.0) ``publish`` writes before ``floats`` float32 values."""
+    """The .npy header (version 1.0) of ``floats`` float32 values: what ``publish`` writes
+    before them and ``fetch`` checks."""
     with io.BytesIO() as f:
         descr = np.lib.format.dtype_to_descr(np.dtype(np.float32))
         meta = {"descr": descr, "fortran_order": False, "shape": (floats,)}
