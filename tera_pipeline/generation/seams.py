@@ -54,11 +54,7 @@ class SeamPlan:
 def owner(grid: BlockGrid, patch: Box) -> Index:
     """The block whose core holds the (canonical) patch's origin, clipped to the volume: a
     shifted lattice's first patch starts below 0."""
-    return _holder(grid.lattice.canonical(patch, grid.volume).begin, grid.block_shape)
-
-
-def _holder(begin: tuple[int, ...], block: tuple[int, ...]) -> Index:
-    return tuple(max(b, 0) // s for b, s in zip(begin, block, strict=True))
+    return tuple(_holders(grid, _canonical(grid, _origins([patch])))[0].tolist())
 
 
 def _origins(patches: list[Box]) -> np.ndarray:
@@ -76,7 +72,7 @@ def _canonical(grid: BlockGrid, origins: np.ndarray) -> np.ndarray:
 
 
 def _holders(grid: BlockGrid, canonical: np.ndarray) -> np.ndarray:
-    """``_holder`` of each canonical origin (N, 3)."""
+    """The block whose core holds each canonical origin (N, 3), clipped below at 0."""
     return np.maximum(canonical, 0) // np.asarray(grid.block_shape)
 
 

@@ -52,16 +52,20 @@ def windows(
     if min(steps) < 1 or not np.array_equal(grid, index * np.asarray(steps)):
         return None
     genes, n = cond.shape[0], math.prod(counts)
-    at = _window_voxels(tuple(cond.shape[1:]), tuple(counts), tuple(steps), tuple(shape))
-    picked = cond.reshape(genes, -1).index_select(1, at.to(cond.device))  # (G, N * window)
+    at = _window_voxels(tuple(cond.shape[1:]), tuple(counts), tuple(steps), tuple(shape),
+                        cond.device)  # fmt: skip
+    picked = cond.reshape(genes, -1).index_select(1, at)  # (G, N * window)
     return picked.reshape(genes, n, *shape).transpose(0, 1).contiguous()
 
 
 @lru_cache(maxsize=64)
-def _window_voxels(bins: Shape, counts: Shape, steps: Shape, shape: Shape) -> torch.Tensor:
+def _window_voxels(
+    bins: Shape, counts: Shape, steps: Shape, shape: Shape, device: torch.device
+) -> torch.Tensor:
     """Flat positions in a (Z, Y, X) raster of every voxel of the windows of ``shape`` on the
     regular grid of ``counts`` origins ``steps`` apart, window by window (one gather, several
-    times faster than copying a strided view whose rows are a few voxels long)."""
+    times faster than copying a strided view whose rows are a few voxels long), kept on
+    ``device`` so a GPU block does not copy them over again."""
     strides = np.asarray([bins[1] * bins[2], bins[2], 1])
     origins = np.stack(
         np.meshgrid(*(np.arange(n) * s for n, s in zip(counts, steps, strict=True)), indexing="ij"),
@@ -69,4 +73,5 @@ def _window_voxels(bins: Shape, counts: Shape, steps: Shape, shape: Shape) -> to
     ).reshape(-1, 3)
     inside = np.stack(np.meshgrid(*(np.arange(w) for w in shape), indexing="ij"), axis=-1)
     flat = origins @ strides
-    return torch.from_numpy((flat[:, None] + (inside.reshape(-1, 3) @ strides)[None, :]).ravel())
+    at = (flat[:, None] + (inside.reshape(-1, 3) @ strides)[None, :]).ravel()
+    return torch.from_numpy(at).to(device)
