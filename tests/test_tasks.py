@@ -33,11 +33,12 @@ class _Counting:
         return getattr(self.client, name)
 
 
-def test_a_group_is_enough_blocks_for_a_task_and_shrinks_as_a_phase_drains():
+def test_a_group_is_enough_blocks_for_a_task_and_the_threads_share_a_phase_evenly():
     assert group_size(None, 1000, 2) == 1  # nothing measured yet
     assert group_size(2.0, 1000, 2) == 1  # long blocks: one per task
     assert group_size(0.001, 1000, 2) == int(tasks.TASK_S / 0.001)
-    assert group_size(0.001, 40, 2) == 10  # half of a fair share of what is left
+    assert group_size(0.001, 1001, 2) == 167  # 6 equal tasks, not 4 of 250 and one of 1
+    assert group_size(0.02, 32, 2) == 8  # two tasks per thread: a thread done early helps
     assert group_size(0.001, 3, 2) == 1
 
 
@@ -49,7 +50,8 @@ def test_short_blocks_run_in_groups_and_each_is_recorded_once(client, monkeypatc
     assert sorted(i for i, _ in recorded) == sorted(BLOCKS)
     assert all(s.digest == 100 * i[0] + i[1] for i, s in recorded)
     assert report.blocks == len(BLOCKS) and report.stats.total_s == pytest.approx(0.064)
-    assert counting.submitted < len(BLOCKS) / 2  # grouped once the first blocks were timed
+    # grouped once the first blocks were timed: the in-flight singles, then equal groups
+    assert counting.submitted <= 4 + 4
 
 
 def test_a_failing_block_of_a_group_is_named(client, monkeypatch):

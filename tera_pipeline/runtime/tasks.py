@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -97,13 +98,17 @@ def run_group(fn: Callable[..., BlockStats], args: tuple, indices: list) -> list
     return out
 
 
-def group_size(block_s: float | None, left: int, threads: int) -> int:
-    """Blocks in the next task: enough for about ``TASK_S`` of work, and at most half of a fair
-    share of the blocks left (so groups shrink to single blocks as a phase drains and the
-    barrier at its end does not wait on a long task)."""
-    if not block_s or block_s >= TASK_S:
+def group_size(block_s: float | None, left: int, threads: int, rounds: int = 2) -> int:
+    """Blocks in each task of what is ``left`` of a phase: about ``TASK_S`` of work, the blocks
+    split evenly over the threads in whole rounds, at least ``rounds`` tasks per thread (so a
+    thread that ends early takes another's task, and the barrier at the phase's end waits on
+    no lone long task). Fixed for the phase once set: equal tasks, no tail of single blocks,
+    each costing a task's scheduling."""
+    if not block_s or block_s >= TASK_S or left <= threads:
         return 1
-    return max(1, min(int(TASK_S / block_s), left // (2 * threads)))
+    most = max(1, int(TASK_S / block_s))
+    rounds = max(rounds, math.ceil(left / (threads * most)))
+    return max(1, math.ceil(left / (threads * rounds)))
 
 
 def run_blocks(
@@ -140,11 +145,13 @@ def run_blocks(
     resources = block_resources(client, fn)  # {"GPU": 1} for model tasks on GPU workers
     where: dict[str, list[tuple[int, ...]]] = {}
     submitted = 0
+    size: int | None = None
 
     def submit() -> bool:
         """Submit the next task (a block, or a group of short blocks); False when none is left."""
-        nonlocal submitted
-        size = group_size(_BLOCK_S.get(timing), total - submitted, threads)
+        nonlocal submitted, size
+        if size is None or size == 1 and timing in _BLOCK_S:  # set once blocks are timed
+            size = group_size(_BLOCK_S.get(timing), total - submitted, threads)
         group = [tuple(i) for i in itertools.islice(it, size)]
         if not group:
             return False
