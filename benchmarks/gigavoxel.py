@@ -4,8 +4,9 @@
 on a volume of at least 1e9 voxels with the default lattice and sampler and a given checkpoint
 (``--checkpoint``; a small, fast one made by ``tera train denoiser``). Meanwhile this script
 samples the resident memory of the driver (the ``tera`` process) and of each Dask worker every
-few seconds, and runs ``tera status`` on the store every ``--status-every`` seconds to show it
-live. At the end it reads the store's run figures and its pyramid levels. Prints JSON (``--json``
+few seconds (a worker's also without file-backed pages: its heap, not the libraries it pages
+in), and runs ``tera status`` on the store every ``--status-every`` seconds to show it live.
+At the end it reads the store's run figures and its pyramid levels. Prints JSON (``--json``
 also writes it); the store stays in ``--work`` (remove it yourself: it is several GB).
 
     python benchmarks/gigavoxel.py --work /tmp/giga --checkpoint small.safetensors \
@@ -34,6 +35,19 @@ def _rss_mib(proc: psutil.Process) -> float:
         return proc.memory_info().rss / 2**20
     except psutil.Error:
         return 0.0
+
+
+def _anon_mib(proc: psutil.Process) -> float | None:
+    """The anonymous part of a process's resident memory (its heap: what a leak or a fragmented
+    heap grows), apart from file-backed pages (shared libraries paged in as they are first
+    used); None where ``/proc`` does not say."""
+    try:
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def _workers(driver: psutil.Process) -> list[psutil.Process]:
@@ -112,7 +126,7 @@ def main() -> None:
     )
     driver = psutil.Process(child.pid)
     log_path = work / "generate.log"
-    driver_peak, workers_rss, statuses = 0.0, {}, []
+    driver_peak, workers_rss, workers_anon, statuses = 0.0, {}, {}, []
     next_status = t0 + args.status_every
     with log_path.open("w") as log:
         os.set_blocking(child.stdout.fileno(), False)
@@ -123,6 +137,9 @@ def main() -> None:
             for worker in _workers(driver):
                 at = round(time.time() - t0, 1)
                 workers_rss.setdefault(worker.pid, []).append((at, _rss_mib(worker)))
+                anon = _anon_mib(worker)
+                if anon is not None:
+                    workers_anon.setdefault(worker.pid, []).append((at, anon))
             if time.time() >= next_status and out.exists():
                 shown = subprocess.run(
                     [str(TERA), "status", str(out)], cwd=work, env=env,
@@ -144,6 +161,7 @@ def main() -> None:
         "wall_s": round(wall, 1),
         "driver_peak_rss_mib": round(driver_peak, 1),
         "workers": {str(pid): _flatness(s) for pid, s in workers_rss.items()},
+        "workers_anonymous": {str(pid): _flatness(s) for pid, s in workers_anon.items()},
         "worker_rss_series_mib": {
             str(pid): [[at, round(r, 1)] for at, r in s] for pid, s in workers_rss.items()
         },

@@ -9,6 +9,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -252,6 +253,10 @@ class _WorkerWatchdog:
             )
 
 
+_SATURATED: weakref.WeakSet = weakref.WeakSet()
+"""Clients whose scheduler ``_assign_on_demand`` has set to assign on demand."""
+
+
 def _assign_on_demand(client, total: int, in_flight: int) -> tuple[int, int]:
     """Have each task go to the first worker with a free thread; returns the in-flight bound
     and the cluster's threads.
@@ -263,9 +268,11 @@ def _assign_on_demand(client, total: int, in_flight: int) -> tuple[int, int]:
     more blocks in flight than threads for a small group, fix both.
     """
     try:
-        client.run_on_scheduler(
-            lambda dask_scheduler: setattr(dask_scheduler, "WORKER_SATURATION", 1.0)
-        )
+        if client not in _SATURATED:  # once per client: a round trip to the scheduler
+            client.run_on_scheduler(
+                lambda dask_scheduler: setattr(dask_scheduler, "WORKER_SATURATION", 1.0)
+            )
+            _SATURATED.add(client)
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
         threads = sum(w.get("nthreads", 1) for w in workers) or 1
     except Exception as err:  # a scheduler that refuses: keep its own policy
