@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +18,8 @@ from pathlib import Path
 # Prefect must see these before it is imported anywhere (ephemeral mode, project-local home).
 _PREFECT_HOME = Path(tempfile.mkdtemp(prefix="tera-prefect-"))
 os.environ.setdefault("PREFECT_HOME", str(_PREFECT_HOME))
+# the folder this made, removed at exit: registered first, so after Prefect's own exit handlers
+atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # flows called directly by tests start Prefect's own temporary server: give it time under load
