@@ -30,24 +30,14 @@ HERE = Path(__file__).resolve().parents[1]
 TERA = Path(sys.executable).with_name("tera")
 
 
-def _rss_mib(proc: psutil.Process) -> float:
+def _rss_mib(proc: psutil.Process) -> tuple[float, float]:
+    """A process's resident memory and its anonymous part (RSS less the file-backed and shared
+    pages: its heap, what a leak or a fragmented heap grows, not the libraries it pages in)."""
     try:
-        return proc.memory_info().rss / 2**20
+        info = proc.memory_info()
     except psutil.Error:
-        return 0.0
-
-
-def _anon_mib(proc: psutil.Process) -> float | None:
-    """The anonymous part of a process's resident memory (its heap: what a leak or a fragmented
-    heap grows), apart from file-backed pages (shared libraries paged in as they are first
-    used); None where ``/proc`` does not say."""
-    try:
-        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+        return 0.0, 0.0
+    return info.rss / 2**20, (info.rss - getattr(info, "shared", 0)) / 2**20
 
 
 def _workers(driver: psutil.Process) -> list[psutil.Process]:
@@ -133,13 +123,12 @@ def main() -> None:
         while child.poll() is None:
             for line in iter(child.stdout.readline, ""):
                 log.write(line)
-            driver_peak = max(driver_peak, _rss_mib(driver))
+            driver_peak = max(driver_peak, _rss_mib(driver)[0])
             for worker in _workers(driver):
                 at = round(time.time() - t0, 1)
-                workers_rss.setdefault(worker.pid, []).append((at, _rss_mib(worker)))
-                anon = _anon_mib(worker)
-                if anon is not None:
-                    workers_anon.setdefault(worker.pid, []).append((at, anon))
+                rss, anon = _rss_mib(worker)
+                workers_rss.setdefault(worker.pid, []).append((at, rss))
+                workers_anon.setdefault(worker.pid, []).append((at, anon))
             if time.time() >= next_status and out.exists():
                 shown = subprocess.run(
                     [str(TERA), "status", str(out)], cwd=work, env=env,

@@ -90,7 +90,8 @@ def plan_cluster(spec: ClusterSpec, gpus: int, cores: int | None = None) -> Clus
 
 
 class TorchThreads(WorkerPlugin):
-    """Caps torch's intra-op threads on each worker so workers do not fight over cores."""
+    """Caps torch's intra-op threads on each worker so workers do not fight over cores, and
+    freezes the objects imported by then out of the cyclic garbage collector."""
 
     name = "tera-torch-threads"
 

@@ -151,7 +151,7 @@ def run_blocks(
     def submit() -> bool:
         """Submit the next task (a block, or a group of short blocks); False when none is left."""
         nonlocal submitted, size
-        if size is None or size == 1 and timing in _BLOCK_S:  # set once blocks are timed
+        if size is None or size == 1:  # until the blocks are timed and short: then fixed
             size = group_size(_BLOCK_S.get(timing), total - submitted, threads)
         group = [tuple(i) for i in itertools.islice(it, size)]
         if not group:
