@@ -36,6 +36,11 @@ def _image(root: Path) -> np.ndarray:
     return store.read_box(arr, Box((0, 0, 0), tuple(arr.shape[1:])))
 
 
+def _job(out: Path, checkpoint: Path, **fields) -> JobConfig:
+    """The job of ``_args`` (default steps) as the library takes it."""
+    return tiny_job(out, (12, 96, 96), (4, 32, 32), 4, 3, checkpoint, **fields)
+
+
 def _args(out: Path, checkpoint: Path, steps: int = 4) -> list[str]:
     return [
         "generate",
@@ -57,16 +62,17 @@ def _args(out: Path, checkpoint: Path, steps: int = 4) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_checkpoint):
-    """The uninterrupted run every faulty run must reproduce bit for bit."""
+def reference(tmp_path_factory, tiny_checkpoint, client):
+    """The uninterrupted run every faulty run must reproduce bit for bit: the job of ``_args``
+    run by the library on the session's cluster (the faulty runs go through ``tera generate``,
+    so each comparison also checks that the command computes what the library does)."""
     out = tmp_path_factory.mktemp("ref") / "ref.zarr"
-    result = runner.invoke(app, _args(out, tiny_checkpoint))
-    assert result.exit_code == 0, result.output
+    lifecycle.generate(_job(out, tiny_checkpoint), client)
     return _image(out)
 
 
 def test_workers_killed_three_times(tmp_path, tiny_checkpoint, reference):
-    job = tiny_job(tmp_path / "k.zarr", (12, 96, 96), (4, 32, 32), 4, 3, tiny_checkpoint)
+    job = _job(tmp_path / "k.zarr", tiny_checkpoint)
     kills = []
     with cluster_client(ClusterSpec(kind="local", workers=2, dashboard_address=":0")) as client:
 
@@ -298,8 +304,7 @@ def test_losing_every_worker_fails_within_the_bound(tmp_path, tiny_checkpoint):
     the bound, and no worker process is left."""
     import psutil
 
-    job = tiny_job(tmp_path / "lost.zarr", (12, 96, 96), (4, 32, 32), 4, 3, tiny_checkpoint,
-                   workers_lost_s=20)  # fmt: skip
+    job = _job(tmp_path / "lost.zarr", tiny_checkpoint, workers_lost_s=20)
     stop = threading.Event()
     seen: set[int] = set()
 

@@ -2,7 +2,7 @@
 and resume on the uninterrupted curve, the GPU size ``base``, and the training deployment.
 
 Tolerances (stated here, measured figures in the report):
-- two gloo processes with half the batch each against one process with the whole batch, 50
+- two gloo processes with half the batch each against one process with the whole batch, 30
   steps of the tiny denoiser: every step's loss within ``LOSS_RTOL`` (float summation order:
   a batch of 4 convolves in another order than a batch of 8); the weights within ``WEIGHT_ATOL``
   wherever the gradient is not identically zero. The exceptions are parameters whose gradient
@@ -100,7 +100,7 @@ def _worst(diffs: dict[str, torch.Tensor], mask: dict[str, torch.Tensor]) -> flo
 
 def test_two_processes_with_half_the_batch_each_follow_the_one_process_run(tmp_path):
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    common = [*TINY_RUN, "--steps", "50", "--checkpoint-every", "50"]
+    common = [*TINY_RUN, "--steps", "30", "--checkpoint-every", "30"]
     t0 = time.perf_counter()
     _finish(_launch([*common, "--out", str(one)]))
     t1 = time.perf_counter()
@@ -110,7 +110,7 @@ def test_two_processes_with_half_the_batch_each_follow_the_one_process_run(tmp_p
     a, b = _log(one), _log(two)
     loss_a = np.array([e["train_loss"] for e in a])
     loss_b = np.array([e["train_loss"] for e in b])
-    assert len(loss_a) == len(loss_b) == 50
+    assert len(loss_a) == len(loss_b) == 30
     rel = np.abs(loss_a - loss_b) / loss_a
     sa, sb = _state(one), _state(two)
     mask = _noise_free(sa)
@@ -125,7 +125,7 @@ def test_two_processes_with_half_the_batch_each_follow_the_one_process_run(tmp_p
           f"{noisy}: up to {max(float(d.max()) for d in diffs.values()):.1e}")  # fmt: skip
     assert rel.max() < LOSS_RTOL
     val_a, val_b = ([e["val_loss"] for e in log if "val_loss" in e] for log in (a, b))
-    assert len(val_a) == 5 and val_b == pytest.approx(val_a, rel=1e-4)
+    assert len(val_a) == 3 and val_b == pytest.approx(val_a, rel=1e-4)
     assert worst < WEIGHT_ATOL and worst_ema < WEIGHT_ATOL
     share = 1 - sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
     print(f"weights without a gradient: {share:.2%}")
@@ -174,18 +174,18 @@ def _meta(path: Path) -> dict:
 
 def test_a_stopped_run_resumed_continues_exactly_on_the_uninterrupted_curve(tmp_path):
     kw = {"volume": (4, 96, 96), "model_config": TINY, "log_every": 2, "validate_every": 10}
-    options = TrainOptions(ema_decay=0.99, checkpoint_every=10, figures_every=0)
-    full = train_denoiser(tmp_path / "full.safetensors", 30, Recipe(8, 3e-3), options=options, **kw)
+    options = TrainOptions(ema_decay=0.99, checkpoint_every=4, figures_every=0)
+    full = train_denoiser(tmp_path / "full.safetensors", 20, Recipe(8, 3e-3), options=options, **kw)
     cut = tmp_path / "cut.safetensors"
-    with pytest.raises(TrainingStopped, match="stopped after 15 steps; continue with --resume"):
-        train_denoiser(cut, 30, Recipe(8, 3e-3), options=TrainOptions(
-            ema_decay=0.99, checkpoint_every=10, figures_every=0, stop_after=15), **kw)  # fmt: skip
-    assert not cut.exists() and _state(cut)["step"] == 15
+    with pytest.raises(TrainingStopped, match="stopped after 10 steps; continue with --resume"):
+        train_denoiser(cut, 20, Recipe(8, 3e-3), options=TrainOptions(
+            ema_decay=0.99, checkpoint_every=4, figures_every=0, stop_after=10), **kw)  # fmt: skip
+    assert not cut.exists() and _state(cut)["step"] == 10
     state = cut.with_name("cut.resume.pt")
     with pytest.raises(Exception, match="another run; resuming it cannot change lr"):
-        train_denoiser(cut, 30, Recipe(8, 1e-3), options=TrainOptions(resume=state), **kw)
-    resumed = train_denoiser(cut, 30, Recipe(8, 3e-3), options=TrainOptions(
-        ema_decay=0.99, checkpoint_every=10, figures_every=0, resume=state), **kw)  # fmt: skip
+        train_denoiser(cut, 20, Recipe(8, 1e-3), options=TrainOptions(resume=state), **kw)
+    resumed = train_denoiser(cut, 20, Recipe(8, 3e-3), options=TrainOptions(
+        ema_decay=0.99, checkpoint_every=4, figures_every=0, resume=state), **kw)  # fmt: skip
 
     def strip(log):
         return [{k: v for k, v in e.items() if k != "elapsed_s"} for e in log]
