@@ -84,6 +84,8 @@ def array_specs(config: JobConfig, genes: Sequence[str]) -> list[store.ArraySpec
                 (c, *st.chunk_shape),
                 compression_level=1,
                 codec=st.scratch_codec,
+                # uncompressed: a shard is one file of raw bytes, read and written directly
+                sharded=st.scratch_codec != "none",
             )
         )
     return specs

@@ -14,7 +14,7 @@ import stat
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +25,7 @@ from tera_pipeline.core.errors import TeraError
 from tera_pipeline.core.geometry import Box, Shape, rolled_pieces
 from tera_pipeline.storage import ownership
 from tera_pipeline.storage.atomic import write_json
+from tera_pipeline.storage.raw_chunks import RawChunks, is_raw
 
 SCRATCH = "_scratch"
 
@@ -49,6 +50,9 @@ class ArraySpec:
     compression_level: int = 3
     codec: Literal["zstd", "lz4", "none"] = "zstd"
     """Blosc's compressor of the inner chunks (shuffled first), or none."""
+    sharded: bool = True
+    """Shards of inner chunks; else each shard is one chunk file (with codec none: raw bytes,
+    read and written directly, ``storage.raw_chunks``)."""
 
     def __post_init__(self) -> None:
         if self.chunk is None:
@@ -74,26 +78,25 @@ def _tensorstore_spec(path: Path, spec: ArraySpec | None = None) -> dict[str, An
             "typesize": np.dtype(spec.dtype).itemsize,
         }
         inner.append({"name": "blosc", "configuration": blosc})
+    sharding = {
+        "name": "sharding_indexed",
+        "configuration": {
+            "chunk_shape": list(spec.chunk),
+            "codecs": inner,
+            "index_codecs": [
+                {"name": "bytes", "configuration": {"endian": "little"}},
+                {"name": "crc32c"},
+            ],
+            "index_location": "end",
+        },
+    }
     out["metadata"] = {
         "shape": list(spec.shape),
         "data_type": spec.dtype,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(spec.shard)}},
         "chunk_key_encoding": {"name": "default"},
         "fill_value": spec.fill,
-        "codecs": [
-            {
-                "name": "sharding_indexed",
-                "configuration": {
-                    "chunk_shape": list(spec.chunk),
-                    "codecs": inner,
-                    "index_codecs": [
-                        {"name": "bytes", "configuration": {"endian": "little"}},
-                        {"name": "crc32c"},
-                    ],
-                    "index_location": "end",
-                },
-            }
-        ],
+        "codecs": [sharding] if spec.sharded else inner,
         "dimension_names": list(spec.dims),
         "attributes": spec.attributes or {},
     }
@@ -106,12 +109,21 @@ def create_array(root: Path, spec: ArraySpec) -> ts.TensorStore:
     return ts.open(full, create=True, delete_existing=True).result()
 
 
+Array = ts.TensorStore | RawChunks
+"""An open array: TensorStore's handle, or the direct reader and writer of raw chunks."""
+
+
 @lru_cache(maxsize=64)
-def _open_cached(path: str, inode: int, mtime_ns: int, cache_bytes: int) -> ts.TensorStore:
+def _open_cached(path: str, inode: int, mtime_ns: int, cache_bytes: int) -> Array:
     spec = _tensorstore_spec(Path(path))
-    if not cache_bytes:
-        return ts.open(spec, open=True).result()
-    return ts.open(spec, context=_shared_cache(cache_bytes), open=True).result()
+    if cache_bytes:
+        return ts.open(spec, context=_shared_cache(cache_bytes), open=True).result()
+    handle = ts.open(spec, open=True).result()
+    meta = read_meta(Path(path) / "zarr.json")
+    if not is_raw(meta):
+        return handle
+    chunk = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    return RawChunks(Path(path), handle, tuple(chunk), handle.fill_value)
 
 
 @lru_cache(maxsize=4)
@@ -122,11 +134,12 @@ def _shared_cache(total_bytes: int) -> ts.Context:
     return ts.Context({"cache_pool": {"total_bytes_limit": total_bytes}})
 
 
-def open_array(root: Path, name: str, cache_bytes: int = 0) -> ts.TensorStore:
+def open_array(root: Path, name: str, cache_bytes: int = 0) -> Array:
     """Open an existing array. Handles are cached per process, keyed by the array's metadata
     file as it is now (one ``stat``): an array written again since is opened afresh. With
     ``cache_bytes``, reads share a process-wide pool of that many bytes of decoded chunks, for
-    an array read many times (the conditioning, by every denoising step)."""
+    an array read many times (the conditioning, by every denoising step). An array of raw
+    chunks (uncompressed scratch) opens as ``RawChunks``, read and written directly."""
     path = os.path.abspath(os.path.join(root, name))
     try:
         meta = os.stat(os.path.join(path, "zarr.json"))
@@ -143,7 +156,7 @@ def forget_handles() -> None:
 
 
 def read_box(
-    array: ts.TensorStore,
+    array: Array,
     box: Box,
     fill: float = 0.0,
     wrap: Sequence[bool] | None = None,
@@ -155,6 +168,15 @@ def read_box(
     lead = tuple(array.shape[: array.rank - box.ndim])
     shape = tuple(array.shape[array.rank - box.ndim :])
     pieces = rolled_pieces(box, shape, wrap or (False,) * box.ndim, frame or (0,) * box.ndim)
+    if isinstance(array, RawChunks):
+        covered = sum(int(np.prod(place.shape)) for _, place in pieces) == np.prod(box.shape)
+        out = np.empty if covered else partial(np.full, fill_value=fill)
+        values = out((*lead, *box.shape), dtype=array.dtype.numpy_dtype)
+        zeros = (0,) * len(lead)
+        for source, place in pieces:
+            begin, end = (*zeros, *source.begin), (*lead, *source.end)
+            array.read_into(values, (*zeros, *place.begin), begin, end)
+        return values
     if len(pieces) == 1 and pieces[0][1].shape == box.shape:  # one read fills the box
         return array[(Ellipsis, *pieces[0][0].slices())].read().result()
     out = np.full((*lead, *box.shape), fill, dtype=array.dtype.numpy_dtype)
@@ -164,11 +186,17 @@ def read_box(
     return out
 
 
-def write_box(array: ts.TensorStore, box: Box, data: np.ndarray, crc: int = 0) -> int:
+def write_box(array: Array, box: Box, data: np.ndarray, crc: int = 0) -> int:
     """Write ``data`` (all leading axes, spatial ``box``) to the array; returns the CRC-32 of
     the bytes written (continuing ``crc``), the block's digest in the ledger."""
     data = np.ascontiguousarray(data.astype(array.dtype.numpy_dtype, copy=False))
-    array[(Ellipsis, *box.slices())].write(data).result()
+    begin = (0,) * (array.rank - box.ndim) + tuple(box.begin)
+    end = tuple(array.shape[: array.rank - box.ndim]) + tuple(box.end)
+    if isinstance(array, RawChunks) and array.whole_chunks(begin, end):
+        array.write(begin, data)
+    else:
+        handle = array.handle if isinstance(array, RawChunks) else array
+        handle[(Ellipsis, *box.slices())].write(data).result()
     return zlib.crc32(data, crc)
 
 

@@ -1,0 +1,117 @@
+"""Direct I/O of a zarr v3 array whose chunks are raw bytes (no sharding, no compressor).
+
+Such a chunk is one file, ``c/<i>/<j>/...`` under the array, holding the chunk's values in C
+order, little-endian: reading a box is a memory map of each chunk it touches, and writing whole
+chunks is one ``pwrite`` each, in place. The sampling state between steps is stored this way
+(uncompressed scratch, the default): TensorStore's own read and write of the same bytes cost
+several times the CPU in a worker (its threads, its shard index, a new file per write); the
+zero-cost job ran 1.235x faster with its state in raw files (docs/raw_scratch_estimate.json,
+measured before this module by a prototype). The files are the array's chunks exactly, so
+TensorStore, zarr-python and xarray read what is written here, and the other way round.
+
+A chunk is overwritten in place, not replaced: only scratch is stored so, and the sampling state
+alternates between two arrays, so no block reads the array being written (a write cut short
+is a block the ledger has not recorded, computed again on resume from the other array).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def is_raw(meta: dict[str, Any]) -> bool:
+    """Whether zarr.json ``meta`` describes chunks of raw little-endian bytes."""
+    codecs = meta.get("codecs", [])
+    return (
+        meta.get("chunk_key_encoding", {}).get("name") == "default"
+        and meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/") == "/"
+        and len(codecs) == 1
+        and codecs[0].get("name") == "bytes"
+        and codecs[0].get("configuration", {}).get("endian", "little") == "little"
+    )
+
+
+class RawChunks:
+    """An array of raw chunks (``is_raw``), read and written without TensorStore; ``handle`` is
+    TensorStore's handle of the same array (its shape and dtype)."""
+
+    def __init__(self, path: Path, handle, chunk: tuple[int, ...], fill: float) -> None:
+        self.path, self.handle, self.chunk, self.fill = Path(path), handle, tuple(chunk), fill
+        self.shape = tuple(handle.shape)
+        self.rank = handle.rank
+        self.dtype = handle.dtype
+        self._numpy_dtype = np.dtype(handle.dtype.numpy_dtype).newbyteorder("<")
+        self._folders: set[Path] = set()
+
+    def _file(self, index: tuple[int, ...]) -> Path:
+        return self.path.joinpath("c", *map(str, index))
+
+    def _chunks(self, begin, end):
+        """Each chunk overlapping [begin, end) (all axes): its index and its own begin."""
+        ranges = [range(b // c, -(-e // c)) for b, e, c in zip(begin, end, self.chunk, strict=True)]
+        for index in product(*ranges):
+            yield index, tuple(i * c for i, c in zip(index, self.chunk, strict=True))
+
+    def read_into(self, out: np.ndarray, at: tuple[int, ...], begin, end) -> None:
+        """Copy the array's [begin, end) (all axes) into ``out`` at offset ``at``; a chunk never
+        written reads as the fill value."""
+        for index, origin in self._chunks(begin, end):
+            lo = [max(b, o) for b, o in zip(begin, origin, strict=True)]
+            hi = [min(e, o + c) for e, o, c in zip(end, origin, self.chunk, strict=True)]
+            dst = tuple(
+                slice(a - b + t, z - b + t) for a, z, b, t in zip(lo, hi, begin, at, strict=True)
+            )
+            src = tuple(slice(a - o, z - o) for a, z, o in zip(lo, hi, origin, strict=True))
+            try:
+                fd = os.open(self._file(index), os.O_RDONLY)
+            except FileNotFoundError:
+                out[dst] = self.fill
+                continue
+            try:
+                with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+                    values = np.frombuffer(mapped, self._numpy_dtype).reshape(self.chunk)
+                    out[dst] = values[src]
+                    del values
+            finally:
+                os.close(fd)
+
+    def whole_chunks(self, begin, end) -> bool:
+        """Whether [begin, end) is a union of whole chunks (an edge chunk up to the array's
+        end counts as whole)."""
+        return all(
+            b % c == 0 and (e % c == 0 or e == n)
+            for b, e, c, n in zip(begin, end, self.chunk, self.shape, strict=True)
+        )
+
+    def write(self, begin, data: np.ndarray) -> None:
+        """Write ``data`` at ``begin`` (whole chunks: ``whole_chunks``), a chunk file each."""
+        data = np.asarray(data, dtype=self._numpy_dtype)
+        end = [b + n for b, n in zip(begin, data.shape, strict=True)]
+        for index, origin in self._chunks(begin, end):
+            part = tuple(
+                slice(o - b, min(o + c, e) - b)
+                for o, b, c, e in zip(origin, begin, self.chunk, end, strict=True)
+            )
+            piece = data[part]
+            if piece.shape != self.chunk:  # an edge chunk: padded with the fill value
+                full = np.full(self.chunk, self.fill, dtype=self._numpy_dtype)
+                full[tuple(slice(0, n) for n in piece.shape)] = piece
+                piece = full
+            self._write_chunk(index, np.ascontiguousarray(piece))
+
+    def _write_chunk(self, index: tuple[int, ...], values: np.ndarray) -> None:
+        path = self._file(index)
+        if path.parent not in self._folders:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.add(path.parent)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(fd, memoryview(values).cast("B"), 0)
+        finally:
+            os.close(fd)

@@ -1,0 +1,86 @@
+"""Raw chunks (uncompressed scratch) read and written directly are the array TensorStore and
+zarr-python see: the same values either way, a chunk never written reads as the fill, edge
+chunks are padded, and a rolled, wrapped read equals TensorStore's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorstore as ts
+import zarr
+
+from tera_pipeline.core.geometry import Box
+from tera_pipeline.storage import store
+from tera_pipeline.storage.raw_chunks import RawChunks
+
+SHAPE, CHUNK = (2, 12, 40, 36), (2, 4, 16, 16)  # the edge chunks of y and x are partial
+
+
+def _spec(name: str, sharded: bool) -> store.ArraySpec:
+    return store.ArraySpec(name, SHAPE, "float16", ("c", "z", "y", "x"), CHUNK, CHUNK,
+                           codec="none", sharded=sharded)  # fmt: skip
+
+
+@pytest.fixture
+def arrays(tmp_path):
+    """The same layout twice: raw chunks (opened as ``RawChunks``) and TensorStore's shards."""
+    store.create_array(tmp_path, _spec("raw", sharded=False))
+    store.create_array(tmp_path, _spec("sharded", sharded=True))
+    store.forget_handles()
+    raw, sharded = store.open_array(tmp_path, "raw"), store.open_array(tmp_path, "sharded")
+    assert isinstance(raw, RawChunks) and not isinstance(sharded, RawChunks)
+    return tmp_path, raw, sharded
+
+
+def _values(box: Box, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((2, *box.shape)).astype(np.float16)
+
+
+def test_what_is_written_directly_is_the_zarr_array(arrays):
+    root, raw, sharded = arrays
+    writes = [
+        Box((0, 0, 0), (4, 16, 16)),
+        Box((4, 32, 32), (8, 8, 4)),
+        Box((8, 16, 0), (4, 16, 16)),
+    ]
+    expected = np.zeros(SHAPE, np.float16)
+    for seed, box in enumerate(writes):  # whole chunks, one an edge chunk, one two chunks
+        data = _values(box, seed)
+        crc = store.write_box(raw, box, data)
+        assert crc == store.write_box(sharded, box, data)  # the same digest
+        expected[(slice(None), *box.slices())] = data
+    tensorstore = ts.open(
+        {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(root / "raw")}}
+    ).result()
+    np.testing.assert_array_equal(tensorstore.read().result(), expected)
+    np.testing.assert_array_equal(zarr.open_array(root / "raw", mode="r")[...], expected)
+    np.testing.assert_array_equal(store.read_box(raw, Box((0, 0, 0), SHAPE[1:])), expected)
+    assert not (root / "raw" / "c" / "0" / "1" / "0" / "0").exists()  # never written: fill
+
+
+def test_a_partial_write_goes_through_tensorstore(arrays):
+    _, raw, sharded = arrays
+    box = Box((1, 3, 5), (2, 9, 7))  # not whole chunks
+    data = _values(box, 7)
+    store.write_box(raw, box, data)
+    store.write_box(sharded, box, data)
+    whole = Box((0, 0, 0), SHAPE[1:])
+    np.testing.assert_array_equal(store.read_box(raw, whole), store.read_box(sharded, whole))
+
+
+@pytest.mark.parametrize("frame", [(0, 0, 0), (3, 21, 35)])
+def test_rolled_wrapped_and_outside_reads_equal_tensorstores(arrays, frame):
+    _, raw, sharded = arrays
+    whole = Box((0, 0, 0), SHAPE[1:])
+    data = _values(whole, 3)
+    for array in (raw, sharded):
+        store.write_box(array, whole, data)
+    for box, wrap in [
+        (Box((-2, 30, 33), (8, 20, 10)), (True, True, True)),  # across every wrapped edge
+        (Box((-2, 30, 33), (8, 20, 10)), (False, True, False)),  # beyond the array: fill
+        (Box((4, 16, 16), (4, 16, 16)), (False, False, False)),  # one chunk
+    ]:
+        got = store.read_box(raw, box, fill=-1.0, wrap=wrap, frame=frame)
+        want = store.read_box(sharded, box, fill=-1.0, wrap=wrap, frame=frame)
+        np.testing.assert_array_equal(got, want)
