@@ -27,10 +27,10 @@ import numpy as np
 
 def is_raw(meta: dict[str, Any]) -> bool:
     """Whether zarr.json ``meta`` describes chunks of raw little-endian bytes."""
-    codecs = meta.get("codecs", [])
+    codecs, keys = meta.get("codecs", []), meta.get("chunk_key_encoding", {})
     return (
-        meta.get("chunk_key_encoding", {}).get("name") == "default"
-        and meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/") == "/"
+        keys.get("name") == "default"
+        and keys.get("configuration", {}).get("separator", "/") == "/"
         and len(codecs) == 1
         and codecs[0].get("name") == "bytes"
         and codecs[0].get("configuration", {}).get("endian", "little") == "little"

@@ -14,7 +14,7 @@ import stat
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -169,9 +169,9 @@ def read_box(
     shape = tuple(array.shape[array.rank - box.ndim :])
     pieces = rolled_pieces(box, shape, wrap or (False,) * box.ndim, frame or (0,) * box.ndim)
     if isinstance(array, RawChunks):
-        covered = sum(int(np.prod(place.shape)) for _, place in pieces) == np.prod(box.shape)
-        out = np.empty if covered else partial(np.full, fill_value=fill)
-        values = out((*lead, *box.shape), dtype=array.dtype.numpy_dtype)
+        shape_out, dtype = (*lead, *box.shape), array.dtype.numpy_dtype
+        covered = sum(place.size for _, place in pieces) == box.size
+        values = np.empty(shape_out, dtype) if covered else np.full(shape_out, fill, dtype)
         zeros = (0,) * len(lead)
         for source, place in pieces:
             begin, end = (*zeros, *source.begin), (*lead, *source.end)
