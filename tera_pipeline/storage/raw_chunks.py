@@ -25,16 +25,44 @@ from typing import Any
 import numpy as np
 
 
+def default_keys(meta: dict[str, Any]) -> bool:
+    """Whether zarr.json ``meta`` names its chunks ``c/<i>/<j>/...`` (the default key encoding)."""
+    keys = meta.get("chunk_key_encoding", {})
+    return (
+        keys.get("name") == "default" and keys.get("configuration", {}).get("separator", "/") == "/"
+    )
+
+
 def is_raw(meta: dict[str, Any]) -> bool:
     """Whether zarr.json ``meta`` describes chunks of raw little-endian bytes."""
-    codecs, keys = meta.get("codecs", []), meta.get("chunk_key_encoding", {})
+    codecs = meta.get("codecs", [])
     return (
-        keys.get("name") == "default"
-        and keys.get("configuration", {}).get("separator", "/") == "/"
+        default_keys(meta)
         and len(codecs) == 1
         and codecs[0].get("name") == "bytes"
         and codecs[0].get("configuration", {}).get("endian", "little") == "little"
     )
+
+
+def chunks_of(chunk: tuple[int, ...], begin, end):
+    """Each chunk of a regular grid overlapping [begin, end) (all axes): its index and its own
+    begin."""
+    ranges = [range(b // c, -(-e // c)) for b, e, c in zip(begin, end, chunk, strict=True)]
+    for index in product(*ranges):
+        yield index, tuple(i * c for i, c in zip(index, chunk, strict=True))
+
+
+def chunk_pieces(chunk: tuple[int, ...], begin, end, at):
+    """For each chunk overlapping [begin, end): its index, where its part goes in an output
+    holding [begin, end) at offset ``at``, and where that part is within the chunk."""
+    for index, origin in chunks_of(chunk, begin, end):
+        lo = [max(b, o) for b, o in zip(begin, origin, strict=True)]
+        hi = [min(e, o + c) for e, o, c in zip(end, origin, chunk, strict=True)]
+        dst = tuple(
+            slice(a - b + t, z - b + t) for a, z, b, t in zip(lo, hi, begin, at, strict=True)
+        )
+        src = tuple(slice(a - o, z - o) for a, z, o in zip(lo, hi, origin, strict=True))
+        yield index, dst, src
 
 
 class RawChunks:
@@ -52,22 +80,10 @@ class RawChunks:
     def _file(self, index: tuple[int, ...]) -> Path:
         return self.path.joinpath("c", *map(str, index))
 
-    def _chunks(self, begin, end):
-        """Each chunk overlapping [begin, end) (all axes): its index and its own begin."""
-        ranges = [range(b // c, -(-e // c)) for b, e, c in zip(begin, end, self.chunk, strict=True)]
-        for index in product(*ranges):
-            yield index, tuple(i * c for i, c in zip(index, self.chunk, strict=True))
-
     def read_into(self, out: np.ndarray, at: tuple[int, ...], begin, end) -> None:
         """Copy the array's [begin, end) (all axes) into ``out`` at offset ``at``; a chunk never
         written reads as the fill value."""
-        for index, origin in self._chunks(begin, end):
-            lo = [max(b, o) for b, o in zip(begin, origin, strict=True)]
-            hi = [min(e, o + c) for e, o, c in zip(end, origin, self.chunk, strict=True)]
-            dst = tuple(
-                slice(a - b + t, z - b + t) for a, z, b, t in zip(lo, hi, begin, at, strict=True)
-            )
-            src = tuple(slice(a - o, z - o) for a, z, o in zip(lo, hi, origin, strict=True))
+        for index, dst, src in chunk_pieces(self.chunk, begin, end, at):
             try:
                 fd = os.open(self._file(index), os.O_RDONLY)
             except FileNotFoundError:
@@ -93,7 +109,7 @@ class RawChunks:
         """Write ``data`` at ``begin`` (whole chunks: ``whole_chunks``), a chunk file each."""
         data = np.asarray(data, dtype=self._numpy_dtype)
         end = [b + n for b, n in zip(begin, data.shape, strict=True)]
-        for index, origin in self._chunks(begin, end):
+        for index, origin in chunks_of(self.chunk, begin, end):
             part = tuple(
                 slice(o - b, min(o + c, e) - b)
                 for o, b, c, e in zip(origin, begin, self.chunk, end, strict=True)

@@ -23,9 +23,10 @@ import tensorstore as ts
 
 from tera_pipeline.core.errors import TeraError
 from tera_pipeline.core.geometry import Box, Shape, rolled_pieces
-from tera_pipeline.storage import ownership
+from tera_pipeline.storage import cached_shards, ownership
 from tera_pipeline.storage.atomic import write_json
-from tera_pipeline.storage.raw_chunks import RawChunks, is_raw
+from tera_pipeline.storage.cached_shards import CachedShards
+from tera_pipeline.storage.raw_chunks import RawChunks, default_keys, is_raw
 
 SCRATCH = "_scratch"
 
@@ -109,36 +110,29 @@ def create_array(root: Path, spec: ArraySpec) -> ts.TensorStore:
     return ts.open(full, create=True, delete_existing=True).result()
 
 
-Array = ts.TensorStore | RawChunks
-"""An open array: TensorStore's handle, or the direct reader and writer of raw chunks."""
+Array = ts.TensorStore | RawChunks | CachedShards
+"""An open array: TensorStore's handle, the direct reader and writer of raw chunks, or the
+reader of decoded shards kept in memory."""
 
 
 @lru_cache(maxsize=64)
 def _open_cached(path: str, inode: int, mtime_ns: int, cache_bytes: int) -> Array:
-    spec = _tensorstore_spec(Path(path))
-    if cache_bytes:
-        return ts.open(spec, context=_shared_cache(cache_bytes), open=True).result()
-    handle = ts.open(spec, open=True).result()
+    handle = ts.open(_tensorstore_spec(Path(path)), open=True).result()
     meta = read_meta(Path(path) / "zarr.json")
-    if not is_raw(meta):
-        return handle
-    chunk = meta["chunk_grid"]["configuration"]["chunk_shape"]
-    return RawChunks(Path(path), handle, tuple(chunk), handle.fill_value)
-
-
-@lru_cache(maxsize=4)
-def _shared_cache(total_bytes: int) -> ts.Context:
-    """One pool of decoded chunks for every cached handle of the process, so the memory stays
-    ``total_bytes`` however many jobs a long-lived worker reads; each read still checks that
-    its chunk is unchanged on disk."""
-    return ts.Context({"cache_pool": {"total_bytes_limit": total_bytes}})
+    chunk = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+    if cache_bytes and default_keys(meta):
+        return CachedShards(Path(path), handle, chunk, cache_bytes)
+    if not cache_bytes and is_raw(meta):
+        return RawChunks(Path(path), handle, chunk, handle.fill_value)
+    return handle
 
 
 def open_array(root: Path, name: str, cache_bytes: int = 0) -> Array:
     """Open an existing array. Handles are cached per process, keyed by the array's metadata
     file as it is now (one ``stat``): an array written again since is opened afresh. With
-    ``cache_bytes``, reads share a process-wide pool of that many bytes of decoded chunks, for
-    an array read many times (the conditioning, by every denoising step). An array of raw
+    ``cache_bytes``, an array read many times and written by no one meanwhile (the conditioning,
+    by every denoising step) is read from a process-wide pool of that many bytes of decoded
+    shards (``CachedShards``). An array of raw
     chunks (uncompressed scratch) opens as ``RawChunks``, read and written directly."""
     path = os.path.abspath(os.path.join(root, name))
     try:
@@ -151,8 +145,9 @@ def open_array(root: Path, name: str, cache_bytes: int = 0) -> Array:
 
 
 def forget_handles() -> None:
-    """Drop cached handles (after arrays were deleted or recreated)."""
+    """Drop cached handles and decoded shards (after arrays were deleted or recreated)."""
     _open_cached.cache_clear()
+    cached_shards.forget()
 
 
 def read_box(
@@ -168,7 +163,7 @@ def read_box(
     lead = tuple(array.shape[: array.rank - box.ndim])
     shape = tuple(array.shape[array.rank - box.ndim :])
     pieces = rolled_pieces(box, shape, wrap or (False,) * box.ndim, frame or (0,) * box.ndim)
-    if isinstance(array, RawChunks):
+    if isinstance(array, (RawChunks, CachedShards)):
         shape_out, dtype = (*lead, *box.shape), array.dtype.numpy_dtype
         covered = sum(place.size for _, place in pieces) == box.size
         values = np.empty(shape_out, dtype) if covered else np.full(shape_out, fill, dtype)
@@ -195,7 +190,7 @@ def write_box(array: Array, box: Box, data: np.ndarray, crc: int = 0) -> int:
     if isinstance(array, RawChunks) and array.whole_chunks(begin, end):
         array.write(begin, data)
     else:
-        handle = array.handle if isinstance(array, RawChunks) else array
+        handle = array if isinstance(array, ts.TensorStore) else array.handle
         handle[(Ellipsis, *box.slices())].write(data).result()
     return zlib.crc32(data, crc)
 
