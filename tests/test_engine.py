@@ -223,6 +223,8 @@ def test_same_output_whatever_blocks_workers_order(invariance_job, tmp_path, cli
     reports = [lifecycle.conditioning_pass(reversed_job, client)]
     for step in range(reversed_job.diffusion.steps):
         reports.append(lifecycle.denoise_step(reversed_job, ckpt, step, client, indices=order))
+    if frames.unrolls(reversed_job):  # the last step rolled: the image phase, reversed too
+        reports.append(lifecycle.image_pass(reversed_job, client, indices=order))
     lifecycle.finalize_store(reversed_job, reports)
     third = image(reversed_job)
 

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tera_pipeline.core import errors
+from tera_pipeline.core import errors, frames
 from tera_pipeline.core.cluster_spec import ClusterSpec
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.geometry import Box
@@ -106,10 +106,10 @@ def test_flow_killed_then_resumed_and_locks(tmp_path, tiny_checkpoint, reference
     )
     try:
         deadline = time.time() + 240
-        while time.time() < deadline:  # wait until step 2 is part-way done
+        while time.time() < deadline:  # wait until step 2 has begun and step 3 is not done
             if (out / ledger.LEDGER / "zarr.json").is_file():
                 counts = _phase_counts(out)
-                if 0 < counts[2] < 27:
+                if counts[2] > 0 and counts[3] < 27:
                     break
             time.sleep(0.05)
         else:
@@ -165,6 +165,7 @@ def test_write_failure_stops_then_resume_completes(tmp_path, tiny_checkpoint, re
         }
     )
     lifecycle.prepare_store(config)
+    assert frames.unrolls(config)  # the image is written by the image phase after step 4
     blocker = out / layout.IMAGE / "c"
     blocker.write_text("not a directory")  # every write of the final image fails (ENOTDIR)
     from tera_pipeline.runtime.cluster import cluster_client as make
@@ -172,13 +173,11 @@ def test_write_failure_stops_then_resume_completes(tmp_path, tiny_checkpoint, re
     with make(ClusterSpec(kind="local", workers=2, dashboard_address=":0")) as client:
         ckpt = predictor.resolve_checkpoint(config)
         lifecycle.conditioning_pass(config, client)
-        for step in range(3):
+        for step in range(4):
             lifecycle.denoise_step(config, ckpt, step, client)
-        with pytest.raises(
-            errors.GenerationError, match=r"step 4/4: block \(\d+, \d+, \d+\) failed"
-        ):
-            lifecycle.denoise_step(config, ckpt, 3, client)
-    assert _phase_counts(out)[:4] == [27, 27, 27, 27] and _phase_counts(out)[4] == 0
+        with pytest.raises(errors.GenerationError, match=r"image: block \(\d+, \d+, \d+\) failed"):
+            lifecycle.image_pass(config, client)
+    assert _phase_counts(out)[:5] == [27] * 5 and _phase_counts(out)[5] == 0
     blocker.unlink()  # the cause is gone
     result = runner.invoke(app, [*job_args, "--resume"])
     assert result.exit_code == 0, result.output

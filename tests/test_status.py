@@ -8,6 +8,7 @@ import re
 from typer.testing import CliRunner
 
 from flows.cli import app
+from tera_pipeline.core import frames
 from tera_pipeline.evaluation.figures import markdown, run_figures
 from tera_pipeline.generation import lifecycle
 from tera_pipeline.storage import ledger
@@ -53,7 +54,8 @@ def test_status_of_a_finished_job_shows_phase_times(small_job, client):
     result = runner.invoke(app, ["status", str(small_job.out)])
     print(result.output)
     assert f"{small_job.out}: complete" in result.output
-    assert len(re.findall(r"27/27 +#{20}  took \d+\.\d s", result.output)) == 4
+    phases = 1 + small_job.diffusion.steps + frames.unrolls(small_job)  # and the image phase
+    assert len(re.findall(r"27/27 +#{20}  took \d+\.\d s", result.output)) == phases
     e = small_job.evaluations_per_voxel()  # over the lattices of the steps
     steps = small_job.diffusion.steps
     assert f"cost: E = {round(e, 3):g} patch evaluations per voxel and step" in result.output

@@ -147,6 +147,11 @@ class StorageSpec(Section):
     is wrapped on every axis and blocks are whole patches (``core.frames``): a block then reads
     one box and computes all its patches itself, with no halo and no seam files. Scratch only:
     the image is the same bitwise."""
+    final_step_rolled: bool = True
+    """The last step computes in its lattice's frame too (where ``scratch_rolled`` rolls the
+    others), its image stored rolled in scratch, and an image phase writes the image in place
+    (``core.frames``): no halo and no seam files at the last step either. The image is the same
+    bitwise."""
     scratch_codec: Literal["zstd", "lz4", "none"] = "none"
     """Compressor of the scratch state between steps. None by default: a block reads its state
     rolled against the shards, decoding up to 2.8 times its bytes (20.5 ns a voxel with zstd,
@@ -302,12 +307,16 @@ class JobConfig(Section):
     def from_record(cls, data: dict) -> JobConfig:
         """The job as a store recorded it: fields added since keep the value the store was
         written with (a lattice recorded before ``lattice.wrap`` existed did not wrap; scratch
-        recorded before ``storage.scratch_rolled`` was not rolled)."""
+        recorded before ``storage.scratch_rolled`` was not rolled, and a last step recorded
+        before ``storage.final_step_rolled`` was computed in the volume's frame)."""
         lattice, storage = data.get("lattice"), data.get("storage")
         if isinstance(lattice, dict) and "wrap" not in lattice:
             data = {**data, "lattice": {**lattice, "wrap": False}}
         if isinstance(storage, dict) and "scratch_rolled" not in storage:
             data = {**data, "storage": {**storage, "scratch_rolled": False}}
+        storage = data.get("storage")
+        if isinstance(storage, dict) and "final_step_rolled" not in storage:
+            data = {**data, "storage": {**storage, "final_step_rolled": False}}
         return cls.model_validate(data)
 
     @classmethod

@@ -7,7 +7,9 @@ a positive window normalised by the summed weights, applies the DDIM update to i
 the core (one whole shard) to the other scratch array; the last step writes the uint8 image.
 Where the step's lattice tiles the volume's torus and blocks are whole patches, a block instead
 computes its core moved by the lattice's offset (whole patches: no halo, no seam file) and the
-state is stored rolled by that offset (``tera_pipeline.core.frames``); the last step never rolls.
+state is stored rolled by that offset (``tera_pipeline.core.frames``); a last step so computed
+stores its image rolled, and the image phase (``generation.image_phase``) writes each block's
+core of it in place.
 The initial noise is a pure function of (seed, position) and is never stored. Because patches sit
 on a global lattice, every voxel sees exactly the patches of whole-volume sampling: the result
 does not depend on block size, worker count or order.
@@ -32,6 +34,7 @@ from tera_pipeline.core.geometry import Box, bin_box, bounding_box, rolled_piece
 from tera_pipeline.core.intensity import to_uint8
 from tera_pipeline.core.noise import position_noise
 from tera_pipeline.generation.blending import Accumulator, patch_window
+from tera_pipeline.generation.image_phase import image_read
 from tera_pipeline.generation.predictor import get_predictor, schedule_of
 from tera_pipeline.generation.seams import SeamPlan
 from tera_pipeline.generation.seams import fetch as fetch_seams
@@ -49,16 +52,16 @@ from tera_pipeline.storage.layout import (
     CONDITIONING,
     IMAGE,
     PREVIOUS_X0,
+    ROLLED_IMAGE,
     STATES,
     job_genes,
     scratch_arrays,
 )
 
 COND_CACHE_BYTES = 64 << 20
-"""Decoded conditioning kept per worker (TensorStore's cache, each chunk checked against its
-file at every read): a block's gene windows reach into its neighbours' shards, which the
-blocks after it in the same step read again. A block's read drops from 4.3 ms to 1.7 ms
-(16 x 128 x 128, the default model)."""
+"""Decoded conditioning kept per worker (``storage.cached_shards``, each shard checked against
+its file at every read): a block's gene windows reach into its neighbours' shards, which the
+blocks after it, in this step and the next ones, read again."""
 
 
 def rasterize_block(config: JobConfig, index: tuple[int, ...]) -> BlockStats:
@@ -212,7 +215,13 @@ def _read_state(root: Path, step: int, span: Box, box: Box, wrap, frame) -> np.n
 
 def state_reads(config: JobConfig, step: int, index: tuple[int, ...]) -> list[Box]:
     """Where in the stored state block ``index`` reads at ``step`` (storage boxes; at most its
-    halo span, moved by the state's roll)."""
+    halo span, moved by the state's roll; at ``step = steps``, the image phase's reads of the
+    last step's image)."""
+    if step == config.diffusion.steps:
+        box, wrap = image_read(config, index)
+        frame = frames.state_frame(config, step)
+        volume = config.volume.shape
+        return [stored for stored, _ in rolled_pieces(box, volume, wrap, frame)]
     grid = config.grid(step)
     _, span = read_span(grid, frames.computed_box(config, step, grid.block(index).core))
     wrap, frame = grid.lattice.wrap_axes(grid.volume), frames.state_frame(config, step)
@@ -314,11 +323,13 @@ def _assemble(config: JobConfig, grid, inputs: _StepInputs, preds: torch.Tensor,
 def _write_update(
     config: JobConfig, step: int, core: Box, x_next: torch.Tensor, x0: torch.Tensor
 ) -> int:
-    """Write the updated core to the next scratch state (the last step: the uint8 image), and
+    """Write the updated core to the next scratch state (the last step: the uint8 image, or
+    the image stored rolled), and
     the core's x0 prediction when the next step's sampler needs it; returns the digest."""
     root = Path(config.out)
-    if step == config.diffusion.steps - 1:
-        return store.write_box(store.open_array(root, IMAGE), core, to_uint8(x_next.cpu().numpy()))
+    if step == config.diffusion.steps - 1:  # the image, or the image stored rolled
+        image = store.open_array(root, ROLLED_IMAGE if frames.rolls(config, step) else IMAGE)
+        return store.write_box(image, core, to_uint8(x_next.cpu().numpy()))
     phase = step + 1
     state = store.open_array(root, STATES[phase % 2])
     digest = store.write_box(state, core, _host(x_next, state))

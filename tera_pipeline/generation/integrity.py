@@ -4,7 +4,8 @@ Each finished block's digest (CRC-32 of the bytes it wrote) is in the ledger's `
 ``verify`` reads the blocks back and names every block that is missing (a deleted shard reads
 as fill), unreadable (a truncated shard) or different, and every array whose metadata cannot be
 read. What is checked: the conditioning (phase 0), and the latest output of the denoising: the
-image for blocks of the last step, the state of the last steps while scratch exists.
+image for blocks of its phase (the last step, or the image phase where the last step rolled),
+the state (or the rolled image) of the last phases while scratch exists.
 ``quick`` reads one voxel per block (enough to find deleted or truncated shards) for the
 analyses.
 
@@ -12,7 +13,8 @@ analyses.
 them: array metadata is rewritten from the job's layout (shards untouched); conditioning blocks
 are rasterised again; a bad image block of a finished store is recomputed from the initial
 noise over its dependency cone (at step k, every block whose core the step k + 1 cone reads:
-the exact halo); in an unfinished run, bad scratch restarts the denoising from step 1.
+the exact halo; the image phase's rolled reads); in an unfinished run, bad scratch restarts the
+denoising from step 1.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tera_pipeline.core import frames
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.errors import TeraError
 from tera_pipeline.core.geometry import Box, bin_box
@@ -52,6 +55,7 @@ class Damage:
         for phase, bad in sorted(self.blocks.items()):
             if bad:
                 what = "conditioning" if phase == 0 else f"step {phase}/{steps}"
+                what = "image phase" if phase > steps else what
                 shown = ", ".join(str(b) for b in bad[:4]) + (" ..." if len(bad) > 4 else "")
                 parts.append(f"{what}: {len(bad)} block(s) {shown}")
         return "; ".join(parts)
@@ -59,11 +63,11 @@ class Damage:
 
 def _outputs(config: JobConfig, phase: int, root: Path) -> list[tuple[str, callable]]:
     """(array, box of a block) that ``phase`` wrote, as they are still expected on disk."""
-    steps, b = config.diffusion.steps, config.conditioning.bin
+    b = config.conditioning.bin
     if phase == 0:
         return [(layout.CONDITIONING, lambda core: bin_box(core, b)),
                 (layout.CELL_COUNT, lambda core: bin_box(core, b))]  # fmt: skip
-    if phase == steps:
+    if phase == frames.image_phase(config):
         return [(layout.IMAGE, lambda core: core)]
     return [(name, lambda core: core) for name in layout.scratch_arrays(config, phase)]
 
@@ -71,19 +75,20 @@ def _outputs(config: JobConfig, phase: int, root: Path) -> list[tuple[str, calla
 def _phases_to_check(config: JobConfig, root: Path) -> list[int]:
     """Conditioning, the image, and while scratch exists the last two denoising phases (older
     states have been overwritten by design)."""
-    steps = config.diffusion.steps
+    image = frames.image_phase(config)
     progress = ledger.progress(root)
-    phases = [0, steps]
+    phases = [0, image]
     if (root / layout.STATES[0] / "zarr.json").is_file():
-        started = [p for p in range(1, steps) if progress[p][0]]
+        started = [p for p in range(1, image) if progress[p][0]]
         phases += started[-2:]
     return sorted(set(phases))
 
 
 def verify(config: JobConfig, quick: bool = False, phases: list[int] | None = None) -> Damage:
     """Check every finished block of the phases whose output is still on disk (or of those of
-    ``phases``: 0 the conditioning, ``steps`` the image)."""
+    ``phases``: 0 the conditioning, ``frames.image_phase`` the image)."""
     root = Path(config.out)
+    config = ledger.as_laid_out(config, root)
     grid = config.grid()
     damage = Damage()
     store.forget_handles()
@@ -126,7 +131,8 @@ def require_intact(
 ) -> None:
     """Raise ``IntegrityError`` naming the bad blocks of what the caller reads (analyses call
     this before reading: the image, the conditioning, or both)."""
-    phases = [config.diffusion.steps] * image + [0] * conditioning
+    phases = [frames.image_phase(ledger.as_laid_out(config, config.out))] * image
+    phases += [0] * conditioning
     damage = verify(config, quick=quick, phases=phases)
     if damage:
         raise IntegrityError(
@@ -160,19 +166,21 @@ def rewrite_metadata(config: JobConfig, names: list[str]) -> None:
 
 
 def cone(config: JobConfig, bad: list[Index]) -> list[list[Index]]:
-    """Per step k (0 ... steps - 1), the blocks to recompute so that the last step rewrites
-    exactly ``bad``: the blocks whose cores the next step's blocks read (their halo spans)."""
-    steps = config.diffusion.steps
-    cones: list[set[Index]] = [set() for _ in range(steps)]
+    """Per step k (0 ... steps - 1, then the image phase where the last step rolled), the blocks
+    to recompute so that the last of them rewrites exactly the image blocks ``bad``: the blocks
+    whose cores the next one's blocks read (their halo spans, or rolled boxes)."""
+    phases = frames.image_phase(config)  # steps, and the image phase if any
+    cones: list[set[Index]] = [set() for _ in range(phases)]
     cones[-1] = set(bad)
-    for k in range(steps - 1, 0, -1):
+    for k in range(phases - 1, 0, -1):
         for index in cones[k]:
             cones[k - 1].update(_blocks_read_by(config, index, k))
     return [sorted(c) for c in cones]
 
 
 def _blocks_read_by(config: JobConfig, index: Index, step: int) -> Iterator[Index]:
-    """The blocks whose cores block ``index`` reads at ``step`` (its lattice's halo span)."""
+    """The blocks whose cores block ``index`` reads at ``step`` (its lattice's halo span; at
+    ``step = steps``, the image phase's rolled box)."""
     block = config.storage.block
     for part in block_step.state_reads(config, step, index):
         lo = [s // b for s, b in zip(part.begin, block)]
@@ -185,10 +193,11 @@ def repair(config: JobConfig, client, checkpoint: Path, progress=None) -> Damage
     root = Path(config.out)
     if not ledger.created(root):
         return Damage()
+    config = ledger.as_laid_out(config, root)
     damage = verify(config)
     if not damage:
         return damage
-    steps = config.diffusion.steps
+    image = frames.image_phase(config)
     if damage.arrays:
         rewrite_metadata(config, damage.arrays)
         damage = verify(config)
@@ -198,18 +207,21 @@ def repair(config: JobConfig, client, checkpoint: Path, progress=None) -> Damage
     scratch = (root / layout.STATES[0] / "zarr.json").is_file()
     bad_steps = {p: b for p, b in damage.blocks.items() if p > 0 and b}
     if scratch and bad_steps:
-        if set(bad_steps) == {steps}:
-            ledger.unmark(root, steps, bad_steps[steps])  # their last step runs again
+        if set(bad_steps) == {image}:
+            ledger.unmark(root, image, bad_steps[image])  # their last phase runs again
         else:
-            for p in range(1, steps + 1):  # an overwritten state cannot be rebuilt block-wise
+            for p in range(1, image + 1):  # an overwritten state cannot be rebuilt block-wise
                 ledger.unmark(root, p, list(_all_blocks(config)))
-    elif bad_steps.get(steps):
+    elif bad_steps.get(image):
         genes = layout.job_genes(root)
         for spec in layout.array_specs(config, genes):
             if spec.name.startswith(f"{store.SCRATCH}/"):
                 store.create_array(root, spec)
-        for step, blocks in enumerate(cone(config, bad_steps[steps])):
-            lifecycle.denoise_step(config, checkpoint, step, client, progress, indices=blocks)
+        for phase, blocks in enumerate(cone(config, bad_steps[image])):
+            if phase < config.diffusion.steps:
+                lifecycle.denoise_step(config, checkpoint, phase, client, progress, indices=blocks)
+            else:
+                lifecycle.image_pass(config, client, progress, indices=blocks)
     return damage
 
 

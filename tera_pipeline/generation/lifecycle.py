@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from models.checkpoint_files import file_digest, read_metadata
+from tera_pipeline.core import frames
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.errors import GenerationError, RunStopped
 from tera_pipeline.generation.block_step import denoise_block, rasterize_block
+from tera_pipeline.generation.image_phase import unroll_block
 from tera_pipeline.generation.predictor import check_checkpoint, resolve_checkpoint
 from tera_pipeline.inputs.conditioning import CELLS_DIR, open_source
 from tera_pipeline.inputs.partition import PartitionedSource, partition
@@ -212,6 +214,15 @@ def denoise_step(
     )
 
 
+def image_pass(
+    config: JobConfig, client, progress: Progress | None = None, indices: Blocks | None = None
+) -> PhaseReport:
+    """The image phase, where the last step rolled: each block's core of the last step's image,
+    stored rolled, written in place."""
+    row = frames.image_phase(config)
+    return _run_phase(config, client, row, "image", unroll_block, (config,), progress, indices)
+
+
 def _run_phase(config, client, row, phase, fn, args, progress, indices) -> PhaseReport:
     """Run one phase's blocks; the ledger records each finished block (and skips done ones)."""
     root = Path(config.out)
@@ -267,14 +278,18 @@ def run_phases(
     run: PhaseRunner = _direct,
 ) -> list[PhaseReport]:
     """The job's phases in order: conditioning, every DDIM step (a barrier between steps), the
-    pyramid (multiscale levels and OME-NGFF metadata), the finished store. Each phase computes
-    only the blocks its ledger row does not record as done."""
+    image phase where the last step rolled, the pyramid (multiscale levels and OME-NGFF
+    metadata), the finished store. Each phase computes only the blocks its ledger row does not
+    record as done."""
     from tera_pipeline.generation.pyramid import build as build_pyramid
 
+    config = ledger.as_laid_out(config, Path(config.out))
     reports = [run("conditioning", lambda: conditioning_pass(config, client, progress))]
     for step in range(config.diffusion.steps):
         phase = partial(denoise_step, config, checkpoint, step, client, progress)
         reports.append(run(f"denoise step {step + 1}", phase))
+    if frames.unrolls(config):
+        reports.append(run("image", lambda: image_pass(config, client, progress)))
     run("pyramid", lambda: build_pyramid(config, client, progress))
     run("finalize", lambda: finalize_store(config, reports))
     return reports

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tera_pipeline.core import frames
 from tera_pipeline.core.config import JobConfig, VolumeSpec
 from tera_pipeline.core.geometry import Box, bin_box
 from tera_pipeline.storage import store
@@ -22,10 +23,16 @@ STATES = (f"{store.SCRATCH}/state0", f"{store.SCRATCH}/state1")
 """The sampling state, ping-pong: phase p (after step p - 1) writes ``STATES[p % 2]``."""
 PREVIOUS_X0 = (f"{store.SCRATCH}/x0_0", f"{store.SCRATCH}/x0_1")
 """DPM-Solver++'s x0 predictions, beside the state: phase p writes ``PREVIOUS_X0[p % 2]``."""
+ROLLED_IMAGE = f"{store.SCRATCH}/image"
+"""The last step's uint8 image, stored rolled (``core.frames``) until the image phase writes
+the image in place."""
 
 
 def scratch_arrays(config: JobConfig, phase: int) -> list[str]:
-    """The scratch arrays that denoising phase ``phase`` (1 .. steps - 1) writes."""
+    """The scratch arrays that denoising phase ``phase`` (1 .. steps - 1; steps where the last
+    step rolls) writes."""
+    if phase == config.diffusion.steps and frames.unrolls(config):
+        return [ROLLED_IMAGE]
     names = [STATES[phase % 2]]
     if config.diffusion.keeps_previous_x0 and phase < config.diffusion.steps - 1:
         names.append(PREVIOUS_X0[phase % 2])
@@ -88,6 +95,10 @@ def array_specs(config: JobConfig, genes: Sequence[str]) -> list[store.ArraySpec
                 sharded=st.scratch_codec != "none",
             )
         )
+    if frames.unrolls(config):  # raw chunks of one block each, read and written directly
+        shape = (c, *st.shard_shape)
+        specs.append(store.ArraySpec(ROLLED_IMAGE, (c, *vol), "uint8", ("c", "z", "y", "x"),
+                                     shape, shape, codec="none", sharded=False))  # fmt: skip
     return specs
 
 

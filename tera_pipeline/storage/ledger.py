@@ -1,7 +1,8 @@
 """Done-block records of a job, kept in its store.
 
 The ledger is a chunked uint8 array ``_ledger`` of shape (phases, *block grid): phase 0 is the
-conditioning pass, phase k + 1 is DDIM step k; 1 marks a block whose output is fully written. Its
+conditioning pass, phase k + 1 is DDIM step k, and where the last step rolls (``core.frames``)
+phase steps + 1 is the image phase; 1 marks a block whose output is fully written. Its
 attributes hold a hash of everything that decides the output bytes, so a resume under another
 layout or config is refused with the fields that differ. (The run holding the store is named by
 its lock, ``storage.lock``.)
@@ -33,8 +34,9 @@ DIGESTS = "_digests"
 # Fields that do not change the output bytes: where it goes and how it is scheduled.
 _IGNORED = {"out", "cluster", "blocks_in_flight", "retries", "share_seams", "workers_lost_s",
             "check_disk_space"}  # fmt: skip
-_IGNORED_FIELDS = {("storage", "scratch_codec")}
-"""Fields of sections that do not change the output bytes either (scratch is lossless)."""
+_IGNORED_FIELDS = {("storage", "scratch_codec"), ("storage", "final_step_rolled")}
+"""Fields of sections that do not change the output bytes either (scratch is lossless; where
+the last step computes, the ledger's rows say: ``as_laid_out``)."""
 LATER_DEFAULTS = {
     ("lattice", "mode"): "overlapped",
     ("lattice", "overlapped_final_steps"): 0,
@@ -93,12 +95,27 @@ def _flat(data: dict, prefix: str = "") -> dict:
 
 def create(root: Path, config: JobConfig, identity: dict) -> None:
     """The ledger (first array of a new store: it proves the store is ours) and the digests."""
-    shape = (config.diffusion.steps + 1, *config.grid().shape)
+    shape = (frames.image_phase(config) + 1, *config.grid().shape)
     chunk = (1, *(min(n, 64) for n in config.grid().shape))
     dims = ("phase", "zblock", "yblock", "xblock")
     attrs = {"identity": identity, "hash": identity_hash(identity), "created": False}
     store.create_array(root, store.ArraySpec(LEDGER, shape, "uint8", dims, chunk, attributes=attrs))
     store.create_array(root, store.ArraySpec(DIGESTS, shape, "uint32", dims, chunk))
+
+
+def as_laid_out(config: JobConfig, root: Path) -> JobConfig:
+    """``config`` as its store is laid out: the last step rolls where the ledger has a row for
+    the image phase, and computes in the volume's frame where it has not (a store begun before
+    the image phase existed, or with ``storage.final_step_rolled`` off)."""
+    path = Path(root) / LEDGER / "zarr.json"
+    if not path.is_file():  # no store yet: laid out as configured
+        return config
+    meta = store.read_meta(path)
+    image_row = meta["shape"][0] == config.diffusion.steps + 2
+    if image_row == frames.unrolls(config):
+        return config
+    storage = config.storage.model_copy(update={"final_step_rolled": image_row})
+    return config.model_copy(update={"storage": storage})
 
 
 def set_created(root: Path) -> None:

@@ -21,12 +21,14 @@ def job_status(root: Path) -> dict:
     if not isinstance(attrs, dict):
         raise store.StoreError(f"{root} is not a tera-pipeline store")
     steps = attrs["config"]["diffusion"]["steps"]
-    names = ["conditioning", *(f"step {k + 1}/{steps}" for k in range(steps))]
+    progress = ledger.progress(root)
+    names = ["conditioning", *(f"step {k + 1}/{steps}" for k in range(steps)), "image"]
+    names = names[: len(progress)]  # the image phase where the last step rolled
     last = _last_block_times(root, len(names))
     walls = {p["phase"]: p["wall_s"] for p in attrs.get("run", {}).get("phases", [])}
     phases = [
         {"phase": n, "done": d, "total": t, "last_block": last[i], "wall_s": walls.get(n)}
-        for i, (n, (d, t)) in enumerate(zip(names, ledger.progress(root)))
+        for i, (n, (d, t)) in enumerate(zip(names, progress, strict=True))
     ]
     holder, lock_problem = _holder(root)
     state = attrs.get("status", "unknown")
