@@ -119,13 +119,14 @@ def run_blocks(
     indices: Iterable[tuple[int, ...]],
     total: int,
     phase: str,
-    in_flight: int,
+    in_flight: int | None,
     progress: Progress | None = None,
     on_done: OnDone | None = None,
     retries: int = 0,
     workers_lost_s: float = WORKERS_LOST_S,
 ) -> PhaseReport:
-    """Run ``fn(*args, index)`` for every block on the Dask client, at most ``in_flight`` at once.
+    """Run ``fn(*args, index)`` for every block on the Dask client, at most ``in_flight`` at once
+    (None: 4 per worker).
 
     Blocks are drawn lazily from ``indices``, so the grid is never materialised as a task list.
     The first failing block raises with its coordinates, and so does a cluster left without any
@@ -234,7 +235,7 @@ class _WorkerWatchdog:
     def __init__(self, client, limit_s: float, phase: str) -> None:
         self.client, self.limit_s, self.phase = client, limit_s, phase
         self.since: float | None = None
-        self.last_check = 0.0
+        self.last_check = time.monotonic()  # the first look a second in
 
     def check(self) -> None:
         now = time.monotonic()
@@ -257,9 +258,9 @@ _SATURATED: weakref.WeakSet = weakref.WeakSet()
 """Clients whose scheduler ``_assign_on_demand`` has set to assign on demand."""
 
 
-def _assign_on_demand(client, total: int, in_flight: int) -> tuple[int, int]:
+def _assign_on_demand(client, total: int, in_flight: int | None) -> tuple[int, int]:
     """Have each task go to the first worker with a free thread; returns the in-flight bound
-    and the cluster's threads.
+    (``in_flight``, or 4 per worker) and the cluster's threads, from one look at the cluster.
 
     Dask deals tasks out to workers in advance: a group of more than twice the threads is queued
     but each worker still gets ``ceil(1.1 x threads)`` (its default worker-saturation), and a
@@ -275,9 +276,10 @@ def _assign_on_demand(client, total: int, in_flight: int) -> tuple[int, int]:
             _SATURATED.add(client)
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
         threads = sum(w.get("nthreads", 1) for w in workers) or 1
+        in_flight = in_flight or 4 * max(1, len(workers))
     except Exception as err:  # a scheduler that refuses: keep its own policy
         log.warning("could not set the scheduler's worker-saturation: %s", err)
-        return in_flight, 1
+        return in_flight or 4, 1
     return (min(in_flight, threads) if total <= 2 * threads else in_flight), threads
 
 
@@ -307,7 +309,7 @@ def run_task(
         task.indices,
         task.total,
         task.name,
-        in_flight(job, client),
+        job.blocks_in_flight or None,  # None: 4 per worker, counted with the threads
         progress,
         on_done=task.on_done,
         retries=job.retries,

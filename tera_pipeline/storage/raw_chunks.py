@@ -75,10 +75,11 @@ class RawChunks:
         self.rank = handle.rank
         self.dtype = handle.dtype
         self._numpy_dtype = np.dtype(handle.dtype.numpy_dtype).newbyteorder("<")
-        self._folders: set[Path] = set()
+        self._folders: set[str] = set()
+        self._chunk_root = os.path.join(path, "c")
 
-    def _file(self, index: tuple[int, ...]) -> Path:
-        return self.path.joinpath("c", *map(str, index))
+    def _file(self, index: tuple[int, ...]) -> str:
+        return os.path.join(self._chunk_root, *map(str, index))
 
     def read_into(self, out: np.ndarray, at: tuple[int, ...], begin, end) -> None:
         """Copy the array's [begin, end) (all axes) into ``out`` at offset ``at``; a chunk never
@@ -123,9 +124,10 @@ class RawChunks:
 
     def _write_chunk(self, index: tuple[int, ...], values: np.ndarray) -> None:
         path = self._file(index)
-        if path.parent not in self._folders:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._folders.add(path.parent)
+        folder = os.path.dirname(path)
+        if folder not in self._folders:
+            os.makedirs(folder, exist_ok=True)
+            self._folders.add(folder)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             os.pwrite(fd, memoryview(values).cast("B"), 0)
