@@ -51,7 +51,7 @@ def _generate(job: JobConfig, client) -> dict:
     t0 = time.perf_counter()
     reports = lifecycle.generate(job, client)
     wall = time.perf_counter() - t0
-    steps = [r for r in reports if r.phase.startswith("step")]
+    steps = [r for r in reports if r.phase.startswith("step") or r.phase == "image"]
     steps_s = sum(r.wall_s for r in steps)
     voxels = int(np.prod(job.volume.shape))
     return {

@@ -12,10 +12,13 @@ Each engine runs in its default lattice.
 With ``--engine-at REV`` the same is measured, in the same run, for the engine of a git
 revision (default: the one issue 17 was filed against), checked out in a temporary worktree
 and run in a child process with that worktree first on its path; the ratio of the two is
-printed per block size.
+printed per block size. Each engine's zero-cost job runs ``--repeats`` times on its cluster
+(fresh stores); the fastest run counts (the others are printed): on a shared machine other
+work only ever adds time.
 
     python benchmarks/engine_ceiling.py [--shape 16,256,256] [--blocks 16,128,128 16,64,64]
                                         [--steps 2] [--workers 2] [--engine-at a786214]
+                                        [--repeats 3]
 """
 
 from __future__ import annotations
@@ -131,10 +134,17 @@ def _breakdown(run: dict, workers: int, steps: int) -> dict:
 
 
 def measure(
-    shape, blocks, steps: int, workers: int, real_too: bool = True, codecs: tuple = (None,)
+    shape,
+    blocks,
+    steps: int,
+    workers: int,
+    real_too: bool = True,
+    codecs: tuple = (None,),
+    repeats: int = 1,
 ) -> list[dict]:
-    """The zero-cost run (and the real one) at each block size, with the engine on the path;
-    the zero-cost run again with each scratch codec of ``codecs`` (None: the default)."""
+    """The zero-cost run (the fastest of ``repeats``; and the real one) at each block size, with
+    the engine on the path; the zero-cost run again with each scratch codec of ``codecs``
+    (None: the default)."""
     _, ClusterSpec, _, cluster_client = _api()
     voxel_steps = 2 * int(np.prod(shape)) * steps  # two stains
     results = []
@@ -152,8 +162,12 @@ def measure(
                 # the first measured run (which then paid it and the runs after it did not)
                 _run((shape[0], 2 * block[1], 2 * block[2]), block, 1, client, Path(tmp) / "w")
                 for codec in codecs:
-                    out = Path(tmp) / f"zero-{codec or 'default'}.zarr"
-                    zeros[codec] = _run(shape, block, steps, client, out, codec)
+                    runs = [
+                        _run(shape, block, steps, client, Path(tmp) / f"z-{codec}-{r}.zarr", codec)
+                        for r in range(repeats)
+                    ]
+                    zeros[codec] = min(runs, key=lambda run: run["step_wall_s"])
+                    zeros[codec]["step_wall_s_runs"] = [run["step_wall_s"] for run in runs]
         rows = {
             codec: _zero_row(zero, voxel_steps, steps, workers) for codec, zero in zeros.items()
         }
@@ -174,6 +188,7 @@ def _zero_row(zero: dict, voxel_steps: int, steps: int, workers: int) -> dict:
     per_worker = voxel_steps / (zero["step_wall_s"] * steps) / workers
     return {
         "step_wall_s": zero["step_wall_s"],
+        "step_wall_s_runs": zero.get("step_wall_s_runs", [zero["step_wall_s"]]),
         "voxel_steps_per_s_per_worker": round(per_worker),
         "ns_per_voxel_step_per_worker": round(1e9 / per_worker, 1),
         "time_shares": _breakdown(zero, workers, steps),
@@ -191,7 +206,8 @@ def _measure_at(revision: str, args) -> list[dict]:
     try:
         child = subprocess.run(
             [sys.executable, __file__, "--child", "--shape", args.shape, "--blocks", *args.blocks,
-             "--steps", str(args.steps), "--workers", str(args.workers)],
+             "--steps", str(args.steps), "--workers", str(args.workers),
+             "--repeats", str(args.repeats)],
             cwd=work, env=os.environ | {"PYTHONPATH": str(tree)}, capture_output=True,
             text=True, check=True,
         )  # fmt: skip
@@ -213,21 +229,29 @@ def main() -> None:
         "--scratch-codecs", nargs="*", default=["zstd"],
         help="this engine's zero-cost run again with these scratch codecs",
     )  # fmt: skip
+    p.add_argument(
+        "--repeats", type=int, default=3, help="zero-cost runs per engine; the fastest counts"
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
     blocks = [tuple(int(v) for v in text.split(",")) for text in args.blocks]
     if args.child:
-        print(json.dumps(measure(shape, blocks, args.steps, args.workers, real_too=False)))
+        print(
+            json.dumps(
+                measure(shape, blocks, args.steps, args.workers, False, repeats=args.repeats)
+            )
+        )
         return
     before = _measure_at(args.engine_at, args) if args.engine_at else None
     codecs = (None, *(c for c in args.scratch_codecs if c))
-    results = measure(shape, blocks, args.steps, args.workers, codecs=codecs)
+    results = measure(shape, blocks, args.steps, args.workers, codecs=codecs, repeats=args.repeats)
     out = {
         "benchmark": "engine_ceiling",
         "shape": list(shape),
         "steps": args.steps,
         "workers": args.workers,
+        "repeats": args.repeats,
         "load_average": os.getloadavg(),
         "results": results,
     }
