@@ -315,3 +315,21 @@ def test_job_against_an_existing_scheduler_sends_model_tasks_to_gpu_workers(
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=30)
+
+
+def test_the_client_and_scheduler_send_promptly():
+    """The clusters started here send messages after 1 ms, not Dask's 10 ms and 5 ms; so do
+    streams to workers that join later."""
+    from tera_pipeline.runtime.cluster import MESSAGE_INTERVAL_S
+
+    spec = ClusterSpec(kind="local", workers=1, dashboard_address=":0")
+    with cluster_client(spec) as client:
+        assert client.scheduler_comm.interval == MESSAGE_INTERVAL_S
+
+        def intervals(dask_scheduler):
+            return [s.interval for s in dask_scheduler.stream_comms.values()]
+
+        assert client.run_on_scheduler(intervals) == [MESSAGE_INTERVAL_S]
+        client.cluster.scale(2)
+        client.wait_for_workers(2, timeout=60)
+        assert client.run_on_scheduler(intervals) == [MESSAGE_INTERVAL_S] * 2

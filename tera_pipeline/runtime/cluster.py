@@ -27,7 +27,7 @@ from typing import Literal
 import dask
 import yaml
 from distributed import Client, LocalCluster
-from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
 from tera_pipeline.core.cluster_spec import ClusterSpec
 
@@ -116,6 +116,40 @@ class TorchThreads(WorkerPlugin):
             # Ctrl-C in a terminal reaches the whole process group: the driver stops the run
             # and closes the workers in order; a worker must not die mid-block on its own.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+MESSAGE_INTERVAL_S = 0.001
+"""How long the client and the scheduler gather messages before sending them (Dask's own: 10 ms
+and 5 ms). A message sent within that time of the one before waits: the tasks the driver submits
+at the barrier between two steps reached their workers up to 15 ms late (a task stream of the
+zero-cost job at 16 x 128 x 128: 17 ms from the end of one step to the start of the next, 7 of
+them from the submission to the start, in steps of 130 ms). Alternated runs of that job: 17.5-19.1
+ns per voxel-step (median 18.2) against 18.5-22.8 (19.0) with Dask's intervals."""
+
+
+class PromptMessages(SchedulerPlugin):
+    """The scheduler's message streams to its workers, those that join later included, send
+    after ``MESSAGE_INTERVAL_S``."""
+
+    name = "tera-prompt-messages"
+
+    async def start(self, scheduler) -> None:
+        for stream in scheduler.stream_comms.values():
+            stream.interval = MESSAGE_INTERVAL_S
+
+    def add_worker(self, scheduler, worker: str) -> None:
+        stream = scheduler.stream_comms.get(worker)
+        if stream is not None:
+            stream.interval = MESSAGE_INTERVAL_S
+
+
+def prompt_messages(client: Client) -> None:
+    """Have ``client`` and its scheduler send messages after ``MESSAGE_INTERVAL_S``."""
+    try:
+        client.scheduler_comm.interval = MESSAGE_INTERVAL_S
+        client.register_plugin(PromptMessages())
+    except Exception as err:  # a scheduler that refuses: Dask's intervals stay
+        log.warning("could not shorten the Dask message intervals: %s", err)
 
 
 # -- GPU resource annotation of block tasks ----------------------------------------------------
@@ -294,6 +328,7 @@ def cluster_client(spec: ClusterSpec, quiet: bool = True) -> Iterator[Client]:
             log.info("waiting for the first of %d workers (queued jobs / pods)", plan.workers)
             client.wait_for_workers(1)
         client.register_plugin(TorchThreads(plan.threads_per_worker))
+        prompt_messages(client)
         workers = len(client.scheduler_info(n_workers=-1)["workers"])
         log.info(
             "Dask %s cluster: %d workers, dashboard %s",
