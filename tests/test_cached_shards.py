@@ -80,3 +80,23 @@ def test_the_pool_stays_within_its_bytes(array):
     np.testing.assert_array_equal(store.read_box(small, whole), values)  # 27 shards, pool of 2
     assert cached_shards._POOL.nbytes <= 2 * shard_bytes
     assert 2 <= len(cached_shards._POOL.shards) < 27  # the least recently used went out
+
+
+def test_reads_from_several_threads_agree(array):
+    """A worker may run blocks on several threads: their reads share the pool."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root, _, values = array
+    store.forget_handles()
+    small = store.open_array(root, "cond", cache_bytes=3 * 3 * 2 * 8 * 8 * 4)  # 3 shards
+    boxes = [Box((z, y, x), (2, 8, 8)) for z in range(0, 6, 2) for y in (0, 8) for x in (0, 8)]
+
+    def read(box: Box) -> bool:
+        got = store.read_box(small, box)
+        return np.array_equal(got, values[(slice(None), *box.slices())])
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(read, boxes * 20))
+    assert cached_shards._POOL.nbytes == sum(
+        v.nbytes for _, v in cached_shards._POOL.shards.values()
+    )
