@@ -312,11 +312,9 @@ class JobConfig(Section):
         lattice, storage = data.get("lattice"), data.get("storage")
         if isinstance(lattice, dict) and "wrap" not in lattice:
             data = {**data, "lattice": {**lattice, "wrap": False}}
-        if isinstance(storage, dict) and "scratch_rolled" not in storage:
-            data = {**data, "storage": {**storage, "scratch_rolled": False}}
-        storage = data.get("storage")
-        if isinstance(storage, dict) and "final_step_rolled" not in storage:
-            data = {**data, "storage": {**storage, "final_step_rolled": False}}
+        if isinstance(storage, dict):
+            before = {k: False for k in ("scratch_rolled", "final_step_rolled") if k not in storage}
+            data = {**data, "storage": {**storage, **before}}
         return cls.model_validate(data)
 
     @classmethod

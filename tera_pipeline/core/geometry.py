@@ -353,6 +353,14 @@ def rolled_pieces(
     ]
 
 
+def cells_touching(cell: Sequence[int], begin: Sequence[int], end: Sequence[int]):
+    """Each cell of the regular grid of ``cell``-sized cells (blocks, chunks) that overlaps
+    [begin, end), on all axes given: its index and its first voxel."""
+    ranges = [range(b // c, -(-e // c)) for b, e, c in zip(begin, end, cell, strict=True)]
+    for index in itertools.product(*ranges):
+        yield index, tuple(i * c for i, c in zip(index, cell, strict=True))
+
+
 def bin_box(box: Box, bin_shape: Shape) -> Box:
     """The box in bin units that covers ``box`` (voxels)."""
     begin = tuple(b // n for b, n in zip(box.begin, bin_shape, strict=True))

@@ -77,8 +77,7 @@ def check_finished(root: Path) -> None:
     steps = attrs.get("config", {}).get("diffusion", {}).get("steps", len(phases))
     for phase, (done, total) in enumerate(phases):
         if done < total:
-            name = "conditioning" if phase == 0 else f"step {phase}"
-            name = "the image phase" if phase > steps else name
+            name = ledger.phase_name(phase, steps)
             raise EvaluateError(
                 f"cannot evaluate {root}: its status is complete but its ledger has {name} "
                 f"at {done} of {total} blocks done"

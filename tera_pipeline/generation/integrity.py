@@ -19,7 +19,6 @@ denoising from step 1.
 
 from __future__ import annotations
 
-import itertools
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from pathlib import Path
 from tera_pipeline.core import frames
 from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.errors import TeraError
-from tera_pipeline.core.geometry import Box, bin_box
+from tera_pipeline.core.geometry import Box, bin_box, cells_touching
 from tera_pipeline.generation import block_step, lifecycle
 from tera_pipeline.storage import layout, ledger, store
 
@@ -54,8 +53,7 @@ class Damage:
         parts = [f"{name} metadata unreadable" for name in self.arrays]
         for phase, bad in sorted(self.blocks.items()):
             if bad:
-                what = "conditioning" if phase == 0 else f"step {phase}/{steps}"
-                what = "image phase" if phase > steps else what
+                what = ledger.phase_name(phase, steps)
                 shown = ", ".join(str(b) for b in bad[:4]) + (" ..." if len(bad) > 4 else "")
                 parts.append(f"{what}: {len(bad)} block(s) {shown}")
         return "; ".join(parts)
@@ -131,8 +129,8 @@ def require_intact(
 ) -> None:
     """Raise ``IntegrityError`` naming the bad blocks of what the caller reads (analyses call
     this before reading: the image, the conditioning, or both)."""
-    phases = [frames.image_phase(ledger.as_laid_out(config, config.out))] * image
-    phases += [0] * conditioning
+    config = ledger.as_laid_out(config, config.out)
+    phases = [frames.image_phase(config)] * image + [0] * conditioning
     damage = verify(config, quick=quick, phases=phases)
     if damage:
         raise IntegrityError(
@@ -181,11 +179,8 @@ def cone(config: JobConfig, bad: list[Index]) -> list[list[Index]]:
 def _blocks_read_by(config: JobConfig, index: Index, step: int) -> Iterator[Index]:
     """The blocks whose cores block ``index`` reads at ``step`` (its lattice's halo span; at
     ``step = steps``, the image phase's rolled box)."""
-    block = config.storage.block
     for part in block_step.state_reads(config, step, index):
-        lo = [s // b for s, b in zip(part.begin, block)]
-        hi = [(e - 1) // b for e, b in zip(part.end, block)]
-        yield from itertools.product(*(range(a, b + 1) for a, b in zip(lo, hi)))
+        yield from (i for i, _ in cells_touching(config.storage.block, part.begin, part.end))
 
 
 def repair(config: JobConfig, client, checkpoint: Path, progress=None) -> Damage:

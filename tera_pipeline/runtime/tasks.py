@@ -68,6 +68,9 @@ blocks were submitted: recording a block (the ledger) never keeps a worker waiti
 WORKERS_LOST_S = 120.0
 """A phase fails when the cluster has had no worker for this long (``workers_lost_s``)."""
 
+IN_FLIGHT_PER_WORKER = 4
+"""Blocks submitted at once per worker, unless the job sets ``blocks_in_flight``."""
+
 TASK_S = 0.25
 """Blocks shorter than this run several to a Dask task, a task of about this long: Dask's own
 cost, a few milliseconds of scheduler and worker time per task, is then paid once per group."""
@@ -276,10 +279,10 @@ def _assign_on_demand(client, total: int, in_flight: int | None) -> tuple[int, i
             _SATURATED.add(client)
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
         threads = sum(w.get("nthreads", 1) for w in workers) or 1
-        in_flight = in_flight or 4 * max(1, len(workers))
+        in_flight = in_flight or IN_FLIGHT_PER_WORKER * max(1, len(workers))
     except Exception as err:  # a scheduler that refuses: keep its own policy
         log.warning("could not set the scheduler's worker-saturation: %s", err)
-        return in_flight or 4, 1
+        return in_flight or IN_FLIGHT_PER_WORKER, 1
     return (min(in_flight, threads) if total <= 2 * threads else in_flight), threads
 
 
@@ -321,4 +324,4 @@ def in_flight(config: JobConfig, client) -> int:
     """Blocks submitted at once: the config's, or 4 per worker."""
     if config.blocks_in_flight:
         return config.blocks_in_flight
-    return 4 * max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+    return IN_FLIGHT_PER_WORKER * max(1, len(client.scheduler_info(n_workers=-1)["workers"]))

@@ -103,6 +103,14 @@ def create(root: Path, config: JobConfig, identity: dict) -> None:
     store.create_array(root, store.ArraySpec(DIGESTS, shape, "uint32", dims, chunk))
 
 
+def phase_name(row: int, steps: int) -> str:
+    """What ledger row ``row`` of a job of ``steps`` steps records: the conditioning, a step, or
+    the image phase."""
+    if row == 0:
+        return "conditioning"
+    return f"step {row}/{steps}" if row <= steps else "image"
+
+
 def as_laid_out(config: JobConfig, root: Path) -> JobConfig:
     """``config`` as its store is laid out: the last step rolls where the ledger has a row for
     the image phase, and computes in the volume's frame where it has not (a store begun before

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import mmap
 import os
-from itertools import product
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tera_pipeline.core.geometry import cells_touching
 
 
 def default_keys(meta: dict[str, Any]) -> bool:
@@ -44,18 +45,10 @@ def is_raw(meta: dict[str, Any]) -> bool:
     )
 
 
-def chunks_of(chunk: tuple[int, ...], begin, end):
-    """Each chunk of a regular grid overlapping [begin, end) (all axes): its index and its own
-    begin."""
-    ranges = [range(b // c, -(-e // c)) for b, e, c in zip(begin, end, chunk, strict=True)]
-    for index in product(*ranges):
-        yield index, tuple(i * c for i, c in zip(index, chunk, strict=True))
-
-
 def chunk_pieces(chunk: tuple[int, ...], begin, end, at):
     """For each chunk overlapping [begin, end): its index, where its part goes in an output
     holding [begin, end) at offset ``at``, and where that part is within the chunk."""
-    for index, origin in chunks_of(chunk, begin, end):
+    for index, origin in cells_touching(chunk, begin, end):
         lo = [max(b, o) for b, o in zip(begin, origin, strict=True)]
         hi = [min(e, o + c) for e, o, c in zip(end, origin, chunk, strict=True)]
         dst = tuple(
@@ -110,7 +103,7 @@ class RawChunks:
         """Write ``data`` at ``begin`` (whole chunks: ``whole_chunks``), a chunk file each."""
         data = np.asarray(data, dtype=self._numpy_dtype)
         end = [b + n for b, n in zip(begin, data.shape, strict=True)]
-        for index, origin in chunks_of(self.chunk, begin, end):
+        for index, origin in cells_touching(self.chunk, begin, end):
             part = tuple(
                 slice(o - b, min(o + c, e) - b)
                 for o, b, c, e in zip(origin, begin, self.chunk, end, strict=True)

@@ -22,8 +22,7 @@ def job_status(root: Path) -> dict:
         raise store.StoreError(f"{root} is not a tera-pipeline store")
     steps = attrs["config"]["diffusion"]["steps"]
     progress = ledger.progress(root)
-    names = ["conditioning", *(f"step {k + 1}/{steps}" for k in range(steps)), "image"]
-    names = names[: len(progress)]  # the image phase where the last step rolled
+    names = [ledger.phase_name(row, steps) for row in range(len(progress))]
     last = _last_block_times(root, len(names))
     walls = {p["phase"]: p["wall_s"] for p in attrs.get("run", {}).get("phases", [])}
     phases = [
