@@ -71,28 +71,45 @@ def position_noise(seed: int, stream: int, box: Box, channels: int) -> np.ndarra
          << np.uint64(_AXIS_BITS * (2 - axis))) * _GOLDEN
         for axis, (b, n) in enumerate(zip(box.begin, box.shape, strict=True))
     ]  # fmt: skip
-    plane = axes[0][:, None] + axes[1][None, :]
     out = np.empty((channels, *box.shape), dtype=np.float32)
-    h, bits = np.empty(box.shape, dtype=np.uint64), np.empty(box.shape, dtype=np.uint64)
-    u1, u2 = np.empty(box.shape, dtype=np.float32), np.empty(box.shape, dtype=np.float32)
-    scale = np.float32(2.0**-24)
+    depth = max(1, SLAB_VOXELS // max(1, box.shape[1] * box.shape[2]))
+    slab = (min(depth, box.shape[0]), *box.shape[1:])
+    h, bits = np.empty(slab, dtype=np.uint64), np.empty(slab, dtype=np.uint64)
+    u1, u2 = np.empty(slab, dtype=np.float32), np.empty(slab, dtype=np.float32)
     for c in range(channels):
-        np.add((plane + _key(seed, stream, c))[:, :, None], axes[2], out=h)
-        _mix_in_place(h, bits)
-        np.right_shift(h, np.uint64(40), out=bits)
-        u1[...] = bits
-        np.add(u1, np.float32(0.5), out=u1)
-        np.multiply(u1, scale, out=u1)  # (0, 1)
-        np.bitwise_and(h, np.uint64(0xFFFFFF), out=bits)
-        u2[...] = bits
-        np.multiply(u2, scale, out=u2)
-        np.log(u1, out=u1)  # Box-Muller: sqrt(-2 log u1) cos(2 pi u2)
-        np.multiply(np.float32(-2.0), u1, out=u1)
-        np.sqrt(u1, out=u1)
-        np.multiply(np.float32(2 * np.pi), u2, out=u2)
-        np.cos(u2, out=u2)
-        np.multiply(u1, u2, out=out[c])
+        plane = axes[1][:, None] + axes[2][None, :] + _key(seed, stream, c)
+        for z in range(0, box.shape[0], depth):
+            n = min(depth, box.shape[0] - z)
+            _box_muller(axes[0][z : z + n], plane, out[c, z : z + n], h[:n], bits[:n], u1[:n],
+                        u2[:n])  # fmt: skip
     return out
+
+
+SLAB_VOXELS = 1 << 15
+"""Voxels drawn at once by ``position_noise`` (z-slabs of a box): its four work arrays, 768
+KiB, stay in a core's L2 cache through the dozen passes over them (a 16 x 128 x 128 block at
+once: 7.5 ms, in slabs: see docs/PERFORMANCE.md)."""
+
+
+def _box_muller(zs, plane, out, h, bits, u1, u2) -> None:
+    """The noise of the positions ``zs`` (z terms) x ``plane`` (y, x terms and key) into
+    ``out``: the hash's two 24-bit halves as uniforms, Box-Muller to one standard normal."""
+    scale = np.float32(2.0**-24)
+    np.add(zs[:, None, None], plane[None], out=h)
+    _mix_in_place(h, bits)
+    np.right_shift(h, np.uint64(40), out=bits)
+    u1[...] = bits
+    np.add(u1, np.float32(0.5), out=u1)
+    np.multiply(u1, scale, out=u1)  # (0, 1)
+    np.bitwise_and(h, np.uint64(0xFFFFFF), out=bits)
+    u2[...] = bits
+    np.multiply(u2, scale, out=u2)
+    np.log(u1, out=u1)  # Box-Muller: sqrt(-2 log u1) cos(2 pi u2)
+    np.multiply(np.float32(-2.0), u1, out=u1)
+    np.sqrt(u1, out=u1)
+    np.multiply(np.float32(2 * np.pi), u2, out=u2)
+    np.cos(u2, out=u2)
+    np.multiply(u1, u2, out=out)
 
 
 def tiled_position_noise(seed: int, stream: int, box: Box, channels: int) -> np.ndarray:
