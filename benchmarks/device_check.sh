@@ -10,6 +10,7 @@ WHEELS=(
   locket==1.0.0 numcodecs==0.16.6 partd==1.4.2 pydantic==2.14.4 pydantic_core==2.50.5
   pytz==2026.6 rapids-dask-dependency==26.10.0 tblib==3.2.2 tornado==6.6.1
   typing-inspection==0.4.5 tzdata==2026.6 xyzservices==2026.9.1 zarr==3.1.6 zict==3.0.0
+  zlib-ng==1.1.0
 )
 if [[ "${1:-}" == "--download" ]]; then
   grep -qx '/.whl/' .git/info/exclude || echo /.whl/ >> .git/info/exclude
