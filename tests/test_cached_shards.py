@@ -79,7 +79,7 @@ def test_the_pool_stays_within_its_bytes(array):
     whole = Box((0, 0, 0), SHAPE[1:])
     np.testing.assert_array_equal(store.read_box(small, whole), values)  # 27 shards, pool of 2
     assert cached_shards._POOL.nbytes <= 2 * shard_bytes
-    assert 2 <= len(cached_shards._POOL.shards) < 27  # the least recently used went out
+    assert 2 <= len(cached_shards._POOL.kept) < 27  # the least recently used went out
 
 
 def test_reads_from_several_threads_agree(array):
@@ -97,6 +97,4 @@ def test_reads_from_several_threads_agree(array):
 
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(read, boxes * 20))
-    assert cached_shards._POOL.nbytes == sum(
-        v.nbytes for _, v in cached_shards._POOL.shards.values()
-    )
+    assert cached_shards._POOL.nbytes == sum(v.nbytes for _, v in cached_shards._POOL.kept.values())

@@ -12,7 +12,7 @@ import tensorstore as ts
 import zarr
 
 from tera_pipeline.core.geometry import Box
-from tera_pipeline.storage import store
+from tera_pipeline.storage import raw_chunks, store
 from tera_pipeline.storage.raw_chunks import RawChunks
 
 SHAPE, CHUNK = (2, 12, 40, 36), (2, 4, 16, 16)  # the edge chunks of y and x are partial
@@ -97,3 +97,33 @@ def test_digests_are_zlibs_crc32():
     assert store.digest(state) == zlib.crc32(state)
     assert store.digest(image, store.digest(state)) == zlib.crc32(image, zlib.crc32(state))
     assert store.digest(image) != store.digest(image[:, :, ::-1].copy())
+
+
+def test_kept_mappings_show_what_is_written_and_what_replaced_it(arrays, monkeypatch):
+    """A chunk file kept mapped shows bytes written over it in place; a file replaced (the
+    array deleted and created again) is mapped anew; the kept mappings stay within their
+    bytes; a truncated chunk is an error, not the old bytes."""
+    root, raw, _ = arrays
+    whole = Box((0, 0, 0), SHAPE[1:])
+    first, second = _values(whole, 1), _values(whole, 2)
+    store.write_box(raw, whole, first)
+    np.testing.assert_array_equal(store.read_box(raw, whole), first)  # every chunk mapped now
+    store.write_box(raw, whole, second)  # pwrite over the mapped files
+    np.testing.assert_array_equal(store.read_box(raw, whole), second)
+
+    store.create_array(root, _spec("raw", sharded=False))  # replaced: new files, same paths
+    raw = store.open_array(root, "raw")  # a new handle (new metadata); the mappings are kept
+    store.write_box(raw, whole, first)
+    np.testing.assert_array_equal(store.read_box(raw, whole), first)
+
+    chunk_bytes = int(np.prod(CHUNK)) * 2
+    monkeypatch.setattr(raw_chunks, "MAPPED_BYTES", 3 * chunk_bytes)
+    raw_chunks.forget()
+    np.testing.assert_array_equal(store.read_box(raw, whole), first)  # 27 chunks through 3
+    assert raw_chunks._MAPPED.nbytes <= 3 * chunk_bytes
+
+    one = root / "raw" / "c" / "0" / "0" / "0" / "0"
+    with open(one, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError):
+        store.read_box(raw, Box((0, 0, 0), (4, 16, 16)))

@@ -13,50 +13,15 @@ written again (a repair) is decoded again.
 from __future__ import annotations
 
 import os
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
+from tera_pipeline.storage.lru_pool import LruPool
 from tera_pipeline.storage.raw_chunks import chunk_pieces
 
-
-class _Pool:
-    """The process's decoded shards, least recently used first, ``nbytes`` in all (one lock:
-    a worker may run blocks on several threads)."""
-
-    def __init__(self) -> None:
-        self.shards: OrderedDict[tuple[str, tuple[int, ...]], tuple[object, np.ndarray]] = (
-            OrderedDict()
-        )
-        self.nbytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, tuple[int, ...]], version: object) -> np.ndarray | None:
-        with self._lock:
-            kept = self.shards.get(key)
-            if kept is None or kept[0] != version:
-                return None
-            self.shards.move_to_end(key)
-            return kept[1]
-
-    def put(self, key, version: object, values: np.ndarray, limit: int) -> None:
-        with self._lock:
-            old = self.shards.pop(key, None)
-            self.nbytes += values.nbytes - (old[1].nbytes if old else 0)
-            self.shards[key] = (version, values)
-            while self.nbytes > limit and len(self.shards) > 1:
-                _, (_, dropped) = self.shards.popitem(last=False)
-                self.nbytes -= dropped.nbytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self.shards.clear()
-            self.nbytes = 0
-
-
-_POOL = _Pool()
+_POOL = LruPool()
+"""The process's decoded shards."""
 
 
 class CachedShards:

@@ -12,6 +12,13 @@ TensorStore, zarr-python and xarray read what is written here, and the other way
 A chunk is overwritten in place, not replaced: only scratch is stored so, and the sampling state
 alternates between two arrays, so no block reads the array being written (a write cut short
 is a block the ledger has not recorded, computed again on resume from the other array).
+
+Each process keeps the chunk files it reads mapped (``MAPPED_BYTES``, least recently used out
+first): a block's rolled read touches up to 8 chunks, more at the volume's faces, which its
+neighbours and the next steps read again, and a mapping of a file overwritten in place shows
+the new bytes. A read checks each kept mapping against its file (device, inode, size: one
+``stat``); a file replaced or truncated is mapped again, and a file still mapped keeps its
+inode, so no new file can pass for it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,13 @@ from typing import Any
 import numpy as np
 
 from tera_pipeline.core.geometry import cells_touching
+from tera_pipeline.storage.lru_pool import LruPool
+
+MAPPED_BYTES = 64 << 20
+"""Bytes of chunk files each process keeps mapped: the 64 one-block chunks of a 16 x 128 x 128
+job's two states (32 x 512 x 512 x 2 stains, float16)."""
+
+_MAPPED = LruPool()
 
 
 def default_keys(meta: dict[str, Any]) -> bool:
@@ -78,18 +92,30 @@ class RawChunks:
         """Copy the array's [begin, end) (all axes) into ``out`` at offset ``at``; a chunk never
         written reads as the fill value."""
         for index, dst, src in chunk_pieces(self.chunk, begin, end, at):
-            try:
-                fd = os.open(self._file(index), os.O_RDONLY)
-            except FileNotFoundError:
+            values = self._mapped(self._file(index))
+            if values is None:
                 out[dst] = self.fill
-                continue
+            else:
+                out[dst] = values[src]
+
+    def _mapped(self, path: str) -> np.ndarray | None:
+        """The chunk file at ``path``, memory-mapped (kept while it is the same file), or None
+        where it was never written."""
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            return None
+        version = (info.st_dev, info.st_ino, info.st_size)
+        values = _MAPPED.get(path, version)
+        if values is None:
+            fd = os.open(path, os.O_RDONLY)
             try:
-                with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
-                    values = np.frombuffer(mapped, self._numpy_dtype).reshape(self.chunk)
-                    out[dst] = values[src]
-                    del values
+                mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
             finally:
                 os.close(fd)
+            values = np.frombuffer(mapped, self._numpy_dtype).reshape(self.chunk)
+            _MAPPED.put(path, version, values, MAPPED_BYTES)
+        return values
 
     def whole_chunks(self, begin, end) -> bool:
         """Whether [begin, end) is a union of whole chunks (an edge chunk up to the array's
@@ -126,3 +152,8 @@ class RawChunks:
             os.pwrite(fd, memoryview(values).cast("B"), 0)
         finally:
             os.close(fd)
+
+
+def forget() -> None:
+    """Unmap every kept chunk file (once no array read from it is left)."""
+    _MAPPED.clear()

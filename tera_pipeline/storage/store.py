@@ -23,7 +23,7 @@ from zlib_ng.zlib_ng import crc32
 
 from tera_pipeline.core.errors import TeraError
 from tera_pipeline.core.geometry import Box, Shape, rolled_pieces
-from tera_pipeline.storage import cached_shards, ownership
+from tera_pipeline.storage import cached_shards, ownership, raw_chunks
 from tera_pipeline.storage.atomic import write_json
 from tera_pipeline.storage.cached_shards import CachedShards
 from tera_pipeline.storage.raw_chunks import RawChunks, default_keys, is_raw
@@ -148,6 +148,7 @@ def forget_handles() -> None:
     """Drop cached handles and decoded shards (after arrays were deleted or recreated)."""
     _open_cached.cache_clear()
     cached_shards.forget()
+    raw_chunks.forget()
 
 
 def read_box(
