@@ -38,8 +38,11 @@ def test_a_group_is_enough_blocks_for_a_task_and_the_threads_share_a_phase_evenl
     assert group_size(2.0, 1000, 2) == 1  # long blocks: one per task
     assert group_size(0.001, 1000, 2) == int(tasks.TASK_S / 0.001)
     assert group_size(0.001, 1001, 2) == 167  # 6 equal tasks, not 4 of 250 and one of 1
-    assert group_size(0.02, 32, 2) == 8  # two tasks per thread: a thread done early helps
-    assert group_size(0.001, 3, 2) == 1
+    assert group_size(0.01, 32, 2) == 16  # 0.16 s a thread, under TASK_S: one task each
+    assert group_size(0.01, 32, 2, rounds=2) == 8
+    assert group_size(0.02, 32, 2) == 8  # 0.32 s a thread: two rounds of 0.16 s
+    assert group_size(0.02, 64, 2) == 11  # 0.64 s a thread: three rounds
+    assert group_size(0.001, 3, 2) == 2
 
 
 def test_short_blocks_run_in_groups_and_each_is_recorded_once(client, monkeypatch):
