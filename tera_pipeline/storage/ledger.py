@@ -28,7 +28,6 @@ from tera_pipeline.core.config import JobConfig
 from tera_pipeline.core.errors import TeraError
 from tera_pipeline.core.transcript_spec import TranscriptSpec
 from tera_pipeline.storage import ledger, store
-from tera_pipeline.storage.raw_chunks import RawChunks
 
 LEDGER = "_ledger"
 DIGESTS = "_digests"
@@ -100,11 +99,8 @@ def create(root: Path, config: JobConfig, identity: dict) -> None:
     chunk = (1, *(min(n, 64) for n in config.grid().shape))
     dims = ("phase", "zblock", "yblock", "xblock")
     attrs = {"identity": identity, "hash": identity_hash(identity), "created": False}
-    raw = {"codec": "none", "sharded": False}  # chunks of raw bytes: ``_write_points``
-    store.create_array(
-        root, store.ArraySpec(LEDGER, shape, "uint8", dims, chunk, attributes=attrs, **raw)
-    )
-    store.create_array(root, store.ArraySpec(DIGESTS, shape, "uint32", dims, chunk, **raw))
+    store.create_array(root, store.ArraySpec(LEDGER, shape, "uint8", dims, chunk, attributes=attrs))
+    store.create_array(root, store.ArraySpec(DIGESTS, shape, "uint32", dims, chunk))
 
 
 def phase_name(row: int, steps: int) -> str:
@@ -182,42 +178,33 @@ def check_identity(root: Path, identity: dict) -> None:
 
 def mark(root: Path, phase: int, done: Sequence[tuple[tuple[int, ...], int | None]]) -> None:
     """Record finished blocks, given as (index, digest): the digests first (a block is done
-    only with its digest), then the flags, each durable before the next. Chunks of raw bytes
-    (stores since 2026-12-08) take each value in place, one ``fsync`` per file: 16 blocks in
-    0.3 ms, against 2.5-5.9 through TensorStore, whose one write of the points per array the
-    stores before keep; the last record of a step is on the path between two steps."""
+    only with its digest), then the flags; each array in one write of the points (one write
+    of each chunk touched: 3.4 ms for 16 blocks, 10.6 one by one), so recording keeps up
+    with many small blocks."""
     digests = [(i, d) for i, d in done if d is not None]
     if digests and (Path(root) / DIGESTS / "zarr.json").is_file():
-        _write_points(store.open_array(root, DIGESTS), phase, digests)
-    _write_points(store.open_array(root, LEDGER), phase, [(i, 1) for i, _ in done])
+        _write_points(store.open_array(root, DIGESTS), phase, digests, np.uint32)
+    _write_points(store.open_array(root, LEDGER), phase, [(i, 1) for i, _ in done], np.uint8)
 
 
-def _write_points(array, phase: int, values: list[tuple[tuple[int, ...], int]]) -> None:
+def _write_points(array, phase: int, values: list[tuple[tuple[int, ...], int]], dtype) -> None:
     if not values:
         return
-    at = np.asarray([(phase, *index) for index, _ in values], dtype=np.int64)
-    numbers = np.asarray([v for _, v in values], dtype=np.int64)
-    if isinstance(array, RawChunks):
-        array.write_points(at, numbers)
-        return
-    dtype = array.dtype.numpy_dtype
-    array.vindex[tuple(at.T)].write(numbers.astype(dtype)).result()
-
-
-def _reader(root: Path, name: str):
-    """TensorStore's handle of a ledger array (raw chunks or shards alike)."""
-    array = store.open_array(root, name)
-    return array.handle if isinstance(array, RawChunks) else array
+    at = np.asarray([index for index, _ in values], dtype=np.int64).T
+    rows = np.full(len(values), phase, dtype=np.int64)
+    array.vindex[(rows, *at)].write(np.asarray([v for _, v in values], dtype=dtype)).result()
 
 
 def unmark(root: Path, phase: int, indices: list[tuple[int, ...]]) -> None:
     """Forget finished blocks (to recompute them)."""
-    _write_points(store.open_array(root, LEDGER), phase, [(tuple(i), 0) for i in indices])
+    arr = store.open_array(root, LEDGER)
+    for index in indices:
+        arr[(phase, *index)].write(np.uint8(0)).result()
 
 
 def _slab(root: Path, name: str, phase: int, z: int) -> np.ndarray:
     try:
-        return _reader(root, name)[phase, z].read().result()
+        return store.open_array(root, name)[phase, z].read().result()
     except Exception as err:  # a corrupt ledger chunk: one line, not a traceback
         raise ResumeError(f"{Path(root) / name} is unreadable at phase {phase}: {err}") from None
 

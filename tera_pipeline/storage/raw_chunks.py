@@ -9,11 +9,9 @@ zero-cost job ran 1.235x faster with its state in raw files (docs/raw_scratch_es
 measured before this module by a prototype). The files are the array's chunks exactly, so
 TensorStore, zarr-python and xarray read what is written here, and the other way round.
 
-A scratch chunk is overwritten in place, not replaced: the sampling state alternates between two
-arrays, so no block reads the array being written (a write cut short is a block the ledger has
-not recorded, computed again on resume from the other array). The ledger's chunks take single
-values written in place (``write_points``: a byte or an aligned word, which a crash cannot tear),
-each file synced, and a chunk file is first created whole, atomically.
+A chunk is overwritten in place, not replaced: only scratch is stored so, and the sampling state
+alternates between two arrays, so no block reads the array being written (a write cut short
+is a block the ledger has not recorded, computed again on resume from the other array).
 
 Each process keeps the chunk files it reads mapped (``MAPPED_BYTES``, least recently used out
 first): a block's rolled read touches up to 8 chunks, more at the volume's faces, which its
@@ -33,7 +31,6 @@ from typing import Any
 import numpy as np
 
 from tera_pipeline.core.geometry import cells_touching
-from tera_pipeline.storage.atomic import write_bytes
 from tera_pipeline.storage.lru_pool import LruPool
 
 MAPPED_BYTES = 64 << 20
@@ -143,33 +140,6 @@ class RawChunks:
                 full[tuple(slice(0, n) for n in piece.shape)] = piece
                 piece = full
             self._write_chunk(index, np.ascontiguousarray(piece))
-
-    def write_points(self, points: np.ndarray, values: np.ndarray) -> None:
-        """Write ``values[i]`` at ``points[i]`` (full-rank indices) in place: the values of each
-        chunk file by ``pwrite`` at their offsets, then one ``fsync``; a chunk never written is
-        created whole (the fill value and these values), atomically. Durable on return."""
-        points = np.asarray(points, dtype=np.int64).reshape(len(values), self.rank)
-        values = np.asarray(values, dtype=self._numpy_dtype)
-        chunk = np.asarray(self.chunk, dtype=np.int64)
-        cells, within = np.divmod(points, chunk)
-        steps = np.cumprod([1, *self.chunk[:0:-1]])[::-1]  # C-order strides, in values
-        flat = within @ steps
-        for cell in np.unique(cells, axis=0):
-            mine = np.all(cells == cell, axis=1)
-            path = self._file(tuple(int(i) for i in cell))
-            if not os.path.exists(path):
-                full = np.full(self.chunk, self.fill, dtype=self._numpy_dtype)
-                full.reshape(-1)[flat[mine]] = values[mine]
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                write_bytes(Path(path), full.tobytes())
-                continue
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                for at, value in zip(flat[mine], values[mine], strict=True):
-                    os.pwrite(fd, value.tobytes(), int(at) * values.itemsize)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
     def _write_chunk(self, index: tuple[int, ...], values: np.ndarray) -> None:
         path = self._file(index)
