@@ -274,3 +274,23 @@ def test_checkpoint_for_other_patch_is_refused_before_any_block(small_job, tmp_p
     with pytest.raises(errors.GenerationError, match="trained on patches"):
         lifecycle.prepare_store(job)
     assert not job.out.exists()
+
+
+def _kept_by_workers(client) -> list[int]:
+    from tera_pipeline.storage import cached_shards, raw_chunks
+
+    return list(client.run(lambda: raw_chunks._MAPPED.nbytes + cached_shards._POOL.nbytes).values())
+
+
+def test_workers_release_what_they_keep_of_a_finished_store(small_job, client, tmp_path):
+    """Workers keep scratch files mapped and the conditioning decoded while a job runs; once
+    its store is finished (scratch deleted) they release both."""
+    job = small_job.with_overrides(out=str(tmp_path / "k.zarr"), **{"diffusion.steps": 2})
+    checkpoint = lifecycle.prepare_store(job)
+    reports = [lifecycle.conditioning_pass(job, client)]
+    reports += [lifecycle.denoise_step(job, checkpoint, step, client) for step in range(2)]
+    reports.append(lifecycle.image_pass(job, client))
+    assert sum(_kept_by_workers(client)) > 0
+    lifecycle.finalize_store(job, reports)
+    lifecycle.release_workers(client)
+    assert _kept_by_workers(client) == [0] * len(_kept_by_workers(client))

@@ -292,7 +292,17 @@ def run_phases(
         reports.append(run("image", lambda: image_pass(config, client, progress)))
     run("pyramid", lambda: build_pyramid(config, client, progress))
     run("finalize", lambda: finalize_store(config, reports))
+    release_workers(client)
     return reports
+
+
+def release_workers(client) -> None:
+    """Have the workers drop what they keep of a store: decoded conditioning, and scratch files
+    kept mapped, whose disk space a mapping holds after ``finalize_store`` deleted them."""
+    try:
+        client.run(store.forget_handles)
+    except Exception as err:  # noqa: BLE001 - a worker gone: its end released them
+        log.warning("could not have the workers release the store's files: %s", err)
 
 
 def generate(
