@@ -207,7 +207,9 @@ def deployed(server, tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
     with temporary_settings({PREFECT_API_URL: server["url"]}):
         ids = register(pool="tera-test", working_dir=work)
-        env = {**server["env"], "PREFECT_WORKER_QUERY_SECONDS": "1"}
+        # TMPDIR: what the deployments' runs leave in a temporary folder (torchrun's
+        # torchelastic_* among them) stays in this test's folder
+        env = {**server["env"], "PREFECT_WORKER_QUERY_SECONDS": "1", "TMPDIR": str(work)}
         worker = subprocess.Popen(
             [str(Path(sys.executable).parent / "prefect"), "worker", "start",
              "--pool", "tera-test", "--type", "process"],

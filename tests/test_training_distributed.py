@@ -56,7 +56,8 @@ def _home(tmp_path, monkeypatch):
 
 def _launch(args: list[str], processes: int = 1) -> subprocess.Popen:
     """``tera`` with ``args``, alone or under torchrun (gloo, a free port), one thread each."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # TMPDIR: torchrun's agent leaves a torchelastic_* folder there; the test's own (the cwd)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": os.getcwd()}
     tera = ["-m", "flows.cli", *args]
     if processes > 1:
         port = str(free_port())
