@@ -281,10 +281,10 @@ def _assign_on_demand(client, total: int, in_flight: int | None) -> tuple[int, i
             _SATURATED.add(client)
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
         threads = sum(w.get("nthreads", 1) for w in workers) or 1
-        in_flight = in_flight or IN_FLIGHT_PER_WORKER * max(1, len(workers))
+        in_flight = in_flight_bound(in_flight, len(workers))
     except Exception as err:  # a scheduler that refuses: keep its own policy
         log.warning("could not set the scheduler's worker-saturation: %s", err)
-        return in_flight or IN_FLIGHT_PER_WORKER, 1
+        return in_flight_bound(in_flight, 1), 1
     return (min(in_flight, threads) if total <= 2 * threads else in_flight), threads
 
 
@@ -322,8 +322,12 @@ def run_task(
     )
 
 
+def in_flight_bound(configured: int | None, workers: int) -> int:
+    """Blocks submitted at once: the job's ``blocks_in_flight``, or 4 per worker."""
+    return configured or IN_FLIGHT_PER_WORKER * max(1, workers)
+
+
 def in_flight(config: JobConfig, client) -> int:
-    """Blocks submitted at once: the config's, or 4 per worker."""
-    if config.blocks_in_flight:
-        return config.blocks_in_flight
-    return IN_FLIGHT_PER_WORKER * max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+    """Blocks submitted at once on ``client``'s cluster (``in_flight_bound``)."""
+    workers = 0 if config.blocks_in_flight else len(client.scheduler_info(n_workers=-1)["workers"])
+    return in_flight_bound(config.blocks_in_flight, workers)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from tera_pipeline.storage.lru_pool import LruPool
-from tera_pipeline.storage.raw_chunks import chunk_pieces
+from tera_pipeline.storage.raw_chunks import chunk_file, chunk_pieces
 
 _POOL = LruPool()
 """The process's decoded shards."""
@@ -42,7 +42,7 @@ class CachedShards:
     def _decoded(self, index: tuple[int, ...]) -> np.ndarray:
         """Shard ``index`` decoded (clipped to the array's edge), from the pool when its file is
         unchanged."""
-        file = os.path.join(self.path, "c", *map(str, index))
+        file = chunk_file(self.path, index)
         try:
             info = os.stat(file)
             version: object = (info.st_ino, info.st_size, info.st_mtime_ns)

@@ -59,6 +59,11 @@ def is_raw(meta: dict[str, Any]) -> bool:
     )
 
 
+def chunk_file(array: str | Path, index: tuple[int, ...]) -> str:
+    """The file of chunk (or shard) ``index`` of the array at ``array`` (default chunk keys)."""
+    return os.path.join(array, "c", *map(str, index))
+
+
 def chunk_pieces(chunk: tuple[int, ...], begin, end, at):
     """For each chunk overlapping [begin, end): its index, where its part goes in an output
     holding [begin, end) at offset ``at``, and where that part is within the chunk."""
@@ -83,10 +88,9 @@ class RawChunks:
         self.dtype = handle.dtype
         self._numpy_dtype = np.dtype(handle.dtype.numpy_dtype).newbyteorder("<")
         self._folders: set[str] = set()
-        self._chunk_root = os.path.join(path, "c")
 
     def _file(self, index: tuple[int, ...]) -> str:
-        return os.path.join(self._chunk_root, *map(str, index))
+        return chunk_file(self.path, index)
 
     def read_into(self, out: np.ndarray, at: tuple[int, ...], begin, end) -> None:
         """Copy the array's [begin, end) (all axes) into ``out`` at offset ``at``; a chunk never
